@@ -1,0 +1,134 @@
+"""The one idempotent write of trades into a Redis with the primary's layout (DESIGN.md §2, §3)."""
+
+import datetime
+import os
+from decimal import Decimal
+from typing import Dict, Iterable, List, Sequence
+
+from redis.exceptions import NoScriptError
+
+from common import keys
+from common.trade import Trade, encode_batch, qty_units
+
+SCRIPT_PATH = os.path.join(os.path.dirname(__file__), "apply_batch.lua")
+# The seen-set must outlive the retention window of the trade stream, or a late replay of a
+# trade that was trimmed would be appended again.
+SEEN_TTL_MARGIN_S = 24 * 3600
+
+
+def load_script_source() -> str:
+    with open(SCRIPT_PATH) as handle:
+        return handle.read()
+
+
+class BatchApplier:
+    """Builds and runs the apply script for batches of one source's trades."""
+
+    def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000):
+        # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
+        self.script = client.register_script(load_script_source())
+        self.client = client
+        self.retention_ms = retention_ms
+        self.compat_source = compat_source
+        self.compat_history_len = compat_history_len
+
+    def apply(self, source: str, payload: str, now_ms: int, client=None):
+        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped]."""
+        keys_, args = self.script_arguments(source, payload, now_ms)
+        return self.script(keys=keys_, args=args, client=client)
+
+    def apply_many(self, batches: Sequence, now_ms: int, client=None) -> list:
+        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped] each.
+
+        EVALSHA is sent directly (not through redis-py's pipeline script loading, which costs a
+        SCRIPT EXISTS round trip per call); a server that lost its scripts gets the script loaded
+        and the whole pipeline again, which is harmless because every apply is idempotent.
+        """
+        client = client or self.client
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for source, payload in batches:
+                script_keys, args = self.script_arguments(source, payload, now_ms)
+                pipe.evalsha(self.script.sha, len(script_keys), *script_keys, *args)
+            try:
+                return pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                client.script_load(self.script.script)
+
+    def apply_trades(self, source: str, trades: Sequence[Trade], now_ms: int, client=None):
+        return self.apply(source, encode_batch(trades), now_ms, client)
+
+    def script_arguments(self, source: str, payload: str, now_ms: int):
+        compat = source == self.compat_source
+        script_keys = keys.primary_keys(source)
+        if compat:
+            script_keys += [keys.COMPAT_LAST_PRICE, keys.COMPAT_LAST_UPDATE, keys.COMPAT_HISTORY]
+        retention_s = self.retention_ms // 1000
+        args = [keys.seen_prefix(source), keys.candle_prefix(source), keys.live_channel(source),
+                retention_s + SEEN_TTL_MARGIN_S, max(0, now_ms - self.retention_ms), retention_s + 3600,
+                keys.COMPAT_CHANNEL if compat else "", self.compat_history_len, payload]
+        return script_keys, args
+
+
+def iso_time(ms: int) -> str:
+    """The same ISO 8601 text the apply script writes to last_btc_update_time."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (ms % 1000)
+
+
+def expected_candles(trades: Iterable[Trade]) -> Dict[int, dict]:
+    """1-minute candles recomputed from scratch, as the apply script must leave them."""
+    candles: Dict[int, dict] = {}
+    for trade in trades:
+        minute = trade.ts // 60000 * 60000
+        c = candles.get(minute)
+        if c is None:
+            c = candles[minute] = {"t": minute, "n": 0, "vu": 0, "fid": trade.id, "o": trade.p,
+                                   "lid": trade.id, "c": trade.p, "h": trade.p, "l": trade.p}
+        c["n"] += 1
+        c["vu"] += qty_units(trade.q)
+        if trade.id < c["fid"]:
+            c["fid"], c["o"] = trade.id, trade.p
+        if trade.id > c["lid"]:
+            c["lid"], c["c"] = trade.id, trade.p
+        if Decimal(trade.p) > Decimal(c["h"]):
+            c["h"] = trade.p
+        if Decimal(trade.p) < Decimal(c["l"]):
+            c["l"] = trade.p
+    for c in candles.values():
+        c["v"] = "%d.%08d" % divmod(c["vu"], 10 ** 8)
+    return candles
+
+
+def read_candles(client, source: str) -> Dict[int, dict]:
+    """All candles of a source in a Redis with the primary's layout, values normalized to int/str."""
+    minutes = [int(m) for m in client.zrange(keys.candles_index(source), 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for minute in minutes:
+        pipe.hgetall(keys.candle(source, minute))
+    result = {}
+    for minute, raw in zip(minutes, pipe.execute()):
+        c = {_text(k): _text(v) for k, v in raw.items()}
+        for name in ("t", "n", "vu", "fid", "lid"):
+            c[name] = int(c[name])
+        result[minute] = c
+    return result
+
+
+def read_trades(client, source: str) -> List[Trade]:
+    """Every trade in a source's trade stream, in stream order."""
+    out, start = [], "-"
+    while True:
+        chunk = client.xrange(keys.trades(source), min=start, max="+", count=10000)
+        if not chunk:
+            return out
+        for entry_id, fields in chunk:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            out.append(Trade(int(f["id"]), f["p"], f["q"], f["side"], int(f["ts"]), int(f["rts"])))
+        start = "(" + _text(chunk[-1][0])
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

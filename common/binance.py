@@ -1,0 +1,105 @@
+"""Binance spot endpoints: the trade stream URL and the REST historical-trades client."""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from common.trade import BadMessage, parse_binance_rest
+
+REST_PAGE_LIMIT = 1000          # the most historicalTrades returns per call
+REST_TIMEOUT_S = 10.0
+# Binance allows 6,000 request weight per minute per IP; historicalTrades costs 25. Keeping
+# below 80% leaves room for other clients on the same address and never provokes a 418 ban.
+WEIGHT_LIMIT_PER_MINUTE = 6000
+WEIGHT_SAFE_FRACTION = 0.8
+
+
+class RestError(Exception):
+    """The exchange's REST API did not give a usable answer."""
+
+
+class RateLimited(RestError):
+    def __init__(self, retry_after_s: float, status: int):
+        super().__init__(f"HTTP {status}: rate limited, retry after {retry_after_s:.0f}s")
+        self.retry_after_s = retry_after_s
+
+
+def stream_name(symbol: str) -> str:
+    return f"{symbol.lower()}@trade"
+
+
+def stream_url(base_url: str, symbol: str, form: str) -> str:
+    base = base_url.rstrip("/")
+    if form == "raw":
+        return f"{base}/ws/{stream_name(symbol)}"
+    return f"{base}/stream?streams={stream_name(symbol)}"
+
+
+class BinanceRest:
+    """GET /api/v3/historicalTrades with rate-limit handling; returns validated trades."""
+
+    def __init__(self, base_url: str, symbol: str, timeout_s: float = REST_TIMEOUT_S):
+        self.base_url = base_url.rstrip("/")
+        self.symbol = symbol
+        self.timeout_s = timeout_s
+        self.used_weight = 0
+
+    def historical_trades(self, from_id: int, limit: int = REST_PAGE_LIMIT):
+        """Trades with id >= from_id (at most limit), validated; raises RestError or BadMessage."""
+        query = urllib.parse.urlencode({"symbol": self.symbol, "fromId": from_id, "limit": limit})
+        body = self._get(f"/api/v3/historicalTrades?{query}")
+        if not isinstance(body, list):
+            raise BadMessage("historicalTrades answer is not a list")
+        rts = int(time.time() * 1000)
+        return [parse_binance_rest(item, rts) for item in body]
+
+    def weight_pause_s(self) -> float:
+        """How long to wait before the next call to stay under the safe share of the weight limit."""
+        if self.used_weight < WEIGHT_LIMIT_PER_MINUTE * WEIGHT_SAFE_FRACTION:
+            return 0.0
+        return 60.0 - (time.time() % 60.0) + 0.5
+
+    def _get(self, path: str):
+        request = urllib.request.Request(self.base_url + path, headers={"User-Agent": "btcfeed"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                self._note_weight(response.headers)
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            self._note_weight(exc.headers)
+            if exc.code in (418, 429):
+                raise RateLimited(_retry_after(exc.headers), exc.code)
+            raise RestError(f"HTTP {exc.code} from {path.split('?')[0]}: {_error_text(exc)}")
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RestError(f"cannot reach {self.base_url}: {reason}")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise BadMessage(f"REST answer is not JSON: {raw[:80]!r}")
+
+    def _note_weight(self, headers) -> None:
+        if headers is None:
+            return
+        value = headers.get("X-MBX-USED-WEIGHT-1M") or headers.get("x-mbx-used-weight-1m")
+        if value and value.isdigit():
+            self.used_weight = int(value)
+
+
+def _retry_after(headers) -> float:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(1.0, float(value))
+    except (TypeError, ValueError):
+        return 5.0
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read())
+        return str(body.get("msg", body))[:200]
+    except (ValueError, AttributeError, OSError):
+        return exc.reason or "error"

@@ -1,0 +1,135 @@
+"""bin/btcfeed: up | down | status | logs NAME | demo | bench — a thin layer over the library."""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import click
+
+from common import config as config_module
+from common.stack import PROGRAMS, Stack, StackError
+
+
+def load_config():
+    try:
+        return config_module.load()
+    except config_module.ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}")
+
+
+def stack_for(cfg) -> Stack:
+    return Stack(cfg.state_dir)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """btcfeed: exchange trades into your Redis, exactly once."""
+
+
+@cli.command()
+@click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for every process to run.")
+def up(wait):
+    """Start the supervised stack in the background."""
+    cfg = load_config()
+    stack = stack_for(cfg)
+    try:
+        stack.up(wait)
+    except StackError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"btcfeed is up (state dir {cfg.state_dir}); `bin/btcfeed status` shows it")
+
+
+@cli.command()
+def down():
+    """Stop the stack and supervisord."""
+    cfg = load_config()
+    stack = stack_for(cfg)
+    if stack.supervisord_pid() is None:
+        click.echo("btcfeed is not running")
+        return
+    try:
+        stack.down()
+    except StackError as exc:
+        raise click.ClickException(str(exc))
+    click.echo("btcfeed is down")
+
+
+@cli.command()
+def status():
+    """Processes and the health summary."""
+    cfg = load_config()
+    stack = stack_for(cfg)
+    if not stack.is_running():
+        click.echo(f"btcfeed is not running (state dir {cfg.state_dir})")
+        sys.exit(3)
+    for process in stack.processes():
+        click.echo(f"{process['name']:<12} {process['statename']:<9} {process['description']}")
+    document = fetch_health(cfg)
+    if document is None:
+        click.echo(f"health: no answer on {cfg.health_host}:{cfg.health_port}")
+        sys.exit(3)
+    click.echo(f"health: {document['status']}" + "".join(f"\n  - {r}" for r in document.get("reasons", [])))
+    sys.exit({"ok": 0, "degraded": 1}.get(document["status"], 2))
+
+
+def fetch_health(cfg, timeout_s: float = 2.0):
+    url = f"http://{cfg.health_host}:{cfg.health_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+    except (OSError, ValueError):
+        return None
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(PROGRAMS + ("supervisord",)))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=50, show_default=True)
+def logs(name, follow, lines):
+    """Print the log of one process."""
+    cfg = load_config()
+    path = os.path.join(cfg.state_dir, "logs", f"{name}.log")
+    if not os.path.exists(path):
+        raise click.ClickException(f"no log yet at {path}")
+    with open(path, "rb") as handle:
+        tail = handle.readlines()[-lines:]
+        sys.stdout.write(b"".join(tail).decode("utf-8", "replace"))
+        sys.stdout.flush()
+        while follow:
+            line = handle.readline()
+            if line:
+                sys.stdout.write(line.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+
+
+@cli.command()
+@click.option("--seconds", default=20, show_default=True, help="How long to watch the live feed.")
+@click.option("--rate", default=200, show_default=True, help="Simulated trades per second.")
+def demo(seconds, rate):
+    """Offline demo: exchange simulator + stand-in primary + the real stack."""
+    from common.demo import run_demo
+    sys.exit(run_demo(seconds=seconds, rate=rate, echo=click.echo))
+
+
+@cli.command()
+@click.option("--seconds", default=15, show_default=True, help="Length of the sustained-throughput run.")
+@click.option("--rate", default=100_000, show_default=True, help="Simulator rate for the throughput run.")
+def bench(seconds, rate):
+    """Throughput, latency and memory of the real stack, against redis-benchmark in the same run."""
+    from common.bench import run_bench
+    sys.exit(run_bench(seconds=seconds, rate=rate, echo=click.echo))
+
+
+def main():
+    cli(prog_name="btcfeed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""One frozen configuration: built-in defaults < TOML file (BTCFEED_CONFIG) < environment."""
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+SUPPORTED_EXCHANGES = ("binance",)
+PLANNED_EXCHANGES = ("coinbase", "kraken")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+BINANCE_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator in one line."""
+
+
+@dataclass(frozen=True)
+class Source:
+    exchange: str
+    symbol: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.exchange}:{self.symbol}"
+
+
+# name -> (default, parser); the environment variable is BTCFEED_<NAME upper-cased>.
+def _text(value):
+    return str(value).strip()
+
+
+def _int(value):
+    return int(value)
+
+
+def _float(value):
+    return float(value)
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+SETTINGS = {
+    "state_dir": ("./var", _text),
+    "primary_url": ("redis://127.0.0.1:6379/0", _text),
+    "local_url": ("", _text),
+    "sources": ("binance:BTCUSDT", _text),
+    "binance_ws_url": ("wss://stream.binance.com:9443", _text),
+    "binance_rest_url": ("https://api.binance.com", _text),
+    "binance_stream_form": ("combined", _text),
+    "health_addr": ("127.0.0.1:8079", _text),
+    "retention_hours": (24.0, _float),
+    "bus_max_entries": (200_000, _int),
+    "deadletter_max": (10_000, _int),
+    "compat_keys": (True, _bool),
+    "compat_history_len": (1000, _int),
+    "primary_timeout_ms": (500, _int),
+    "writer_max_batch": (2000, _int),
+    "max_conn_hours": (23.5, _float),
+    "log_format": ("kv", _text),
+    "log_level": ("INFO", _text),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str
+    primary_url: str
+    local_url: str
+    sources: Tuple[Source, ...]
+    binance_ws_url: str
+    binance_rest_url: str
+    binance_stream_form: str
+    health_host: str
+    health_port: int
+    retention_hours: float
+    bus_max_entries: int
+    deadletter_max: int
+    compat_keys: bool
+    compat_history_len: int
+    primary_timeout_ms: int
+    writer_max_batch: int
+    max_conn_hours: float
+    log_format: str
+    log_level: str
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.retention_hours * 3600 * 1000)
+
+    @property
+    def compat_source(self) -> Optional[Source]:
+        """The source whose trades feed the omega_ai compatibility keys (the first one)."""
+        return self.sources[0] if self.compat_keys and self.sources else None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.state_dir, *parts)
+
+
+def load(environ: Mapping[str, str] = None) -> Config:
+    """Build the configuration; raise ConfigError with a one-line reason when it is wrong."""
+    environ = os.environ if environ is None else environ
+    raw = {name: default for name, (default, _) in SETTINGS.items()}
+    raw.update(_read_file(environ.get("BTCFEED_CONFIG", "")))
+    for name in SETTINGS:
+        env_name = "BTCFEED_" + name.upper()
+        if env_name in environ:
+            raw[name] = environ[env_name]
+    values = {}
+    for name, (_, parse) in SETTINGS.items():
+        try:
+            values[name] = parse(raw[name])
+        except (TypeError, ValueError):
+            raise ConfigError(f"BTCFEED_{name.upper()}: cannot read {raw[name]!r} as {parse.__name__[1:]}")
+    return _validate(values)
+
+
+def _read_file(path: str) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"BTCFEED_CONFIG: file not found: {path}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"BTCFEED_CONFIG: {path} is not valid TOML: {exc}")
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"BTCFEED_CONFIG: unknown setting(s) {', '.join(unknown)} in {path}")
+    if isinstance(data.get("sources"), list):
+        data["sources"] = ",".join(data["sources"])
+    return data
+
+
+def _validate(values: dict) -> Config:
+    state_dir = os.path.abspath(values["state_dir"])
+    check_redis_url("BTCFEED_PRIMARY_URL", values["primary_url"])
+    local_url = values["local_url"] or f"unix://{os.path.join(state_dir, 'redis.sock')}"
+    check_redis_url("BTCFEED_LOCAL_URL", local_url)
+    for name in ("binance_ws_url", "binance_rest_url"):
+        _check_base_url("BTCFEED_" + name.upper(), values[name], ("ws", "wss") if "ws" in name else ("http", "https"))
+    if values["binance_stream_form"] not in ("raw", "combined"):
+        raise ConfigError("BTCFEED_BINANCE_STREAM_FORM: must be 'raw' (/ws/...) or 'combined' (/stream?streams=...)")
+    if values["log_format"] not in ("kv", "json"):
+        raise ConfigError("BTCFEED_LOG_FORMAT: must be 'kv' or 'json'")
+    host, port = parse_addr("BTCFEED_HEALTH_ADDR", values["health_addr"])
+    for name in ("bus_max_entries", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
+        if values[name] <= 0:
+            raise ConfigError(f"BTCFEED_{name.upper()}: must be a positive number, got {values[name]}")
+    if not 0 < values["max_conn_hours"] <= 24:
+        raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
+    values.pop("health_addr")
+    return Config(
+        **{**values, "state_dir": state_dir, "local_url": local_url,
+           "sources": parse_sources(values["sources"]), "health_host": host, "health_port": port,
+           "log_level": values["log_level"].upper()})
+
+
+def parse_sources(text: str) -> Tuple[Source, ...]:
+    sources = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        exchange, sep, symbol = item.partition(":")
+        exchange = exchange.strip().lower()
+        if not sep or not symbol.strip():
+            raise ConfigError(f"BTCFEED_SOURCES: {item!r} is not exchange:SYMBOL (for example binance:BTCUSDT)")
+        if exchange in PLANNED_EXCHANGES:
+            raise ConfigError(f"BTCFEED_SOURCES: exchange {exchange!r} is not supported yet "
+                              f"(supported: {', '.join(SUPPORTED_EXCHANGES)})")
+        if exchange not in SUPPORTED_EXCHANGES:
+            raise ConfigError(f"BTCFEED_SOURCES: unknown exchange {exchange!r} "
+                              f"(supported: {', '.join(SUPPORTED_EXCHANGES)})")
+        symbol = symbol.strip().upper()
+        if not BINANCE_SYMBOL.match(symbol):
+            raise ConfigError(f"BTCFEED_SOURCES: {symbol!r} is not a Binance symbol like BTCUSDT")
+        source = Source(exchange, symbol)
+        if source in sources:
+            raise ConfigError(f"BTCFEED_SOURCES: {source.name} is listed twice")
+        sources.append(source)
+    if not sources:
+        raise ConfigError("BTCFEED_SOURCES: no source given (for example binance:BTCUSDT)")
+    return tuple(sources)
+
+
+def check_redis_url(variable: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"{variable}: {redact_url(url)!r} is not a Redis URL "
+                          f"(use redis://host:port/db, rediss:// for TLS, or unix:///path/to.sock)")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{variable}: unix URL needs a socket path, like unix:///var/run/redis.sock")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"{variable}: {redact_url(url)!r} has no host")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{variable}: {redact_url(url)!r} has an invalid port")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{variable}: database index {db!r} is not a number")
+
+
+def _check_base_url(variable: str, url: str, schemes) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{variable}: {url!r} is not a {' or '.join(s + '://' for s in schemes)} base URL")
+    if parts.path not in ("", "/"):
+        raise ConfigError(f"{variable}: give the base URL without a path (btcfeed adds it), got {url!r}")
+
+
+def parse_addr(variable: str, addr: str) -> Tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{variable}: {addr!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password (and user name) replaced, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,77 @@
+"""Every Redis key, stream and channel name btcfeed uses, built in this one place."""
+
+PREFIX = "btcfeed"
+
+# Trade ids are split into bitmap segments of 2**16 bits (8 KiB each) for the seen-set.
+SEEN_SEGMENT_BITS = 16
+
+# --- per source, in the primary and (same layout) in the local failover copy ------------------
+
+
+def source_tag(source: str) -> str:
+    """The hash tag that keeps all of a source's keys in one Redis Cluster slot."""
+    return "{%s}" % source
+
+
+def trades(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:trades"
+
+
+def last(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:last"
+
+
+def candles_index(source: str) -> str:
+    """Sorted set of minute start times (ms) that have a candle hash."""
+    return f"{PREFIX}:{source_tag(source)}:candles:1m"
+
+
+def candle(source: str, minute_ms: int) -> str:
+    return f"{PREFIX}:{source_tag(source)}:candles:1m:{minute_ms}"
+
+
+def candle_prefix(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:candles:1m:"
+
+
+def live_channel(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:live"
+
+
+def seen_prefix(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:seen:"
+
+
+def seen_segment(source: str, trade_id: int) -> str:
+    return f"{seen_prefix(source)}{trade_id >> SEEN_SEGMENT_BITS}"
+
+
+# --- compatibility keys of the original omega_ai feed (not source-tagged by contract) ---------
+COMPAT_LAST_PRICE = "last_btc_price"
+COMPAT_LAST_UPDATE = "last_btc_update_time"
+COMPAT_HISTORY = "btc_movement_history"
+COMPAT_CHANNEL = "btc_price"
+
+# --- local Redis only: the bus between processes -----------------------------------------------
+BUS = f"{PREFIX}:bus"
+BUS_GROUP = "writers"
+DEADLETTER = f"{PREFIX}:deadletter"
+EVENTS = f"{PREFIX}:events"
+
+
+def cursor(source: str) -> str:
+    """Highest trade id of a source that is durable on the bus (written with the same XADD)."""
+    return f"{PREFIX}:{source_tag(source)}:cursor"
+
+
+def source_stats(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:stats"
+
+
+def heartbeat(process: str) -> str:
+    return f"{PREFIX}:heartbeat:{process}"
+
+
+def primary_keys(source: str) -> list:
+    """The fixed keys a batch apply touches (seen segments and candle hashes are added per batch)."""
+    return [trades(source), last(source), candles_index(source)]

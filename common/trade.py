@@ -1,0 +1,117 @@
+"""The normalized trade record and the Binance message parsers that produce it."""
+
+import json
+import re
+from typing import NamedTuple, Optional
+
+# Quantities are summed into candles as integers of 1e-8 (the finest step Binance, Coinbase and
+# Kraken use for BTC), so volumes stay exact however a replay orders the trades.
+QTY_DECIMALS = 8
+DECIMAL = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,20})?$")
+# Binance stream events that are valid but carry no trade for us.
+BINANCE_NON_TRADE_EVENTS = frozenset(
+    ("depthUpdate", "kline", "aggTrade", "24hrTicker", "24hrMiniTicker", "bookTicker", "outboundAccountPosition"))
+
+
+class BadMessage(ValueError):
+    """A message that must not become a trade; the text is the dead-letter reason."""
+
+
+class Trade(NamedTuple):
+    id: int
+    p: str      # price, the exchange's decimal string
+    q: str      # quantity, the exchange's decimal string
+    side: str   # taker side: "buy" or "sell"
+    ts: int     # exchange trade time, ms
+    rts: int    # receive time at ingest, ms
+
+    def fields(self) -> dict:
+        return {"id": str(self.id), "p": self.p, "q": self.q, "side": self.side,
+                "ts": str(self.ts), "rts": str(self.rts)}
+
+
+def qty_units(qty: str) -> int:
+    """The quantity as an integer count of 1e-8 (validated trades never have finer digits)."""
+    whole, _, frac = qty.partition(".")
+    frac = frac.rstrip("0")
+    return int(whole) * 10 ** QTY_DECIMALS + (int(frac.ljust(QTY_DECIMALS, "0")) if frac else 0)
+
+
+def check_decimal(name: str, value) -> str:
+    if not isinstance(value, str) or not DECIMAL.match(value):
+        raise BadMessage(f"{name} is not a decimal string: {value!r:.40}")
+    whole, _, frac = value.partition(".")
+    if int(whole) == 0 and not frac.strip("0"):
+        raise BadMessage(f"{name} is zero")
+    if name == "qty" and len(frac.rstrip("0")) > QTY_DECIMALS:
+        raise BadMessage(f"qty has more than {QTY_DECIMALS} decimals: {value}")
+    return value
+
+
+def check_int(name: str, value) -> int:
+    # bool is an int subclass in Python; a JSON true is never a valid id or time.
+    if type(value) is not int or value < 0:
+        raise BadMessage(f"{name} is not a non-negative integer: {value!r:.40}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if type(value) is not bool:
+        raise BadMessage(f"{name} is not a boolean: {value!r:.40}")
+    return value
+
+
+def side_from_buyer_maker(buyer_is_maker: bool) -> str:
+    # When the buyer was the resting (maker) order, the taker sold.
+    return "sell" if buyer_is_maker else "buy"
+
+
+def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
+    """A trade from one Binance stream message; None for valid messages that are not trades."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadMessage(f"malformed JSON: {exc}")
+    if not isinstance(message, dict):
+        raise BadMessage("message is not a JSON object")
+    if "stream" in message and "data" in message:
+        message = message["data"]
+        if not isinstance(message, dict):
+            raise BadMessage("combined stream data is not a JSON object")
+    event = message.get("e")
+    if event == "trade":
+        if message.get("s") != symbol:
+            raise BadMessage(f"trade for symbol {message.get('s')!r:.20}, expected {symbol}")
+        return Trade(
+            check_int("trade id", message.get("t")),
+            check_decimal("price", message.get("p")),
+            check_decimal("qty", message.get("q")),
+            side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
+            check_int("trade time", message.get("T")),
+            rts)
+    if event in BINANCE_NON_TRADE_EVENTS or ("result" in message and "id" in message):
+        return None
+    raise BadMessage("unknown message shape")
+
+
+def parse_binance_rest(item, rts: int) -> Trade:
+    """A trade from one element of GET /api/v3/historicalTrades."""
+    if not isinstance(item, dict):
+        raise BadMessage("REST trade is not a JSON object")
+    return Trade(
+        check_int("trade id", item.get("id")),
+        check_decimal("price", item.get("price")),
+        check_decimal("qty", item.get("qty")),
+        side_from_buyer_maker(check_bool("buyer-maker flag", item.get("isBuyerMaker"))),
+        check_int("trade time", item.get("time")),
+        rts)
+
+
+# The bus carries a batch of one source's trades per entry as one compact JSON array of
+# [id, p, q, side, ts, rts, qty units]; the apply script reads the same text unchanged.
+def encode_batch(trades) -> str:
+    return json.dumps([(*t, qty_units(t.q)) for t in trades], separators=(",", ":"))
+
+
+def decode_batch(payload) -> list:
+    return [Trade(*row[:6]) for row in json.loads(payload)]

@@ -1,0 +1,386 @@
+"""ingest: exchange websockets -> validated, gap-free, de-duplicated trades -> the local bus."""
+
+import queue
+import select
+import ssl
+import threading
+import time
+
+import redis
+import websocket
+
+from common import keys
+from common.backoff import Backoff
+from common.binance import REST_PAGE_LIMIT, BinanceRest, RateLimited, RestError, stream_url
+from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, Bus
+from common.lifecycle import EXIT_FAILURE, Process, run_process
+from common.trade import BadMessage, parse_binance_ws
+
+# Binance pings every 20 s and drops a client that stays silent for a minute; a connection on
+# which nothing at all (not even a ping) arrived for this long is dead even if TCP says otherwise.
+STALE_AFTER_S = 65.0
+CONNECT_TIMEOUT_S = 10.0
+# A connection that stayed up this long was healthy: the next failure starts backoff afresh.
+HEALTHY_AFTER_S = 10.0
+# The replacement connection must deliver before the old one is closed (or this long passes).
+OVERLAP_MAX_S = 10.0
+MAX_FRAME_BYTES = 1 << 20
+FRAME_BATCH_MAX = 1000          # trades a connection hands over at once
+BUS_BATCH_MAX = 2000            # trades per bus entry
+INBOX_MAX_BATCHES = 2000        # then the socket reader blocks and TCP pushes back
+FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
+BUS_FULL_ALARM_EVERY_S = 10.0
+
+
+class Connection(threading.Thread):
+    """One websocket connection; hands parsed trades (or its fate) to its feed's inbox."""
+
+    def __init__(self, feed, number: int):
+        super().__init__(name=f"{feed.source}#{number}", daemon=True)
+        self.feed = feed
+        self.number = number
+        self.ws = None
+        self.opened_at = None
+        self.delivered = False
+        self.closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        ws = self.ws
+        if ws is not None:
+            try:
+                ws.close(timeout=1)
+            except (websocket.WebSocketException, OSError):
+                pass
+
+    def run(self) -> None:
+        feed = self.feed
+        try:
+            self.ws = websocket.create_connection(
+                feed.ws_url, timeout=CONNECT_TIMEOUT_S, skip_utf8_validation=True, enable_multithread=True)
+        except (websocket.WebSocketException, OSError) as exc:
+            feed.inbox.put(("failed", self, _reason(exc)))
+            return
+        self.ws.settimeout(STALE_AFTER_S)
+        self.opened_at = time.monotonic()
+        feed.inbox.put(("connected", self, None))
+        reason = "closed"
+        try:
+            self._read_until_closed()
+        except websocket.WebSocketTimeoutException:
+            reason = f"silent for {STALE_AFTER_S:.0f}s"
+        except (websocket.WebSocketException, OSError, ValueError) as exc:
+            reason = _reason(exc)
+        finally:
+            if self.closing:
+                reason = "replaced"
+            try:
+                self.ws.close(timeout=0.2)
+            except (websocket.WebSocketException, OSError):
+                pass
+            feed.inbox.put(("disconnected", self, reason))
+
+    def _read_until_closed(self) -> None:
+        feed, ws = self.feed, self.ws
+        trades = []
+        while not self.closing:
+            opcode, frame = ws.recv_data_frame()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return
+            trade = feed.parse_frame(opcode, frame.data)
+            if trade is not None:
+                trades.append(trade)
+            # Hand over what arrived together: one inbox item per burst, not per trade.
+            if trades and (len(trades) >= FRAME_BATCH_MAX or not _more_buffered(ws.sock)):
+                self.delivered = True
+                feed.inbox.put(("trades", self, trades))
+                trades = []
+
+
+def _more_buffered(sock) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+class SourceFeed(threading.Thread):
+    """One source: its connections, the sequencer (dedup, gap detection, backfill) and bus writes."""
+
+    def __init__(self, source, cfg, bus: Bus, log, stopping: threading.Event):
+        super().__init__(name=f"feed:{source.name}", daemon=True)
+        self.source = source.name
+        self.symbol = source.symbol
+        self.ws_url = stream_url(cfg.binance_ws_url, source.symbol, cfg.binance_stream_form)
+        self.rest = BinanceRest(cfg.binance_rest_url, source.symbol)
+        self.max_conn_s = cfg.max_conn_hours * 3600
+        self.bus = bus
+        self.log = log
+        self.stopping = stopping
+        self.inbox = queue.Queue(maxsize=INBOX_MAX_BATCHES)
+        self.backoff = Backoff()
+        self.rest_backoff = Backoff(base_s=0.5, cap_s=30.0)
+        self.current = None
+        self.replacement = None
+        self.replacement_started = 0.0
+        self.next_connect_at = 0.0
+        self.connections_made = 0
+        self.last_id = None           # highest id accepted (published or pending)
+        self.pending = []
+        self.needs_backfill = False
+        self.crashed = None
+        self._last_full_alarm = 0.0
+        self.counts = dict(trades=0, duplicates=0, gaps=0, backfilled=0, deadlettered=0,
+                           reconnects=0, batches=0, last_trade_ts=0)
+
+    # --- thread body -------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.last_id = self.bus.cursor(self.source)
+            self.needs_backfill = self.last_id is not None
+            self.log.info("feed_start", source=self.source, url=self.ws_url, cursor=self.last_id)
+            while not self.stopping.is_set():
+                self.step(time.monotonic())
+        except Exception as exc:  # a feed that dies takes the process down so supervisord restarts it
+            self.crashed = exc
+            self.log.error("feed_crashed", source=self.source, error=repr(exc)[:300])
+        finally:
+            for conn in (self.current, self.replacement):
+                if conn is not None:
+                    conn.close()
+
+    def step(self, now: float) -> None:
+        self.manage_connections(now)
+        if self.needs_backfill and self.current is not None:
+            self.needs_backfill = False
+            self.backfill()
+        try:
+            kind, conn, data = self.inbox.get(timeout=FLUSH_WAIT_S if self.pending else 0.2)
+        except queue.Empty:
+            self.flush()
+            return
+        self.handle(kind, conn, data, time.monotonic())
+        if len(self.pending) >= BUS_BATCH_MAX or self.inbox.empty():
+            self.flush()
+
+    # --- connections -------------------------------------------------------------------------
+    def manage_connections(self, now: float) -> None:
+        if self.current is None and self.replacement is None and now >= self.next_connect_at:
+            self.current = self._open()
+        elif (self.current is not None and self.replacement is None and self.current.opened_at is not None
+              and now - self.current.opened_at >= self.max_conn_s):
+            # Before the exchange's 24 h cut: open the new connection first, close the old one after.
+            self.log.info("proactive_reconnect", source=self.source, age_s=round(now - self.current.opened_at))
+            self.replacement = self._open()
+            self.replacement_started = now
+        if self.replacement is not None and (self.replacement.delivered
+                                             or now - self.replacement_started > OVERLAP_MAX_S):
+            old, self.current, self.replacement = self.current, self.replacement, None
+            if old is not None:
+                old.close()
+            self.needs_backfill = True
+
+    def _open(self) -> Connection:
+        self.connections_made += 1
+        conn = Connection(self, self.connections_made)
+        conn.start()
+        return conn
+
+    def handle(self, kind: str, conn: Connection, data, now: float) -> None:
+        if kind == "trades":
+            for trade in data:
+                self.accept_live(trade)
+        elif kind == "connected":
+            self.log.info("connected", source=self.source, connection=conn.number)
+            if conn is self.current:
+                self.needs_backfill = self.last_id is not None
+        elif kind in ("failed", "disconnected"):
+            self._lost(conn, kind, data, now)
+
+    def _lost(self, conn: Connection, kind: str, reason: str, now: float) -> None:
+        if conn is self.replacement:
+            self.replacement = None
+        if conn is not self.current:
+            return
+        self.current = None
+        if conn.opened_at is not None and now - conn.opened_at >= HEALTHY_AFTER_S:
+            self.backoff.reset()
+        delay = self.backoff.next_delay()
+        self.next_connect_at = now + delay
+        self.counts["reconnects"] += 1
+        self.log.warning("connection_lost" if kind == "disconnected" else "connect_failed",
+                         source=self.source, connection=conn.number, reason=reason, retry_in_s=round(delay, 2))
+
+    def parse_frame(self, opcode: int, data: bytes):
+        """Called on connection threads: a trade, or None (not a trade, or dead-lettered)."""
+        if opcode != websocket.ABNF.OPCODE_TEXT:
+            self.reject("binary frame", data)
+            return None
+        if len(data) > MAX_FRAME_BYTES:
+            self.reject(f"frame over {MAX_FRAME_BYTES} bytes", data)
+            return None
+        try:
+            return parse_binance_ws(data, self.symbol, int(time.time() * 1000))
+        except BadMessage as exc:
+            self.reject(str(exc), data)
+            return None
+
+    def reject(self, reason: str, raw) -> None:
+        self.counts["deadlettered"] += 1
+        try:
+            self.bus.dead_letter(self.source, reason, raw)
+        except redis.RedisError as exc:
+            self.log.warning("deadletter_failed", source=self.source, error=type(exc).__name__)
+        self.log.warning("message_rejected", source=self.source, reason=reason)
+
+    # --- sequencing ----------------------------------------------------------------------------
+    def accept_live(self, trade) -> None:
+        self.counts["trades"] += 1
+        if self.last_id is not None and trade.id <= self.last_id:
+            self.counts["duplicates"] += 1
+            return
+        if self.last_id is not None and trade.id > self.last_id + 1:
+            self.counts["gaps"] += 1
+            self.log.warning("gap", source=self.source, after=self.last_id, next=trade.id,
+                             missing=trade.id - self.last_id - 1)
+            self.backfill(until_id=trade.id - 1)
+            if trade.id <= self.last_id:
+                return
+        self._append(trade)
+
+    def _append(self, trade) -> None:
+        self.pending.append(trade)
+        self.last_id = trade.id
+        self.counts["last_trade_ts"] = trade.ts
+        if len(self.pending) >= BUS_BATCH_MAX:
+            self.flush()
+
+    def backfill(self, until_id: int = None) -> None:
+        """Fetch trades after last_id over REST until until_id (or until caught up with the exchange)."""
+        start_id, fetched = self.last_id + 1, 0
+        while not self.stopping.is_set() and (until_id is None or self.last_id < until_id):
+            from_id = self.last_id + 1
+            page = self._rest_page(from_id)
+            if page is None:
+                return        # stopping
+            page = [t for t in page if t.id >= from_id]
+            if not page:
+                break
+            if page[0].id != from_id:
+                self.log.error("gap_unfillable", source=self.source, first_missing=from_id,
+                               exchange_has_from=page[0].id)
+            for trade in page:
+                if trade.id > self.last_id:
+                    self._append(trade)
+                    fetched += 1
+            self.flush()
+            if len(page) < REST_PAGE_LIMIT:
+                break
+        self.counts["backfilled"] += fetched
+        self.log.info("backfilled", source=self.source, from_id=start_id, to_id=self.last_id, trades=fetched)
+
+    def _rest_page(self, from_id: int):
+        while not self.stopping.is_set():
+            pause = self.rest.weight_pause_s()
+            if pause:
+                self.log.warning("rest_weight_pause", source=self.source, pause_s=round(pause, 1))
+                self.stopping.wait(pause)
+            try:
+                page = self.rest.historical_trades(from_id)
+                self.rest_backoff.reset()
+                return page
+            except RateLimited as exc:
+                self.log.warning("rest_rate_limited", source=self.source, retry_after_s=exc.retry_after_s)
+                self.stopping.wait(exc.retry_after_s)
+            except (RestError, BadMessage) as exc:
+                if isinstance(exc, BadMessage):
+                    self.reject(f"REST: {exc}", b"")
+                delay = self.rest_backoff.next_delay()
+                self.log.warning("rest_failed", source=self.source, error=str(exc)[:200], retry_in_s=round(delay, 2))
+                self.stopping.wait(delay)
+        return None
+
+    # --- the bus -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        while self.pending and not self.stopping.is_set():
+            try:
+                result = self.bus.publish(self.source, self.pending)
+            except redis.RedisError as exc:
+                self._local_redis_failed(exc)
+                continue
+            if result in (PUBLISHED, ALREADY_DURABLE):
+                self.counts["batches"] += result == PUBLISHED
+                self.pending = []
+            elif result == BUS_FULL:
+                self._bus_full()
+
+    def _bus_full(self) -> None:
+        # Never drop: hold ingest (the inbox fills, then TCP pushes back) and say so loudly.
+        now = time.monotonic()
+        if now - self._last_full_alarm >= BUS_FULL_ALARM_EVERY_S:
+            self._last_full_alarm = now
+            self.log.error("bus_full_ingest_held", source=self.source, max_entries=self.bus.max_entries)
+        self.stopping.wait(0.2)
+
+    def _local_redis_failed(self, exc: Exception) -> None:
+        """Hold until the local Redis is back, then restart from its cursor: backfill covers the rest."""
+        self.log.error("local_redis_unavailable", source=self.source, error=_reason(exc))
+        while not self.stopping.is_set():
+            self.stopping.wait(0.5)
+            try:
+                cursor = self.bus.cursor(self.source)
+            except redis.RedisError:
+                continue
+            self.log.info("local_redis_back", source=self.source, cursor=cursor, dropped_pending=len(self.pending))
+            self.pending = []
+            self.last_id = cursor
+            self.needs_backfill = cursor is not None
+            return
+
+    def stats(self) -> dict:
+        return {**self.counts, "source": self.source, "connected": self.current is not None,
+                "last_id": self.last_id, "pending": len(self.pending)}
+
+
+class Ingest(Process):
+    name = "ingest"
+
+    def initialize(self) -> None:
+        self.bus = Bus(self.local, self.config.bus_max_entries, self.config.deadletter_max)
+        self.feeds = [SourceFeed(source, self.config, self.bus, self.log, self.stopping)
+                      for source in self.config.sources]
+        for feed in self.feeds:
+            feed.start()
+        self.exit_code = 0
+
+    def loop_once(self, now: float) -> None:
+        self.stopping.wait(0.5)
+        for feed in self.feeds:
+            if feed.crashed is not None:
+                self.exit_code = EXIT_FAILURE
+                self.stopping.set()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for feed in getattr(self, "feeds", []):
+            feed.join(timeout=5)
+
+    def stats(self) -> dict:
+        return {"sources": {feed.source: feed.stats() for feed in getattr(self, "feeds", [])}}
+
+    def run(self) -> int:
+        code = super().run()
+        return code or getattr(self, "exit_code", 0)
+
+
+def main(argv=None) -> int:
+    return run_process(Ingest, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
