@@ -14,7 +14,7 @@ from common import config as config_module
 from common.bus import connect_local, wait_for_local, write_heartbeat
 
 HEARTBEAT_INTERVAL_S = 1.0
-LOCAL_WAIT_AT_START_S = 10.0
+LOCAL_WAIT_AT_START_S = 5.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
