@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set the machine up first.
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-all soak bench up down clean
+
+setup:
+	@bin/setup
+
+demo: setup
+	bin/btcfeed demo
+
+# The default test run: unit and integration tests against real redis-server, supervisord and
+# the exchange simulator (about 5 minutes on 2 cores). Long soaks are in `make soak`.
+test: setup
+	$(PY) -m pytest -m "not slow and not chaos"
+
+test-all: setup
+	$(PY) -m pytest
+
+soak: setup
+	$(PY) -m pytest -m "slow or chaos"
+
+bench: setup
+	bin/btcfeed bench
+
+up: setup
+	bin/btcfeed up
+
+down:
+	bin/btcfeed down
+
+clean:
+	rm -rf var .pytest_cache .hypothesis
