@@ -1,0 +1,1187 @@
+"""Binance spot exchange simulator: seeded trades, websocket streams, REST and fault injection on one port.
+
+Run as `python -m processes.exchange_sim --port 0 --port-file PATH`. Both the websocket upgrade
+(`/ws/btcusdt@trade`, `/stream?streams=btcusdt@trade`) and REST (`/api/v3/...`) are served on the
+same loopback port, plus a control API under `/_sim/` for tests, the demo and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Iterator, Optional
+
+log = logging.getLogger("exchange_sim")
+
+# ---------------------------------------------------------------------------------------------
+# Tunables
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_RATE = 20.0
+MAX_RATE = 100_000.0
+DEFAULT_SEED = 1
+DEFAULT_SYMBOL = "BTCUSDT"
+DEFAULT_START_ID = 1_000_000
+DEFAULT_PING_INTERVAL = 20.0           # Binance pings every 20 s ...
+DEFAULT_PONG_TIMEOUT = 60.0            # ... and disconnects after a minute without a pong
+DEFAULT_MAX_CONN_SECONDS = 86_400.0    # Binance closes every connection after 24 h
+DEFAULT_HISTORY_MAX = 20_000_000
+DEFAULT_MAX_SEND_BUFFER = 64 * 1024 * 1024
+
+TICK_SECONDS = 0.005                   # generation granularity; trades of one tick share a timestamp
+HOUSEKEEPING_SECONDS = 0.1             # pings, pong timeouts, connection age
+MAX_BACKLOG_SECONDS = 1.0              # after a longer event-loop block, skip ahead instead of bursting
+CLOSE_GRACE_SECONDS = 2.0              # how long a closing connection may take to flush / answer
+HISTORY_CHUNK = 1 << 16                # trades per storage chunk; the oldest chunk is dropped whole
+MAX_CLIENT_MESSAGE_BYTES = 1 << 20
+MAX_HTTP_BODY_BYTES = 1 << 20
+
+# Price: cents, a reflected random walk around 43,000.00. Quantity: lots of 0.00001 BTC (Binance's
+# BTCUSDT step), drawn from a seeded lognormal table so one random draw decides a whole trade.
+CENTER_PRICE_CENTS = 4_300_000
+PRICE_BAND_CENTS = 50_000
+PRICE_STEPS = (0,) * 12 + (1, -1) * 5 + (2, -2) * 2 + (5, -5, 10, -10, 25, -25)
+QTY_LOT_UNITS = 1_000                  # one lot in units of 1e-8
+QTY_TABLE_BITS = 12
+QTY_MEDIAN_LOTS = 50
+QTY_SIGMA = 1.6
+QTY_MAX_LOTS = 200_000
+UNITS_PER_COIN = 100_000_000
+
+# REST (Binance spot request weights and limits).
+REST_DEFAULT_LIMIT = 500
+REST_MAX_LIMIT = 1000
+# The market-data endpoints (the ones rest429 faults refuse); everything else weighs 1.
+REST_WEIGHTS = {"/api/v3/historicalTrades": 25, "/api/v3/trades": 25}
+SYMBOL_PATTERN = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
+TOO_MANY_REQUESTS_MSG = ("Too many requests; current limit of IP(127.0.0.1) is 6000 request weight per "
+                         "1 MINUTE. Please use the websocket for live updates to avoid polling the API.")
+
+# Websocket (RFC 6455).
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG = 1001, 1002, 1008, 1009
+FRAGMENTS_PER_MESSAGE = 3
+
+FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429")
+BOOL_TEXT = ("false", "true")
+HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 404: "Not Found",
+                405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
+                431: "Request Header Fields Too Large"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trades: generation, text, storage
+# ---------------------------------------------------------------------------------------------
+
+def price_text(cents: int) -> str:
+    """A price in cents as Binance prints it: 8 decimals."""
+    return f"{cents // 100}.{cents % 100:02d}000000"
+
+
+def units_text(units: int) -> str:
+    """An amount in units of 1e-8 as an 8-decimal string."""
+    return f"{units // UNITS_PER_COIN}.{units % UNITS_PER_COIN:08d}"
+
+
+def quote_qty_text(cents: int, qty_units: int) -> str:
+    # cents * units is in 1e-10; quantities are whole lots (1e-5), so dividing by 100 is exact.
+    return units_text(cents * qty_units // 100)
+
+
+class TradeGenerator:
+    """Seeded trade sequence: the k-th trade's price, qty and side depend only on the seed and k."""
+
+    def __init__(self, seed: int):
+        self._rng = random.Random(seed)
+        self.qty_units = self._draw_qty_table()
+        self.qty_text = tuple(units_text(units) for units in self.qty_units)
+        self._price = CENTER_PRICE_CENTS
+
+    def _draw_qty_table(self) -> tuple[int, ...]:
+        mu = math.log(QTY_MEDIAN_LOTS)
+        lots = (min(QTY_MAX_LOTS, max(1, round(self._rng.lognormvariate(mu, QTY_SIGMA))))
+                for _ in range(1 << QTY_TABLE_BITS))
+        return tuple(n * QTY_LOT_UNITS for n in lots)
+
+    def next_batch(self, count: int) -> tuple[array.array, array.array, bytearray]:
+        """The next `count` trades as (price cents, qty table index, isBuyerMaker 0/1)."""
+        prices, qty_index, sides = array.array("i"), array.array("H"), bytearray()
+        add_price, add_qty, add_side = prices.append, qty_index.append, sides.append
+        getrandbits, steps = self._rng.getrandbits, PRICE_STEPS
+        low, high = CENTER_PRICE_CENTS - PRICE_BAND_CENTS, CENTER_PRICE_CENTS + PRICE_BAND_CENTS
+        qty_mask = (1 << QTY_TABLE_BITS) - 1
+        price = self._price
+        for _ in range(count):
+            # One draw per trade: 5 bits of price step, 12 bits of qty, 1 bit of side.
+            bits = getrandbits(18)
+            step = steps[bits & 31]
+            price += step
+            if price < low or price > high:
+                price -= 2 * step          # reflect at the band so the walk stays around the centre
+            add_price(price)
+            add_qty((bits >> 5) & qty_mask)
+            add_side(bits >> 17)
+        self._price = price
+        return prices, qty_index, sides
+
+
+class HistoryChunk:
+    """Up to HISTORY_CHUNK consecutive trades, 15 bytes each."""
+
+    __slots__ = ("prices", "qty_index", "times", "sides")
+
+    def __init__(self):
+        self.prices = array.array("i")
+        self.qty_index = array.array("H")
+        self.times = array.array("q")
+        self.sides = bytearray()
+
+
+@dataclass
+class TradeSlice:
+    """Retained trades first_id.. as parallel sequences (copies, safe to read from another thread)."""
+    first_id: int
+    prices: array.array
+    qty_index: array.array
+    times: array.array
+    sides: bytes
+
+
+class TradeHistory:
+    """Every generated trade, oldest dropped beyond max_trades, stored in fixed-size chunks."""
+
+    def __init__(self, start_id: int, max_trades: int, chunk_size: int = HISTORY_CHUNK):
+        self.max_trades = max_trades
+        self.chunk_size = chunk_size
+        self.first_id = start_id       # oldest retained id
+        self.next_id = start_id        # id the next trade gets
+        self._base_id = start_id       # id of the first slot of _chunks[0]
+        self._chunks: list[HistoryChunk] = []
+
+    @property
+    def last_id(self) -> int:
+        return self.next_id - 1
+
+    def append(self, prices: array.array, qty_index: array.array, sides: bytearray, time_ms: int) -> None:
+        done, count = 0, len(prices)
+        while done < count:
+            chunk = self._writable_chunk()
+            take = min(count - done, self.chunk_size - len(chunk.prices))
+            chunk.prices.extend(prices[done:done + take])
+            chunk.qty_index.extend(qty_index[done:done + take])
+            chunk.times.extend(array.array("q", (time_ms,)) * take)
+            chunk.sides.extend(sides[done:done + take])
+            done += take
+        self.next_id += count
+        self._forget_beyond_bound()
+
+    def _writable_chunk(self) -> HistoryChunk:
+        if not self._chunks or len(self._chunks[-1].prices) == self.chunk_size:
+            self._chunks.append(HistoryChunk())
+        return self._chunks[-1]
+
+    def _forget_beyond_bound(self) -> None:
+        self.first_id = max(self.first_id, self.next_id - self.max_trades)
+        while self._chunks and self._base_id + self.chunk_size <= self.first_id:
+            self._chunks.pop(0)
+            self._base_id += self.chunk_size
+
+    def slices(self, from_id: int, to_id: int) -> Iterator[TradeSlice]:
+        """Retained trades with from_id <= id <= to_id, one slice per chunk touched."""
+        from_id, to_id = max(from_id, self.first_id), min(to_id, self.last_id)
+        while from_id <= to_id:
+            index, offset = divmod(from_id - self._base_id, self.chunk_size)
+            chunk = self._chunks[index]
+            end = min(self.chunk_size, offset + to_id - from_id + 1, len(chunk.prices))
+            yield TradeSlice(from_id, chunk.prices[offset:end], chunk.qty_index[offset:end],
+                             chunk.times[offset:end], bytes(chunk.sides[offset:end]))
+            from_id += end - offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Websocket framing (server side: frames out unmasked, client frames in masked)
+# ---------------------------------------------------------------------------------------------
+
+class ProtocolError(Exception):
+    """A client broke RFC 6455; the connection is closed with `code`."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def frame_header(opcode: int, length: int, fin: bool = True) -> bytes:
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return frame_header(opcode, len(payload), fin) + payload
+
+
+def encode_message(payload: bytes) -> bytes:
+    return frame_header(OP_TEXT, len(payload)) + payload
+
+
+def encode_fragmented_message(payload: bytes) -> bytes:
+    """One text message as a FIN=0 text frame followed by continuation frames."""
+    size = max(1, -(-len(payload) // FRAGMENTS_PER_MESSAGE))
+    pieces = [payload[start:start + size] for start in range(0, len(payload), size)] or [b""]
+    frames = [encode_frame(OP_TEXT if index == 0 else OP_CONTINUATION, piece, fin=index == len(pieces) - 1)
+              for index, piece in enumerate(pieces)]
+    return b"".join(frames)
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    return struct.pack("!H", code) + reason.encode()[:120]
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    if not payload:
+        return payload
+    key = (mask * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+@dataclass
+class ClientFrame:
+    fin: bool
+    opcode: int
+    payload: bytes
+
+
+async def read_client_frame(reader: asyncio.StreamReader) -> ClientFrame:
+    """One frame from the client; raises IncompleteReadError at EOF, ProtocolError when malformed."""
+    first, second = await reader.readexactly(2)
+    fin, opcode, length = bool(first & 0x80), first & 0x0F, second & 0x7F
+    if first & 0x70:
+        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bits set without an extension")
+    if not second & 0x80:
+        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    if opcode >= OP_CLOSE and (not fin or length > 125):
+        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "control frames must be final and short")
+    if length > MAX_CLIENT_MESSAGE_BYTES:
+        raise ProtocolError(CLOSE_TOO_BIG, "frame too large")
+    mask = await reader.readexactly(4)
+    return ClientFrame(fin, opcode, unmask(await reader.readexactly(length), mask))
+
+
+def websocket_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outgoing trade messages, built once per tick and shared by every connection
+# ---------------------------------------------------------------------------------------------
+
+def trade_payloads(symbol: str, first_id: int, prices: array.array, qty_index: array.array,
+                   sides: bytearray, time_ms: int, qty_text: tuple[str, ...]) -> list[bytes]:
+    """Binance `trade` events; event time and trade time are both the generation time."""
+    head = f'{{"e":"trade","E":{time_ms},"s":"{symbol}","t":'
+    time_and_side = f',"T":{time_ms},"m":'
+    return [f'{head}{trade_id},"p":"{price_text(cents)}","q":"{qty_text[qty]}"{time_and_side}'
+            f'{BOOL_TEXT[side]},"M":true}}'.encode()
+            for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
+
+
+class TickFeed:
+    """The trades of one tick, encoded lazily for each (combined, fragmented) wire form."""
+
+    def __init__(self, payloads: list[bytes], stream_name: str):
+        self._payloads = payloads
+        self._combined_prefix = f'{{"stream":"{stream_name}","data":'.encode()
+        self._messages: dict[tuple[bool, bool], list[bytes]] = {}
+        self._joined: dict[tuple[bool, bool], bytes] = {}
+
+    def messages(self, combined: bool, fragmented: bool) -> list[bytes]:
+        """Each trade's complete wire bytes (one or several frames)."""
+        key = (combined, fragmented)
+        if key not in self._messages:
+            payloads = self._payloads
+            if combined:
+                prefix = self._combined_prefix
+                payloads = [prefix + payload + b"}" for payload in payloads]
+            encode = encode_fragmented_message if fragmented else encode_message
+            self._messages[key] = [encode(payload) for payload in payloads]
+        return self._messages[key]
+
+    def joined(self, combined: bool, fragmented: bool) -> bytes:
+        key = (combined, fragmented)
+        if key not in self._joined:
+            self._joined[key] = b"".join(self.messages(combined, fragmented))
+        return self._joined[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# One websocket connection
+# ---------------------------------------------------------------------------------------------
+
+class WsConnection:
+    """Server-side state of one websocket client: subscriptions, pings, injected faults."""
+
+    def __init__(self, transport: asyncio.WriteTransport, peer: str, streams: list[str], combined: bool,
+                 now: float, ping_interval: float, max_send_buffer: int):
+        self.transport = transport
+        self.peer = peer
+        self.streams = list(dict.fromkeys(streams))
+        self.combined = combined
+        self.opened_at = now
+        self.next_ping_at = now + ping_interval
+        self.awaiting_pong_since: Optional[float] = None
+        self.stalled_until = 0.0
+        self.cut_pending = False
+        self.closing = False               # close frame sent, dropped or cut: nothing more to send
+        self._max_send_buffer = max_send_buffer
+
+    def is_stalled(self, now: float) -> bool:
+        return now < self.stalled_until
+
+    def pong_overdue(self, now: float, pong_timeout: float) -> bool:
+        return self.awaiting_pong_since is not None and now - self.awaiting_pong_since > pong_timeout
+
+    def deliver(self, feed: TickFeed, fragmented: bool, now: float) -> None:
+        if self.closing or self.is_stalled(now):
+            return                       # a stalled connection never gets this tick's trades
+        if self.cut_pending:
+            self.cut(feed.messages(self.combined, fragmented)[0])
+        else:
+            self.send(feed.joined(self.combined, fragmented))
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; a client that lets the buffer grow past the bound is dropped like Binance does."""
+        if self.closing or self.transport.is_closing() or self.is_stalled(time.monotonic()):
+            return
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > self._max_send_buffer:
+            log.warning("dropping slow websocket client %s: more than %d bytes unsent",
+                        self.peer, self._max_send_buffer)
+            self.closing = True
+            self.transport.abort()
+
+    def send_ping(self, now: float) -> None:
+        self.send(encode_frame(OP_PING, str(int(time.time() * 1000)).encode()))
+        if self.awaiting_pong_since is None:
+            self.awaiting_pong_since = now
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the transport is closed when the client answers or after a grace."""
+        if self.closing or self.transport.is_closing():
+            return
+        self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        self.closing = True
+        self._abort_later()
+
+    def drop(self) -> None:
+        """Close the TCP connection without a closing handshake (queued whole frames still flush)."""
+        if self.transport.is_closing():
+            return
+        self.closing = True
+        self.transport.close()
+        self._abort_later()
+
+    def cut(self, message: bytes) -> None:
+        """Send the first half of one message's bytes, then close: the client sees a truncated frame."""
+        if not self.transport.is_closing():
+            self.transport.write(message[:len(message) // 2])
+        self.drop()
+
+    def _abort_later(self) -> None:
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP plumbing
+# ---------------------------------------------------------------------------------------------
+
+class BadRequest(Exception):
+    """An HTTP request that cannot be parsed."""
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    version: str
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+    @property
+    def wants_websocket(self) -> bool:
+        return (self.headers.get("upgrade", "").lower() == "websocket"
+                and "upgrade" in self.headers.get("connection", "").lower())
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self, keep_alive: bool) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} {HTTP_REASONS.get(self.status, 'Unknown')}",
+                 "Content-Type: application/json;charset=UTF-8",
+                 f"Content-Length: {len(self.body)}",
+                 f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        lines += [f"{name}: {value}" for name, value in self.headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+
+
+def json_response(status: int, obj, headers: Optional[dict[str, str]] = None) -> HttpResponse:
+    return HttpResponse(status, json.dumps(obj, separators=(",", ":")).encode(), headers or {})
+
+
+def binance_error(status: int, code: int, msg: str, headers: Optional[dict[str, str]] = None) -> HttpResponse:
+    return json_response(status, {"code": code, "msg": msg}, headers)
+
+
+async def read_http_request(reader: asyncio.StreamReader) -> Optional[HttpRequest]:
+    """The next request on the connection (body read and discarded), or None at a clean EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial.strip():
+            raise BadRequest("incomplete request head") from exc
+        return None
+    except asyncio.LimitOverrunError as exc:
+        raise BadRequest("request head too large") from exc
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError as exc:
+        raise BadRequest(f"bad request line {lines[0][:80]!r}") from exc
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    raw_length = headers.get("content-length", "0") or "0"
+    if not raw_length.isdigit() or int(raw_length) > MAX_HTTP_BODY_BYTES:
+        raise BadRequest(f"bad or too large Content-Length {raw_length[:20]!r}")
+    length = int(raw_length)
+    if length:
+        await reader.readexactly(length)
+    parsed = urllib.parse.urlsplit(target)
+    query = {name: values[0] for name, values in
+             urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
+    return HttpRequest(method.upper(), parsed.path, query, headers, version)
+
+
+class ParamError(Exception):
+    """A query parameter that is missing or out of range; the text is shown to the caller."""
+
+
+def int_param(query: dict[str, str], name: str, default: Optional[int] = None,
+              low: Optional[int] = None, high: Optional[int] = None) -> Optional[int]:
+    raw = query.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ParamError(f"parameter {name!r} must be an integer, got {raw[:40]!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ParamError(f"parameter {name!r} must be within [{low}, {high}], got {value}")
+    return value
+
+
+def float_param(query: dict[str, str], name: str, low: float, high: float) -> float:
+    raw = query.get(name, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ParamError(f"parameter {name!r} must be a number, got {raw[:40]!r}") from None
+    if not low < value <= high:
+        raise ParamError(f"parameter {name!r} must be within ({low}, {high}], got {value}")
+    return value
+
+
+def history_rows_json(slices: list[TradeSlice], qty_text: tuple[str, ...]) -> bytes:
+    """`[[id, price, qty, time, isBuyerMaker], ...]`; pure, so it can run in a worker thread."""
+    rows = []
+    for part in slices:
+        rows.extend(f'[{trade_id},"{price_text(cents)}","{qty_text[qty]}",{ms},{BOOL_TEXT[side]}]'
+                    for trade_id, cents, qty, ms, side in
+                    zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides))
+    return ("[" + ",".join(rows) + "]").encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    port_file: Optional[str] = None
+    rate: float = DEFAULT_RATE
+    seed: int = DEFAULT_SEED
+    symbol: str = DEFAULT_SYMBOL
+    start_id: int = DEFAULT_START_ID
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    pong_timeout: float = DEFAULT_PONG_TIMEOUT
+    max_conn_seconds: float = DEFAULT_MAX_CONN_SECONDS
+    history_max: int = DEFAULT_HISTORY_MAX
+    max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER
+    paused: bool = False
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+class ExchangeSimulator:
+    """One symbol's trade clock, its history, websocket subscribers, REST and the control API."""
+
+    def __init__(self, config: SimConfig):
+        self.config = config
+        self.symbol = config.symbol
+        self.trade_stream = f"{config.symbol.lower()}@trade"
+        self.generator = TradeGenerator(config.seed)
+        self.history = TradeHistory(config.start_id, config.history_max)
+        self.connections: set[WsConnection] = set()
+        self._client_writers: dict[asyncio.Task, asyncio.StreamWriter] = {}   # every open TCP client
+        self.rate = config.rate
+        self.paused = config.paused
+        self.generated = 0
+        self.fragmented = False
+        self.rest429_remaining = 0
+        self._weight_minute = -1
+        self._weight_used = 0
+        self._schedule_start = time.monotonic()
+        self._scheduled_done = 0
+        self._next_housekeeping = 0.0
+        self.stopping = asyncio.Event()
+        self._routes: dict[str, tuple[str, Handler]] = {
+            "/api/v3/ping": ("GET", self.rest_ping),
+            "/api/v3/time": ("GET", self.rest_time),
+            "/api/v3/historicalTrades": ("GET", self.rest_historical_trades),
+            "/api/v3/trades": ("GET", self.rest_recent_trades),
+            "/_sim/status": ("GET", self.control_status),
+            "/_sim/pause": ("POST", self.control_pause),
+            "/_sim/resume": ("POST", self.control_resume),
+            "/_sim/rate": ("POST", self.control_rate),
+            "/_sim/history": ("GET", self.control_history),
+            "/_sim/fault": ("POST", self.control_fault),
+        }
+
+    # -- the trade clock ------------------------------------------------------------------------
+
+    def restart_schedule(self, now: float) -> None:
+        self._schedule_start, self._scheduled_done = now, 0
+
+    async def run_clock(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
+            self.generate_due_trades(now)
+            if now >= self._next_housekeeping:
+                self._next_housekeeping = now + HOUSEKEEPING_SECONDS
+                self.housekeep(now)
+
+    def generate_due_trades(self, now: float) -> None:
+        if self.paused:
+            return
+        # Counting against the schedule start (not per tick) keeps fractional rates exact.
+        due = int(self.rate * (now - self._schedule_start)) - self._scheduled_done
+        if due <= 0:
+            return
+        backlog_limit = max(1, int(self.rate * MAX_BACKLOG_SECONDS))
+        if due > backlog_limit:
+            # The loop was blocked for a long time: emit one second's worth and start the schedule
+            # again from now, rather than bursting everything owed.
+            log.warning("trade clock fell %.2f s behind; skipping ahead", due / self.rate)
+            self.restart_schedule(now)
+            self.emit_trades(backlog_limit)
+            return
+        self._scheduled_done += due
+        self.emit_trades(due)
+
+    def emit_trades(self, count: int) -> None:
+        time_ms = time.time_ns() // 1_000_000
+        prices, qty_index, sides = self.generator.next_batch(count)
+        first_id = self.history.next_id
+        self.history.append(prices, qty_index, sides, time_ms)
+        self.generated += count
+        listeners = [conn for conn in self.connections if self.trade_stream in conn.streams]
+        if not listeners:
+            return
+        feed = TickFeed(trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
+                                       self.generator.qty_text), self.trade_stream)
+        now = time.monotonic()
+        for conn in listeners:
+            conn.deliver(feed, self.fragmented, now)
+            if conn.closing:
+                self.connections.discard(conn)
+
+    def housekeep(self, now: float) -> None:
+        config = self.config
+        for conn in list(self.connections):
+            if conn.closing:
+                self.connections.discard(conn)
+            elif conn.is_stalled(now):
+                continue
+            elif now - conn.opened_at > config.max_conn_seconds:
+                log.info("closing %s: connection older than %.0f s", conn.peer, config.max_conn_seconds)
+                self.close_connection(conn, CLOSE_GOING_AWAY, "connection lifetime exceeded")
+            elif conn.pong_overdue(now, config.pong_timeout):
+                log.info("closing %s: no pong within %.1f s", conn.peer, config.pong_timeout)
+                self.close_connection(conn, CLOSE_POLICY, "pong timeout")
+            elif now >= conn.next_ping_at:
+                conn.next_ping_at = now + config.ping_interval
+                conn.send_ping(now)
+
+    def close_connection(self, conn: WsConnection, code: int, reason: str) -> None:
+        self.connections.discard(conn)
+        conn.send_close(code, reason)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def inject_fault(self, kind: str, query: dict[str, str]) -> None:
+        conns = list(self.connections)
+        if kind == "drop":
+            for conn in conns:
+                self.connections.discard(conn)
+                conn.drop()
+        elif kind == "cut":
+            for conn in conns:
+                conn.cut_pending = True
+        elif kind == "stall":
+            until = time.monotonic() + float_param(query, "seconds", 0.0, 3600.0)
+            for conn in conns:
+                conn.stalled_until = until
+        elif kind == "fragment":
+            on = query.get("on", "1")
+            if on not in ("0", "1"):
+                raise ParamError("parameter 'on' must be 1 or 0")
+            self.fragmented = on == "1"
+        elif kind == "rest429":
+            self.rest429_remaining = int_param(query, "count", 1, low=0, high=1_000_000)
+        else:
+            raise ParamError(f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
+        log.info("fault injected: %s %s on %d connection(s)", kind,
+                 {k: v for k, v in query.items() if k != "kind"}, len(conns))
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+        handler = asyncio.current_task()
+        self._client_writers[handler] = writer
+        try:
+            while True:
+                request = await read_http_request(reader)
+                if request is None:
+                    break
+                if request.wants_websocket:
+                    await self.serve_websocket(request, reader, writer, peer)
+                    break
+                response = await self.route(request)
+                writer.write(response.encode(request.keep_alive))
+                await writer.drain()
+                if not request.keep_alive:
+                    break
+        except BadRequest as exc:
+            writer.write(json_response(400, {"ok": False, "error": str(exc)}).encode(keep_alive=False))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass                           # the client went away; nothing to answer
+        except asyncio.CancelledError:
+            # Only at shutdown, for a client that outlived the grace period. Python 3.11's stream
+            # callback reports a cancelled handler as an error, so end it as a normal return.
+            pass
+        finally:
+            self._client_writers.pop(handler, None)
+            writer.close()
+
+    async def route(self, request: HttpRequest) -> HttpResponse:
+        if request.path not in self._routes:
+            return json_response(404, {"code": -1, "msg": f"Not found: {request.path[:100]}"})
+        method, handler = self._routes[request.path]
+        if request.method != method:
+            return json_response(405, {"code": -1, "msg": f"Use {method} for {request.path}"})
+        try:
+            return await handler(request)
+        except ParamError as exc:
+            return json_response(400, {"ok": False, "error": str(exc)})
+
+    async def serve_websocket(self, request: HttpRequest, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter, peer: str) -> None:
+        subscription = self.parse_stream_path(request)
+        key = request.headers.get("sec-websocket-key", "")
+        if subscription is None:
+            writer.write(json_response(404, {"code": -1, "msg": "Not found"}).encode(keep_alive=False))
+            return
+        if request.headers.get("sec-websocket-version") != "13" or not key:
+            response = json_response(426, {"code": -1, "msg": "websocket version 13 and a key are required"},
+                                     {"Sec-WebSocket-Version": "13"})
+            writer.write(response.encode(keep_alive=False))
+            return
+        writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n").encode())
+        streams, combined = subscription
+        conn = WsConnection(writer.transport, peer, streams, combined, time.monotonic(),
+                            self.config.ping_interval, self.config.max_send_buffer)
+        self.connections.add(conn)
+        log.info("websocket %s opened %s streams=%s", peer, request.path, conn.streams)
+        try:
+            await self.read_websocket(conn, reader)
+        except ProtocolError as exc:
+            log.info("websocket %s protocol error: %s", peer, exc.reason)
+            conn.send_close(exc.code, exc.reason)
+        finally:
+            self.connections.discard(conn)
+            log.info("websocket %s closed", peer)
+
+    def parse_stream_path(self, request: HttpRequest) -> Optional[tuple[list[str], bool]]:
+        """(stream names, combined?) for `/ws/a/b` or `/stream?streams=a/b`; None for other paths."""
+        if request.path == "/ws" or request.path.startswith("/ws/"):
+            return [name for name in request.path[4:].split("/") if name], False
+        if request.path == "/stream":
+            return [name for name in request.query.get("streams", "").split("/") if name], True
+        return None
+
+    async def read_websocket(self, conn: WsConnection, reader: asyncio.StreamReader) -> None:
+        fragments: list[bytes] = []
+        while True:
+            frame = await read_client_frame(reader)
+            if frame.opcode == OP_CLOSE:
+                if not conn.closing:
+                    # Echo the client's status code, as RFC 6455 section 5.5.1 asks.
+                    conn.transport.write(encode_frame(OP_CLOSE, frame.payload[:2]))
+                conn.closing = True
+                conn.transport.close()
+                return
+            if frame.opcode == OP_PING:
+                conn.send(encode_frame(OP_PONG, frame.payload))
+            elif frame.opcode == OP_PONG:
+                conn.awaiting_pong_since = None
+            elif frame.opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
+                if (frame.opcode == OP_CONTINUATION) != bool(fragments):
+                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "unexpected continuation state")
+                fragments.append(frame.payload)
+                if sum(map(len, fragments)) > MAX_CLIENT_MESSAGE_BYTES:
+                    raise ProtocolError(CLOSE_TOO_BIG, "message too large")
+                if frame.fin:
+                    self.answer_client_request(conn, b"".join(fragments))
+                    fragments = []
+            else:
+                raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {frame.opcode}")
+
+    def answer_client_request(self, conn: WsConnection, message: bytes) -> None:
+        """Binance's live subscription methods: SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS."""
+        try:
+            request = json.loads(message)
+        except ValueError:
+            reply = {"code": 3, "msg": "Invalid JSON: expected value at line 1 column 1"}
+        else:
+            reply = self.apply_subscription_request(conn, request)
+        conn.send(encode_message(json.dumps(reply, separators=(",", ":")).encode()))
+
+    def apply_subscription_request(self, conn: WsConnection, request) -> dict:
+        if not isinstance(request, dict):
+            return {"code": 2, "msg": "Invalid request: expected an object"}
+        request_id, method, params = request.get("id"), request.get("method"), request.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(name, str) for name in params):
+            return {"code": 2, "msg": "Invalid request: params must be a list of stream names",
+                    "id": request_id}
+        if method == "SUBSCRIBE":
+            conn.streams.extend(name for name in params if name not in conn.streams)
+            return {"result": None, "id": request_id}
+        if method == "UNSUBSCRIBE":
+            conn.streams = [name for name in conn.streams if name not in params]
+            return {"result": None, "id": request_id}
+        if method == "LIST_SUBSCRIPTIONS":
+            return {"result": list(conn.streams), "id": request_id}
+        return {"code": 2, "msg": f"Invalid request: unknown variant {str(method)[:40]}, expected one of "
+                                  "SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS", "id": request_id}
+
+    # -- REST ------------------------------------------------------------------------------------
+
+    def charge_weight(self, path: str) -> dict[str, str]:
+        minute = int(time.time() // 60)
+        if minute != self._weight_minute:
+            self._weight_minute, self._weight_used = minute, 0
+        self._weight_used += REST_WEIGHTS.get(path, 1)
+        return {"X-MBX-USED-WEIGHT-1M": str(self._weight_used)}
+
+    def market_data_gate(self, request: HttpRequest) -> tuple[dict[str, str], Optional[HttpResponse]]:
+        """Weight headers, and the response to give instead when the request must fail up front."""
+        headers = self.charge_weight(request.path)
+        if self.rest429_remaining > 0:
+            self.rest429_remaining -= 1
+            return headers, binance_error(429, -1003, TOO_MANY_REQUESTS_MSG, {**headers, "Retry-After": "1"})
+        symbol = request.query.get("symbol", "")
+        if not symbol:
+            return headers, binance_error(
+                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.",
+                headers)
+        if not SYMBOL_PATTERN.match(symbol):
+            return headers, binance_error(
+                400, -1100, "Illegal characters found in parameter 'symbol'; legal range is "
+                            "'^[A-Z0-9-_.]{1,20}$'.", headers)
+        if symbol != self.symbol:
+            return headers, binance_error(400, -1121, "Invalid symbol.", headers)
+        return headers, None
+
+    async def rest_ping(self, request: HttpRequest) -> HttpResponse:
+        return json_response(200, {}, self.charge_weight(request.path))
+
+    async def rest_time(self, request: HttpRequest) -> HttpResponse:
+        server_time = time.time_ns() // 1_000_000
+        return json_response(200, {"serverTime": server_time}, self.charge_weight(request.path))
+
+    async def rest_historical_trades(self, request: HttpRequest) -> HttpResponse:
+        headers, refusal = self.market_data_gate(request)
+        if refusal:
+            return refusal
+        try:
+            limit = self.rest_limit(request.query)
+            from_id = self.rest_from_id(request.query)
+        except ParamError as exc:
+            return binance_error(400, -1100, str(exc), headers)
+        if from_id is None:
+            return self.recent_trades_response(limit, headers)
+        return self.trades_response(max(from_id, self.history.first_id), limit, headers)
+
+    async def rest_recent_trades(self, request: HttpRequest) -> HttpResponse:
+        headers, refusal = self.market_data_gate(request)
+        if refusal:
+            return refusal
+        try:
+            limit = self.rest_limit(request.query)
+        except ParamError as exc:
+            return binance_error(400, -1100, str(exc), headers)
+        return self.recent_trades_response(limit, headers)
+
+    @staticmethod
+    def rest_limit(query: dict[str, str]) -> int:
+        raw = query.get("limit", "")
+        if raw == "":
+            return REST_DEFAULT_LIMIT
+        if not raw.isdigit() or not 1 <= int(raw) <= REST_MAX_LIMIT:
+            raise ParamError("Illegal characters found in parameter 'limit'; "
+                             f"legal range is '1-{REST_MAX_LIMIT}'.")
+        return int(raw)
+
+    @staticmethod
+    def rest_from_id(query: dict[str, str]) -> Optional[int]:
+        raw = query.get("fromId", "")
+        if raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 20:
+            raise ParamError("Illegal characters found in parameter 'fromId'; "
+                             "legal range is '^[0-9]{1,20}$'.")
+        return int(raw)
+
+    def recent_trades_response(self, limit: int, headers: dict[str, str]) -> HttpResponse:
+        return self.trades_response(max(self.history.first_id, self.history.next_id - limit), limit, headers)
+
+    def trades_response(self, from_id: int, limit: int, headers: dict[str, str]) -> HttpResponse:
+        qty_units = self.generator.qty_units
+        qty_text = self.generator.qty_text
+        trades = [
+            {"id": trade_id, "price": price_text(cents), "qty": qty_text[qty],
+             "quoteQty": quote_qty_text(cents, qty_units[qty]), "time": ms,
+             "isBuyerMaker": bool(side), "isBestMatch": True}
+            for part in self.history.slices(from_id, from_id + limit - 1)
+            for trade_id, cents, qty, ms, side in
+            zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides)]
+        return json_response(200, trades, headers)
+
+    # -- control API ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {"last_id": self.history.last_id, "first_id": self.history.first_id,
+                "rate": int(self.rate) if self.rate.is_integer() else self.rate,
+                "paused": self.paused, "connections": len(self.connections), "generated": self.generated}
+
+    async def control_status(self, request: HttpRequest) -> HttpResponse:
+        return json_response(200, self.status())
+
+    async def control_pause(self, request: HttpRequest) -> HttpResponse:
+        self.paused = True
+        log.info("paused at id %d", self.history.last_id)
+        return json_response(200, {"ok": True})
+
+    async def control_resume(self, request: HttpRequest) -> HttpResponse:
+        if self.paused:
+            self.paused = False
+            self.restart_schedule(time.monotonic())   # no burst for the time spent paused
+            log.info("resumed after id %d", self.history.last_id)
+        return json_response(200, {"ok": True})
+
+    async def control_rate(self, request: HttpRequest) -> HttpResponse:
+        self.rate = float_param(request.query, "value", 0.0, MAX_RATE)
+        self.restart_schedule(time.monotonic())
+        log.info("rate set to %s trades/s", self.rate)
+        return json_response(200, {"ok": True})
+
+    async def control_history(self, request: HttpRequest) -> HttpResponse:
+        from_id = int_param(request.query, "fromId", self.history.first_id)
+        to_id = int_param(request.query, "toId", self.history.last_id)
+        # Copy the arrays here (cheap) and format in a thread, so a million rows do not stop the clock.
+        slices = list(self.history.slices(from_id, to_id))
+        body = await asyncio.to_thread(history_rows_json, slices, self.generator.qty_text)
+        return HttpResponse(200, body)
+
+    async def control_fault(self, request: HttpRequest) -> HttpResponse:
+        self.inject_fault(request.query.get("kind", ""), request.query)
+        return json_response(200, {"ok": True})
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        config = self.config
+        server = await asyncio.start_server(self.handle_connection, config.host, config.port)
+        port = server.sockets[0].getsockname()[1]
+        if config.port_file:
+            write_port_file(config.port_file, port)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        log.info("exchange simulator listening on %s:%d symbol=%s rate=%s seed=%d start_id=%d%s",
+                 config.host, port, self.symbol, self.rate, config.seed, config.start_id,
+                 " (paused)" if self.paused else "")
+        self.restart_schedule(time.monotonic())
+        clock = asyncio.create_task(self.run_clock())
+        await self.stopping.wait()
+        log.info("stopping after id %d (%d trades generated)", self.history.last_id, self.generated)
+        clock.cancel()
+        server.close()
+        await self.close_all_clients()
+
+    async def close_all_clients(self) -> None:
+        """Say goodbye to websocket clients, close every socket, and let the handlers end by themselves."""
+        for conn in list(self.connections):
+            self.close_connection(conn, CLOSE_GOING_AWAY, "server shutting down")
+        for writer in self._client_writers.values():
+            writer.close()             # flushes what is queued (the close frames) before the FIN
+        if self._client_writers:
+            await asyncio.wait(list(self._client_writers), timeout=CLOSE_GRACE_SECONDS)
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Write atomically, so a reader never sees an empty or partial file."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(f"{port}\n")
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m processes.exchange_sim",
+        description="Binance spot exchange simulator (websocket + REST on one port).")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="trades per second (up to 100000)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the price/qty/side sequence")
+    parser.add_argument("--symbol", default=DEFAULT_SYMBOL, help="symbol traded, upper case")
+    parser.add_argument("--start-id", type=int, default=DEFAULT_START_ID, help="id of the first trade")
+    parser.add_argument("--ping-interval", type=float, default=DEFAULT_PING_INTERVAL,
+                        help="seconds between server pings")
+    parser.add_argument("--pong-timeout", type=float, default=DEFAULT_PONG_TIMEOUT,
+                        help="close a connection whose pong is this late (seconds)")
+    parser.add_argument("--max-conn-seconds", type=float, default=DEFAULT_MAX_CONN_SECONDS,
+                        help="close connections older than this")
+    parser.add_argument("--history-max", type=int, default=DEFAULT_HISTORY_MAX, help="trades kept for REST")
+    parser.add_argument("--max-send-buffer", type=int, default=DEFAULT_MAX_SEND_BUFFER,
+                        help="bytes queued for one client before it is dropped as too slow")
+    parser.add_argument("--paused", action="store_true", help="start with the trade clock paused")
+    return parser
+
+
+def config_from_args(argv: Optional[list[str]]) -> SimConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checks = [
+        (0 < args.rate <= MAX_RATE, f"--rate must be within (0, {MAX_RATE:.0f}]"),
+        (0 <= args.port <= 65535, "--port must be within [0, 65535]"),
+        (SYMBOL_PATTERN.match(args.symbol) is not None, "--symbol must be upper case letters and digits"),
+        (args.start_id >= 0, "--start-id must not be negative"),
+        (args.ping_interval > 0, "--ping-interval must be positive"),
+        (args.pong_timeout > 0, "--pong-timeout must be positive"),
+        (args.max_conn_seconds > 0, "--max-conn-seconds must be positive"),
+        (args.history_max >= 1, "--history-max must be at least 1"),
+        (args.max_send_buffer >= 1024, "--max-send-buffer must be at least 1024"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return SimConfig(host=args.host, port=args.port, port_file=args.port_file, rate=args.rate, seed=args.seed,
+                     symbol=args.symbol, start_id=args.start_id, ping_interval=args.ping_interval,
+                     pong_timeout=args.pong_timeout, max_conn_seconds=args.max_conn_seconds,
+                     history_max=args.history_max, max_send_buffer=args.max_send_buffer, paused=args.paused)
+
+
+async def run_simulator(config: SimConfig) -> None:
+    await ExchangeSimulator(config).serve()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config = config_from_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s exchange_sim %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_simulator(config))
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side helpers for tests, the demo and benchmarks
+# ---------------------------------------------------------------------------------------------
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SimulatorError(RuntimeError):
+    """The simulator's control API refused a request or could not be reached."""
+
+
+class SimulatorClient:
+    """Control API client: `SimulatorClient("http://127.0.0.1:PORT").pause()`."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.base_url[len("http"):]
+
+    def _call(self, method: str, path: str, **params):
+        query = urllib.parse.urlencode({name: value for name, value in params.items() if value is not None})
+        url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
+        request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise SimulatorError(f"{method} {path}: HTTP {exc.code} {exc.read()[:200]!r}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise SimulatorError(f"{method} {path}: {exc}") from exc
+
+    def status(self) -> dict:
+        return self._call("GET", "/_sim/status")
+
+    def pause(self) -> dict:
+        return self._call("POST", "/_sim/pause")
+
+    def resume(self) -> dict:
+        return self._call("POST", "/_sim/resume")
+
+    def set_rate(self, rate: float) -> dict:
+        return self._call("POST", "/_sim/rate", value=rate)
+
+    def fault(self, kind: str, **params) -> dict:
+        params = {name: int(value) if isinstance(value, bool) else value for name, value in params.items()}
+        return self._call("POST", "/_sim/fault", kind=kind, **params)
+
+    def history(self, from_id: Optional[int] = None, to_id: Optional[int] = None) -> list[list]:
+        """Retained trades as `[id, price, qty, time, isBuyerMaker]`, ids from_id..to_id inclusive."""
+        return self._call("GET", "/_sim/history", fromId=from_id, toId=to_id)
+
+
+def start_simulator(rate: float = DEFAULT_RATE, seed: int = DEFAULT_SEED, *, symbol: Optional[str] = None,
+                    start_id: Optional[int] = None, ping_interval: Optional[float] = None,
+                    pong_timeout: Optional[float] = None, max_conn_seconds: Optional[float] = None,
+                    history_max: Optional[int] = None, max_send_buffer: Optional[int] = None,
+                    paused: bool = False, log_path: Optional[str] = None,
+                    startup_timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
+    """Start the simulator as a child process on a free loopback port; returns (process, port).
+
+    Its output goes to log_path; without one it is kept only until startup succeeds (to explain a
+    failed start), so nothing is left behind in the temporary directory.
+    """
+    options = {"--symbol": symbol, "--start-id": start_id, "--ping-interval": ping_interval,
+               "--pong-timeout": pong_timeout, "--max-conn-seconds": max_conn_seconds,
+               "--history-max": history_max, "--max-send-buffer": max_send_buffer}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="exchange-sim-") as workdir:
+        port_file = os.path.join(workdir, "port")
+        argv = [sys.executable, "-m", "processes.exchange_sim", "--port", "0", "--port-file", port_file,
+                "--rate", str(rate), "--seed", str(seed)]
+        argv += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+        argv += ["--paused"] if paused else []
+        log_path = os.path.abspath(log_path) if log_path else os.path.join(workdir, "sim.log")
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, env=env)
+        return process, wait_for_port_file(process, port_file, log_path, startup_timeout)
+
+
+def wait_for_port_file(process: subprocess.Popen, port_file: str, log_path: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(port_file):
+            with open(port_file) as handle:
+                return int(handle.read())
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    stop_simulator(process)
+    with open(log_path, errors="replace") as handle:
+        tail = handle.read()[-2000:]
+    raise SimulatorError(f"exchange simulator did not start (exit code {process.returncode}):\n{tail}")
+
+
+def stop_simulator(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code (0 after a clean stop)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
