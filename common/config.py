@@ -1,10 +1,11 @@
 """One frozen configuration: built-in defaults < TOML file (BTCFEED_CONFIG) < environment."""
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 try:
     import tomllib
@@ -66,6 +67,9 @@ SETTINGS = {
     "health_addr": ("127.0.0.1:8079", _text),
     "retention_hours": (24.0, _float),
     "bus_max_entries": (200_000, _int),
+    "backlog_max_entries": (500_000, _int),
+    "probe_interval_ms": (200, _int),
+    "healthy_probes": (3, _int),
     "deadletter_max": (10_000, _int),
     "compat_keys": (True, _bool),
     "compat_history_len": (1000, _int),
@@ -90,6 +94,9 @@ class Config:
     health_port: int
     retention_hours: float
     bus_max_entries: int
+    backlog_max_entries: int
+    probe_interval_ms: int
+    healthy_probes: int
     deadletter_max: int
     compat_keys: bool
     compat_history_len: int
@@ -152,7 +159,8 @@ def _read_file(path: str) -> dict:
 def _validate(values: dict) -> Config:
     state_dir = os.path.abspath(values["state_dir"])
     check_redis_url("BTCFEED_PRIMARY_URL", values["primary_url"])
-    local_url = values["local_url"] or f"unix://{os.path.join(state_dir, 'redis.sock')}"
+    # Quoted: a "#" or "?" in the state dir would otherwise end the URL's path (redis-py unquotes it).
+    local_url = values["local_url"] or f"unix://{quote(os.path.join(state_dir, 'redis.sock'))}"
     check_redis_url("BTCFEED_LOCAL_URL", local_url)
     for name in ("binance_ws_url", "binance_rest_url"):
         _check_base_url("BTCFEED_" + name.upper(), values[name], ("ws", "wss") if "ws" in name else ("http", "https"))
@@ -161,9 +169,12 @@ def _validate(values: dict) -> Config:
     if values["log_format"] not in ("kv", "json"):
         raise ConfigError("BTCFEED_LOG_FORMAT: must be 'kv' or 'json'")
     host, port = parse_addr("BTCFEED_HEALTH_ADDR", values["health_addr"])
-    for name in ("bus_max_entries", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
+    for name in ("bus_max_entries", "backlog_max_entries", "probe_interval_ms", "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
         if values[name] <= 0:
             raise ConfigError(f"BTCFEED_{name.upper()}: must be a positive number, got {values[name]}")
+    retention_hours = values["retention_hours"]
+    if not (0 < retention_hours and math.isfinite(retention_hours)):
+        raise ConfigError(f"BTCFEED_RETENTION_HOURS: must be a positive number, got {retention_hours}")
     if not 0 < values["max_conn_hours"] <= 24:
         raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
     values.pop("health_addr")
@@ -201,7 +212,10 @@ def parse_sources(text: str) -> Tuple[Source, ...]:
 
 
 def check_redis_url(variable: str, url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(f"{variable}: {redact_url(url)!r} cannot be parsed (IPv6 host not in [ ]?)")
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(f"{variable}: {redact_url(url)!r} is not a Redis URL "
                           f"(use redis://host:port/db, rediss:// for TLS, or unix:///path/to.sock)")
@@ -217,15 +231,23 @@ def check_redis_url(variable: str, url: str) -> None:
         raise ConfigError(f"{variable}: {redact_url(url)!r} has an invalid port")
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
-        raise ConfigError(f"{variable}: database index {db!r} is not a number")
+        # Not the index itself: with an unescaped "/" in the password it holds part of the password.
+        raise ConfigError(f"{variable}: {redact_url(url)!r} has a database index that is not a number")
 
 
 def _check_base_url(variable: str, url: str, schemes) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
         raise ConfigError(f"{variable}: {url!r} is not a {' or '.join(s + '://' for s in schemes)} base URL")
     if parts.path not in ("", "/"):
         raise ConfigError(f"{variable}: give the base URL without a path (btcfeed adds it), got {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{variable}: {url!r} has an invalid port")
 
 
 def parse_addr(variable: str, addr: str) -> Tuple[str, int]:
@@ -237,13 +259,13 @@ def parse_addr(variable: str, addr: str) -> Tuple[str, int]:
 
 def redact_url(url: str) -> str:
     """The URL with any password (and user name) replaced, for logs and messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    if "@" in rest:
+        # Plain text, not urlsplit: a password with an unescaped "/", "?" or "#" splits the URL in
+        # the wrong place (and a bad port makes urlsplit raise), yet all of it comes before the last "@".
+        rest = "***@" + rest.rpartition("@")[2]
+    # redis-py also takes the password as a query parameter (?password=...).
+    rest, query, _ = rest.partition("?")
+    return f"{head}{sep}{rest}{'?***' if query else ''}"

@@ -7,10 +7,13 @@ from typing import NamedTuple, Optional
 # Quantities are summed into candles as integers of 1e-8 (the finest step Binance, Coinbase and
 # Kraken use for BTC), so volumes stay exact however a replay orders the trades.
 QTY_DECIMALS = 8
-DECIMAL = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,20})?$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{1,20})?")
 # Binance stream events that are valid but carry no trade for us.
 BINANCE_NON_TRADE_EVENTS = frozenset(
     ("depthUpdate", "kline", "aggTrade", "24hrTicker", "24hrMiniTicker", "bookTicker", "outboundAccountPosition"))
+# The spot bookTicker stream sends its updates without an "e" field.
+BINANCE_BOOK_TICKER_KEYS = frozenset(("u", "s", "b", "B", "a", "A"))
 
 
 class BadMessage(ValueError):
@@ -38,7 +41,7 @@ def qty_units(qty: str) -> int:
 
 
 def check_decimal(name: str, value) -> str:
-    if not isinstance(value, str) or not DECIMAL.match(value):
+    if not isinstance(value, str) or not DECIMAL.fullmatch(value):
         raise BadMessage(f"{name} is not a decimal string: {value!r:.40}")
     whole, _, frac = value.partition(".")
     if int(whole) == 0 and not frac.strip("0"):
@@ -70,7 +73,8 @@ def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
     """A trade from one Binance stream message; None for valid messages that are not trades."""
     try:
         message = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: absurdly deep nesting, still just a bad message.
         raise BadMessage(f"malformed JSON: {exc}")
     if not isinstance(message, dict):
         raise BadMessage("message is not a JSON object")
@@ -89,7 +93,12 @@ def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
             side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
             check_int("trade time", message.get("T")),
             rts)
-    if event in BINANCE_NON_TRADE_EVENTS or ("result" in message and "id" in message):
+    # isinstance first: an "e" that is a JSON array or object is unhashable.
+    if isinstance(event, str) and event in BINANCE_NON_TRADE_EVENTS:
+        return None
+    if "result" in message and "id" in message:  # reply to a SUBSCRIBE or LIST_SUBSCRIPTIONS request
+        return None
+    if event is None and BINANCE_BOOK_TICKER_KEYS <= message.keys():
         return None
     raise BadMessage("unknown message shape")
 
