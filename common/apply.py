@@ -3,7 +3,7 @@
 import datetime
 import os
 from decimal import Decimal
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 from redis.exceptions import NoScriptError
 
@@ -24,13 +24,16 @@ def load_script_source() -> str:
 class BatchApplier:
     """Builds and runs the apply script for batches of one source's trades."""
 
-    def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000):
+    def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000,
+                 publish: bool = True):
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
         self.script = client.register_script(load_script_source())
         self.client = client
         self.retention_ms = retention_ms
         self.compat_source = compat_source
         self.compat_history_len = compat_history_len
+        # The local failover copy keeps the same data but has no subscribers to publish to.
+        self.publish = publish
 
     def apply(self, source: str, payload: str, now_ms: int, client=None):
         """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped]."""
@@ -57,6 +60,11 @@ class BatchApplier:
                     raise
                 client.script_load(self.script.script)
 
+    def queue_in_transaction(self, pipe, source: str, payload, now_ms: int) -> None:
+        """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a transaction."""
+        script_keys, args = self.script_arguments(source, payload, now_ms)
+        pipe.eval(self.script.script, len(script_keys), *script_keys, *args)
+
     def apply_trades(self, source: str, trades: Sequence[Trade], now_ms: int, client=None):
         return self.apply(source, encode_batch(trades), now_ms, client)
 
@@ -66,9 +74,10 @@ class BatchApplier:
         if compat:
             script_keys += [keys.COMPAT_LAST_PRICE, keys.COMPAT_LAST_UPDATE, keys.COMPAT_HISTORY]
         retention_s = self.retention_ms // 1000
-        args = [keys.seen_prefix(source), keys.candle_prefix(source), keys.live_channel(source),
+        args = [keys.seen_prefix(source), keys.candle_prefix(source),
+                keys.live_channel(source) if self.publish else "",
                 retention_s + SEEN_TTL_MARGIN_S, max(0, now_ms - self.retention_ms), retention_s + 3600,
-                keys.COMPAT_CHANNEL if compat else "", self.compat_history_len, payload]
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload]
         return script_keys, args
 
 
@@ -117,17 +126,24 @@ def read_candles(client, source: str) -> Dict[int, dict]:
     return result
 
 
+def read_trades_since(client, source: str, chunk: int = 10000, start: str = "-") -> Iterator[List[Trade]]:
+    """A source's trade stream in stream order, chunk by chunk."""
+    while True:
+        entries = client.xrange(keys.trades(source), min=start, max="+", count=chunk)
+        if not entries:
+            return
+        yield [_trade_from_fields(fields) for _, fields in entries]
+        start = "(" + _text(entries[-1][0])
+
+
 def read_trades(client, source: str) -> List[Trade]:
     """Every trade in a source's trade stream, in stream order."""
-    out, start = [], "-"
-    while True:
-        chunk = client.xrange(keys.trades(source), min=start, max="+", count=10000)
-        if not chunk:
-            return out
-        for entry_id, fields in chunk:
-            f = {_text(k): _text(v) for k, v in fields.items()}
-            out.append(Trade(int(f["id"]), f["p"], f["q"], f["side"], int(f["ts"]), int(f["rts"])))
-        start = "(" + _text(chunk[-1][0])
+    return [trade for chunk in read_trades_since(client, source) for trade in chunk]
+
+
+def _trade_from_fields(fields) -> Trade:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    return Trade(int(f["id"]), f["p"], f["q"], f["side"], int(f["ts"]), int(f["rts"]))
 
 
 def _text(value) -> str:

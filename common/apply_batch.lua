@@ -8,9 +8,9 @@
 --
 -- KEYS[1] trades stream   KEYS[2] last hash   KEYS[3] candle index (zset of minute starts)
 -- KEYS[4..6] (only when compat is on) last_btc_price, last_btc_update_time, btc_movement_history
--- ARGV[1] seen-segment key prefix   ARGV[2] candle key prefix   ARGV[3] live channel
+-- ARGV[1] seen-segment key prefix   ARGV[2] candle key prefix   ARGV[3] live channel ('' = none)
 -- ARGV[4] seen TTL s   ARGV[5] stream MINID (ms)   ARGV[6] candle TTL s
--- ARGV[7] compat channel ('' = compat off)   ARGV[8] compat history length
+-- ARGV[7] compat channel ('' = none)   ARGV[8] compat history length
 -- ARGV[9] the batch as the bus carries it: a JSON array of [id, p, q, side, ts, rts, qty in 1e-8 units]
 --         (numbers are exact: ids, times and units stay far below 2^53)
 -- Returns {applied, skipped}.
@@ -18,7 +18,8 @@
 local SEGMENT = 65536
 local seen_prefix, candle_prefix, live = ARGV[1], ARGV[2], ARGV[3]
 local seen_ttl, minid, candle_ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local compat_channel, compat_len = ARGV[7], tonumber(ARGV[8])
+-- Compat keys are written when their three KEYS are given; the channel may be '' (no publish).
+local compat_on, compat_channel, compat_len = #KEYS == 6, ARGV[7], tonumber(ARGV[8])
 local batch = cjson.decode(ARGV[9])
 
 local applied, skipped = 0, 0
@@ -40,8 +41,10 @@ for _, row in ipairs(batch) do
     local ts, rts = string.format('%d', row[5]), string.format('%d', row[6])
     redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*',
       'id', id_text, 'p', p, 'q', q, 'side', side, 'ts', ts, 'rts', rts)
-    redis.call('PUBLISH', live, '{"id":' .. id_text .. ',"p":"' .. p .. '","q":"' .. q .. '","side":"' ..
-      side .. '","ts":' .. ts .. ',"rts":' .. rts .. '}')
+    if live ~= '' then
+      redis.call('PUBLISH', live, '{"id":' .. id_text .. ',"p":"' .. p .. '","q":"' .. q .. '","side":"' ..
+        side .. '","ts":' .. ts .. ',"rts":' .. rts .. '}')
+    end
 
     local minute = math.floor(row[5] / 60000) * 60000
     local m = minutes[minute]
@@ -129,14 +132,14 @@ if best ~= nil then
   if not current or best.id > tonumber(current) then
     redis.call('HSET', KEYS[2], 'id', string.format('%d', best.id), 'p', best.p, 'q', best.q,
       'side', best.side, 'ts', best.ts, 'rts', best.rts)
-    if compat_channel ~= '' then
+    if compat_on then
       local compat_time = iso_time(tonumber(best.ts))
       redis.call('SET', KEYS[4], best.p)
       redis.call('SET', KEYS[5], compat_time)
       redis.call('RPUSH', KEYS[6], '{"price":' .. best.p .. ',"timestamp":"' .. compat_time ..
         '","volume":' .. best.q .. '}')
       redis.call('LTRIM', KEYS[6], -compat_len, -1)
-      redis.call('PUBLISH', compat_channel, best.p)
+      if compat_channel ~= '' then redis.call('PUBLISH', compat_channel, best.p) end
     end
   end
 end

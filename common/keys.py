@@ -75,3 +75,14 @@ def heartbeat(process: str) -> str:
 def primary_keys(source: str) -> list:
     """The fixed keys a batch apply touches (seen segments and candle hashes are added per batch)."""
     return [trades(source), last(source), candles_index(source)]
+
+# --- local Redis only: failover ------------------------------------------------------------------
+BACKLOG = f"{PREFIX}:backlog"
+# Hash: state (primary | failover | draining), since (ms), reason. The writer moves it to
+# failover; sync moves it to draining and, atomically with an empty backlog, back to primary.
+WRITER_STATE = f"{PREFIX}:writer:state"
+# Hash kept by sync: what it knows of the primary (run_id, last probe), for re-seed decisions.
+SYNC_PRIMARY = f"{PREFIX}:sync:primary"
+
+# A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
+PROBE = f"{PREFIX}:probe"

@@ -15,6 +15,7 @@ from common.bus import connect_local, wait_for_local, write_heartbeat
 
 HEARTBEAT_INTERVAL_S = 1.0
 LOCAL_WAIT_AT_START_S = 5.0
+LOOP_ERROR_PAUSE_S = 0.5
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
@@ -107,7 +108,7 @@ class Process:
         try:
             wait_for_local(self.local, LOCAL_WAIT_AT_START_S)
         except redis.RedisError as exc:
-            self.log.error("local_redis_unreachable", url=self.config.local_url, error=str(exc))
+            self.log.error("local_redis_unreachable", url=config_module.redact_url(self.config.local_url), error=str(exc))
             return EXIT_FAILURE
         self.initialize()
         self.log.info("started")
@@ -115,7 +116,12 @@ class Process:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 self.heartbeat(now)
-                self.loop_once(now)
+                try:
+                    self.loop_once(now)
+                except redis.RedisError as exc:
+                    # The loop's own handling missed it: say so, pause, and go on.
+                    self.log.error("loop_error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                    self.stopping.wait(LOOP_ERROR_PAUSE_S)
         finally:
             self.shutdown()
             self.log.info("stopped")

@@ -11,7 +11,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "supervisord.conf")
-PROGRAMS = ("redis-local", "ingest", "writer", "health")
+PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health")
 
 
 class StackError(RuntimeError):

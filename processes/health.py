@@ -10,7 +10,7 @@ import redis
 from common.bus import read_heartbeats
 from common.lifecycle import Process, run_process
 
-WATCHED_PROCESSES = ("ingest", "writer")
+WATCHED_PROCESSES = ("ingest", "writer", "sync")
 HEARTBEAT_STALE_MS = 5000
 # A source with no trade for this long is reported (markets can be quiet; this only warns).
 TRADE_AGE_WARN_MS = 60_000
@@ -26,8 +26,9 @@ def assess(heartbeats: dict, now_ms: int) -> dict:
         elif now_ms - beat["ts"] > HEARTBEAT_STALE_MS:
             problems.append(f"{process} heartbeat is {(now_ms - beat['ts']) / 1000:.0f}s old")
     writer = heartbeats.get("writer") or {}
-    if writer.get("primary_ok") is False:
-        problems.append("primary Redis is unavailable; trades wait on the local bus")
+    if writer.get("state") in ("failover", "draining"):
+        warnings.append(f"writer in {writer['state']}: the primary is not taking trades; "
+                        "they are kept in the local copy and backlog for replay")
     sources = ((heartbeats.get("ingest") or {}).get("sources") or {})
     for name, feed in sources.items():
         if not feed.get("connected"):
@@ -38,7 +39,7 @@ def assess(heartbeats: dict, now_ms: int) -> dict:
     return {"status": status, "reasons": problems + warnings,
             "sources": {name: {k: feed.get(k) for k in ("connected", "last_id", "last_trade_ts")}
                         for name, feed in sources.items()},
-            "writer": {k: writer.get(k) for k in ("primary_ok", "applied", "last_apply_ms")}}
+            "writer": {k: writer.get(k) for k in ("state", "applied", "to_backlog", "last_apply_ms")}}
 
 
 class Health(Process):

@@ -1,4 +1,10 @@
-"""writer: bus batches -> the primary Redis, one atomic idempotent apply per batch, ACK after."""
+"""writer: bus batches -> the primary Redis (and the local copy), ACKed only once durable.
+
+States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
+  primary   apply to the primary, then mirror into the local copy and ACK in one transaction;
+  failover  the primary failed: apply to the local copy, append to the backlog and ACK, atomically;
+  draining  as failover, while sync replays the backlog into the primary; sync hands back.
+"""
 
 import time
 
@@ -9,39 +15,60 @@ from redis.retry import Retry
 from common import keys
 from common.apply import BatchApplier
 from common.config import redact_url
+from common.events import record_event
 from common.lifecycle import Process, run_process
 
+PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
 CONSUMER = "writer"
 READ_COUNT = 64                 # bus entries per read (each holds up to 2,000 trades)
 READ_BLOCK_MS = 200             # well below supervisord's stopwaitsecs
-RETRY_PAUSE_S = 0.5
+LOCAL_RETRY_PAUSE_S = 0.5
+BACKLOG_FULL_ALARM_EVERY_S = 10.0
 
 
 def connect_primary(url: str, timeout_ms: int) -> redis.Redis:
     """Short timeouts so a dead or black-holed primary is noticed in well under a second.
 
-    redis-py re-sends a command whose reply was lost; that is safe here because the only
-    write this client sends is the apply script, which is idempotent.
+    redis-py re-sends a command once when the connection broke before the reply; that is safe
+    because the only commands this client sends are the idempotent apply script and reads.
     """
     timeout_s = timeout_ms / 1000
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                 retry=Retry(NoBackoff(), 1), health_check_interval=0)
 
 
+def describe_error(exc: Exception) -> str:
+    """A one-line reason for a primary failure, never containing credentials."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def read_state(client) -> str:
+    state = client.hget(keys.WRITER_STATE, "state")
+    return state.decode() if state else PRIMARY
+
+
+def set_state(client, state: str, reason: str) -> None:
+    client.hset(keys.WRITER_STATE, mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
+
+
 class Writer(Process):
     name = "writer"
 
     def initialize(self) -> None:
-        self.primary = connect_primary(self.config.primary_url, self.config.primary_timeout_ms)
-        self.applier = BatchApplier(self.primary, self.config.retention_ms,
-                                    self.config.compat_source.name if self.config.compat_source else None,
-                                    self.config.compat_history_len)
+        cfg = self.config
+        compat = cfg.compat_source.name if cfg.compat_source else None
+        self.primary = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
+        self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len)
+        self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
         self.read_from = "0"
-        self.primary_ok = None
-        self.counts = dict(applied=0, skipped=0, batches=0, errors=0, last_apply_ms=0)
-        self.log.info("writer_ready", primary=redact_url(self.config.primary_url))
+        self.state = read_state(self.local)
+        self._last_backlog_alarm = 0.0
+        self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
+                           last_apply_ms=0, last_trade_ts=0)
+        self.log.info("writer_ready", primary=redact_url(cfg.primary_url), state=self.state)
 
     def _ensure_group(self) -> None:
         try:
@@ -50,26 +77,15 @@ class Writer(Process):
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    # --- main loop -----------------------------------------------------------------------------
     def loop_once(self, now: float) -> None:
         try:
             entries = self._read()
         except redis.RedisError as exc:
-            self.log.error("local_redis_unavailable", error=str(exc)[:200])
-            self.stopping.wait(RETRY_PAUSE_S)
-            self._reconnect_local()
+            self._local_failed(exc)
             return
-        if not entries:
-            return
-        while not self.stopping.is_set():
-            try:
-                self._apply(entries)
-                break
-            except redis.RedisError as exc:
-                self._primary_failed(exc)
-                self.stopping.wait(RETRY_PAUSE_S)
-        else:
-            return
-        self._ack(entries)
+        if entries:
+            self.write(entries)
 
     def _read(self):
         block = None if self.read_from == "0" else READ_BLOCK_MS
@@ -78,53 +94,107 @@ class Writer(Process):
         entries = reply[0][1] if reply else []
         if self.read_from == "0" and not entries:
             self.read_from = ">"
+        if not entries:
+            self.state = read_state(self.local)
         return entries
 
-    def _apply(self, entries) -> None:
-        now_ms = int(time.time() * 1000)
-        results = self.applier.apply_many([(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries], now_ms)
-        applied = sum(r[0] for r in results)
-        self.counts["applied"] += applied
-        self.counts["skipped"] += sum(r[1] for r in results)
-        self.counts["batches"] += len(entries)
-        self.counts["last_apply_ms"] = now_ms
-        if self.primary_ok is not True:
-            self.primary_ok = True
-            self.log.info("primary_ok", primary=redact_url(self.config.primary_url))
-
-    def _ack(self, entries) -> None:
-        ids = [entry_id for entry_id, _ in entries]
+    def write(self, entries) -> None:
+        """Make the entries durable in the primary or in the local copy + backlog, then ACK them."""
+        batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
         while not self.stopping.is_set():
+            if self.state == PRIMARY:
+                try:
+                    self._apply_to_primary(batches)
+                except redis.RedisError as exc:
+                    self._fail_over(exc)
+                    continue
             try:
-                pipe = self.local.pipeline(transaction=False)
-                pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
-                # Everything up to the newest ACKed entry is done (one consumer, in order): trim it.
-                pipe.xtrim(keys.BUS, minid=_next_id(ids[-1]), approximate=True)
-                pipe.execute()
-                return
+                if self._commit_locally(entries, batches, to_backlog=self.state != PRIMARY):
+                    return
+            except redis.WatchError:
+                # sync changed the state meanwhile: decide again (a repeated apply is harmless).
+                self.state = read_state(self.local)
+                continue
             except redis.RedisError as exc:
-                # Unacked entries are delivered again later and re-applied harmlessly.
-                self.log.error("ack_failed", error=str(exc)[:200])
-                self.stopping.wait(RETRY_PAUSE_S)
-                self._reconnect_local()
+                # Nothing was ACKed: the entries stay pending and are delivered again.
+                self._local_failed(exc)
                 return
 
-    def _reconnect_local(self) -> None:
+    def _apply_to_primary(self, batches) -> None:
+        now_ms = int(time.time() * 1000)
+        results = self.to_primary.apply_many(batches, now_ms)
+        self.counts["applied"] += sum(r[0] for r in results)
+        self.counts["skipped"] += sum(r[1] for r in results)
+        self.counts["batches"] += len(batches)
+        self.counts["last_apply_ms"] = now_ms
+
+    def _commit_locally(self, entries, batches, to_backlog: bool) -> bool:
+        """One transaction on the local Redis: the local copy (+ backlog), the ACK and the bus trim.
+
+        WATCH on the state makes a backlog write and sync's hand-back exclusive: once sync has
+        handed back (backlog empty -> primary), no batch can be added to the backlog any more.
+        """
+        ids = [entry_id for entry_id, _ in entries]
+        now_ms = int(time.time() * 1000)
+        with self.local.pipeline(transaction=True) as pipe:
+            pipe.watch(keys.WRITER_STATE)
+            state = read_state(pipe)
+            if to_backlog and state == PRIMARY:
+                self.state = PRIMARY      # handed back since we looked: the primary takes these
+                return False
+            if to_backlog and pipe.xlen(keys.BACKLOG) >= self.config.backlog_max_entries:
+                self._backlog_full()
+                return False
+            pipe.multi()
+            for source, payload in batches:
+                self.to_local.queue_in_transaction(pipe, source, payload, now_ms)
+                if to_backlog:
+                    pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
+            pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
+            # One consumer reading in order: everything up to the newest ACKed entry is done.
+            pipe.xtrim(keys.BUS, minid=_next_id(ids[-1]), approximate=True)
+            pipe.execute()
+        self.state = state
+        if to_backlog:
+            self.counts["to_backlog"] += len(batches)
+            self.counts["last_apply_ms"] = now_ms
+        return True
+
+    # --- failures ------------------------------------------------------------------------------
+    def _fail_over(self, exc: Exception) -> None:
+        self.counts["primary_errors"] += 1
+        reason = describe_error(exc)
+        try:
+            if read_state(self.local) == PRIMARY:
+                set_state(self.local, FAILOVER, reason)
+                record_event(self.local, self.log, self.name, "failover", level="error",
+                             primary=redact_url(self.config.primary_url), reason=reason)
+            self.state = FAILOVER
+        except redis.RedisError as local_exc:
+            self._local_failed(local_exc)
+
+    def _backlog_full(self) -> None:
+        # Never drop: stop consuming the bus; it fills and ingest holds, with an alarm.
+        now = time.monotonic()
+        if now - self._last_backlog_alarm >= BACKLOG_FULL_ALARM_EVERY_S:
+            self._last_backlog_alarm = now
+            record_event(self.local, self.log, self.name, "backlog_full", level="error",
+                         max_entries=self.config.backlog_max_entries)
+        self.stopping.wait(0.5)
+
+    def _local_failed(self, exc: Exception) -> None:
+        self.log.error("local_redis_unavailable", error=describe_error(exc))
+        self.stopping.wait(LOCAL_RETRY_PAUSE_S)
         self.read_from = "0"
         try:
             self._ensure_group()
+            self.state = read_state(self.local)
         except redis.RedisError:
             pass
 
-    def _primary_failed(self, exc: Exception) -> None:
-        self.counts["errors"] += 1
-        if self.primary_ok is not False:
-            self.primary_ok = False
-            self.log.error("primary_unavailable", primary=redact_url(self.config.primary_url),
-                           error=f"{type(exc).__name__}: {str(exc)[:200]}")
-
     def stats(self) -> dict:
-        return {**getattr(self, "counts", {}), "primary_ok": getattr(self, "primary_ok", None)}
+        return {**getattr(self, "counts", {}), "state": getattr(self, "state", None),
+                "primary_ok": getattr(self, "state", PRIMARY) == PRIMARY}
 
 
 def _next_id(entry_id: bytes) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from common import keys
 from common.redis_process import RedisProcess
+from common.stack import PROGRAMS
 from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_derived, verify_primary, wait_for)
 
@@ -61,7 +62,7 @@ def test_every_trade_lands_exactly_once(primary, primary_client, sim):
         verdict = run_and_verify(primary_client, sim)
         assert verdict.expected >= 5 * RATE
         assert {p["name"]: p["statename"] for p in stack.processes()} == {
-            "redis-local": "RUNNING", "ingest": "RUNNING", "writer": "RUNNING", "health": "RUNNING"}
+            name: "RUNNING" for name in PROGRAMS}
         # The check itself must be able to fail: damage the primary and look again.
         stack.stop("writer")
         entries = primary_client.xrange(keys.trades(SOURCE), count=2)

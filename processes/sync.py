@@ -1,0 +1,211 @@
+"""sync: watches the primary, replays the backlog when it is healthy again, hands the writer back,
+and re-seeds a primary that came back empty or lost data from the local copy."""
+
+import time
+
+import redis
+
+from common import keys
+from common.apply import BatchApplier, read_trades_since
+from common.config import redact_url
+from common.events import record_event
+from common.lifecycle import Process, run_process
+from common.trade import encode_batch
+from processes.writer import DRAINING, FAILOVER, PRIMARY, connect_primary, describe_error, read_state, set_state
+
+WATCH_INTERVAL_S = 1.0          # identity check of a healthy primary
+REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)
+REPLAY_TIMEOUT_MS = 5000        # replays send big pipelines; the probe keeps the short timeout
+RESEED_CHUNK = 2000
+
+# Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
+# writer's WATCHed backlog transaction fails and it writes to the primary instead.
+HAND_BACK_SCRIPT = """
+if redis.call('XLEN', KEYS[1]) == 0 and redis.call('HGET', KEYS[2], 'state') == 'draining' then
+  redis.call('HSET', KEYS[2], 'state', 'primary', 'since', ARGV[1], 'reason', 'backlog replayed')
+  return 1
+end
+return 0
+"""
+
+
+class PrimaryUnhealthy(Exception):
+    """The probe's reason, in one line."""
+
+
+class Sync(Process):
+    name = "sync"
+
+    def initialize(self) -> None:
+        cfg = self.config
+        compat = cfg.compat_source.name if cfg.compat_source else None
+        self.probe_client = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
+        self.replay_client = connect_primary(cfg.primary_url, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
+        self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len)
+        self.hand_back_script = self.local.register_script(HAND_BACK_SCRIPT)
+        self.streak = 0
+        self.last_unhealthy_reason = None
+        self.next_watch = 0.0
+        self.drain = None
+        self.counts = dict(replayed=0, reseeded=0, hand_backs=0, drains=0, replay_rate=0.0)
+
+    def loop_once(self, now: float) -> None:
+        state = read_state(self.local)
+        if state == PRIMARY:
+            self.drain = None
+            self.watch_primary(now)
+            self.stopping.wait(0.2)
+        elif state == FAILOVER:
+            self.drain = None
+            self.await_recovery()
+            self.stopping.wait(self.config.probe_interval_ms / 1000)
+        elif state == DRAINING:
+            self.drain_step()
+
+    # --- probing -------------------------------------------------------------------------------
+    def probe(self) -> dict:
+        """One health check: answers, is a master, accepts a write. Returns the server's identity."""
+        pipe = self.probe_client.pipeline(transaction=False)
+        pipe.info("server")
+        pipe.info("replication")
+        pipe.set(keys.PROBE, int(time.time() * 1000), px=10_000)
+        try:
+            server, replication, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise PrimaryUnhealthy(describe_error(exc))
+        if replication.get("role") != "master":
+            raise PrimaryUnhealthy(f"primary is a replica (role {replication.get('role')}), not writable")
+        return {"run_id": server.get("run_id")}
+
+    def primary_changed(self, identity: dict) -> str:
+        """Why the primary must be re-seeded ('' if it need not): a new run_id or missing keys."""
+        known = self.local.hget(keys.SYNC_PRIMARY, "run_id")
+        if self.local.hget(keys.SYNC_PRIMARY, "reseed") == b"1":
+            return "re-seed pending"
+        if known and identity["run_id"] and known.decode() != identity["run_id"]:
+            return "primary restarted (new run_id)"
+        for source in self.config.sources:
+            has_local = self.local.exists(keys.last(source.name))
+            if has_local and not self.probe_client.exists(keys.last(source.name)):
+                return f"primary lost the keys of {source.name}"
+        return ""
+
+    def remember(self, identity: dict) -> None:
+        self.local.hset(keys.SYNC_PRIMARY, mapping={"run_id": identity["run_id"] or "",
+                                                    "seen_ms": int(time.time() * 1000)})
+
+    def watch_primary(self, now: float) -> None:
+        """While the writer uses the primary: notice a restart or data loss it cannot see itself."""
+        if now < self.next_watch:
+            return
+        self.next_watch = now + WATCH_INTERVAL_S
+        try:
+            identity = self.probe()
+            reason = self.primary_changed(identity)
+        except (PrimaryUnhealthy, redis.RedisError):
+            return          # the writer fails over on its next write
+        if reason:
+            self.local.hset(keys.SYNC_PRIMARY, "reseed", "1")
+            set_state(self.local, FAILOVER, reason)
+            record_event(self.local, self.log, self.name, "primary_changed", level="error", reason=reason,
+                         primary=redact_url(self.config.primary_url))
+        else:
+            self.remember(identity)
+
+    def await_recovery(self) -> None:
+        try:
+            identity = self.probe()
+        except PrimaryUnhealthy as exc:
+            self.streak = 0
+            if str(exc) != self.last_unhealthy_reason:
+                self.last_unhealthy_reason = str(exc)
+                record_event(self.local, self.log, self.name, "primary_unhealthy", level="warning",
+                             reason=str(exc), primary=redact_url(self.config.primary_url))
+            return
+        self.streak += 1
+        if self.streak < self.config.healthy_probes:
+            return
+        self.last_unhealthy_reason = None
+        self.streak = 0
+        reason = self.primary_changed(identity)
+        if reason and not self.reseed(reason):
+            return
+        self.remember(identity)
+        backlog = self.local.xlen(keys.BACKLOG)
+        set_state(self.local, DRAINING, "primary healthy again")
+        self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0, "backlog_at_start": backlog}
+        self.counts["drains"] += 1
+        record_event(self.local, self.log, self.name, "drain_start", backlog_entries=backlog)
+
+    # --- replay ---------------------------------------------------------------------------------
+    def drain_step(self) -> None:
+        if self.drain is None:   # restarted mid-drain: carry on
+            self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0,
+                          "backlog_at_start": self.local.xlen(keys.BACKLOG)}
+        entries = self.local.xrange(keys.BACKLOG, count=REPLAY_ENTRIES)
+        if not entries:
+            self.hand_back()
+            return
+        batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
+        try:
+            results = self.applier.apply_many(batches, int(time.time() * 1000))
+        except redis.RedisError as exc:
+            set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc)}")
+            record_event(self.local, self.log, self.name, "drain_failed", level="error",
+                         reason=describe_error(exc), replayed=self.drain["trades"])
+            self.drain = None
+            return
+        # Replayed entries leave the backlog only after the primary confirmed them; a crash in
+        # between replays them again, which the seen-set turns into a no-op.
+        self.local.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
+        replayed = sum(applied + skipped for applied, skipped in results)
+        self.drain["trades"] += replayed
+        self.drain["entries"] += len(entries)
+        self.counts["replayed"] += replayed
+
+    def hand_back(self) -> None:
+        if not self.hand_back_script(keys=[keys.BACKLOG, keys.WRITER_STATE], args=[int(time.time() * 1000)]):
+            return
+        seconds = time.monotonic() - self.drain["started"]
+        rate = self.drain["trades"] / seconds if seconds > 0 else 0.0
+        self.counts["hand_backs"] += 1
+        self.counts["replay_rate"] = round(rate)
+        record_event(self.local, self.log, self.name, "hand_back", replayed_trades=self.drain["trades"],
+                     replayed_entries=self.drain["entries"], drain_s=round(seconds, 3), replay_rate=round(rate))
+        self.drain = None
+
+    def reseed(self, reason: str) -> bool:
+        """Apply the local copy (the retention window) to the primary again; only what it lacks is added."""
+        record_event(self.local, self.log, self.name, "reseed_start", level="warning", reason=reason)
+        started, added, sent = time.monotonic(), 0, 0
+        try:
+            for source in self.config.sources:
+                for chunk in read_trades_since(self.local, source.name, RESEED_CHUNK):
+                    if self.stopping.is_set():
+                        return False
+                    applied, skipped = self.applier.apply_many(
+                        [(source.name, encode_batch(chunk))], int(time.time() * 1000))[0]
+                    added += applied
+                    sent += applied + skipped
+        except redis.RedisError as exc:
+            record_event(self.local, self.log, self.name, "reseed_failed", level="error",
+                         reason=describe_error(exc), added=added)
+            return False
+        self.local.hdel(keys.SYNC_PRIMARY, "reseed")
+        self.counts["reseeded"] += added
+        record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=reason,
+                     trades_checked=sent, trades_added=added, seconds=round(time.monotonic() - started, 3))
+        return True
+
+    def stats(self) -> dict:
+        drain = getattr(self, "drain", None)
+        return {**getattr(self, "counts", {}), "streak": getattr(self, "streak", 0),
+                "draining": drain is not None, "drain_trades": drain["trades"] if drain else 0}
+
+
+def main(argv=None) -> int:
+    return run_process(Sync, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
