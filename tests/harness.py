@@ -1,20 +1,15 @@
 """Real parts for integration tests: a stand-in primary, the exchange simulator, the supervised stack,
 and the id-by-id comparison of the primary against the simulator's history."""
 
-import collections
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 
-from common import keys
-from common.apply import expected_candles, read_candles, read_trades
+from common import keys, verify
 from common.redis_process import RedisProcess, free_port
 from common.stack import Stack
-from common.trade import Trade, side_from_buyer_maker
+from common.verify import SOURCE, Verdict
 from processes.exchange_sim import SimulatorClient, start_simulator
-
-SOURCE = "binance:BTCUSDT"
 
 
 def short_tmpdir(prefix: str = "bf-") -> str:
@@ -79,61 +74,10 @@ def drain(primary_client, sim: Simulator, timeout_s: float = 60.0) -> int:
     return last_id
 
 
-@dataclass
-class Verdict:
-    expected: int
-    present: int
-    missing: list = field(default_factory=list)
-    duplicated: list = field(default_factory=list)
-    unexpected: list = field(default_factory=list)
-    mismatched: list = field(default_factory=list)
-
-    def exact(self) -> bool:
-        return not (self.missing or self.duplicated or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        return (f"expected={self.expected} present={self.present} missing={len(self.missing)} "
-                f"duplicated={len(self.duplicated)} unexpected={len(self.unexpected)} "
-                f"mismatched={len(self.mismatched)} (first missing {self.missing[:5]}, "
-                f"first duplicated {self.duplicated[:5]}, first mismatched {self.mismatched[:3]})")
-
-
-def exchange_trades(sim: Simulator, from_id: int, to_id: int) -> list:
-    rows = sim.client.history(from_id, to_id)
-    return [Trade(row[0], row[1], row[2], side_from_buyer_maker(row[4]), row[3], 0) for row in rows]
-
-
 def verify_primary(primary_client, sim: Simulator, from_id: int = None, to_id: int = None) -> Verdict:
-    """Compare the primary's trade stream with the exchange's history, id by id and field by field.
-
-    from_id defaults to the first id in the primary (a fresh stack starts at the first live trade).
-    """
-    stored = read_trades(primary_client, SOURCE)
-    assert stored, "the primary holds no trades"
-    counts = collections.Counter(t.id for t in stored)
-    from_id = min(counts) if from_id is None else from_id
-    to_id = sim.client.status()["last_id"] if to_id is None else to_id
-    expected = exchange_trades(sim, from_id, to_id)
-    by_id = {t.id: t for t in stored}
-    verdict = Verdict(expected=len(expected), present=len(stored))
-    expected_ids = set()
-    for trade in expected:
-        expected_ids.add(trade.id)
-        got = by_id.get(trade.id)
-        if got is None:
-            verdict.missing.append(trade.id)
-        elif (got.p, got.q, got.side, got.ts) != (trade.p, trade.q, trade.side, trade.ts):
-            verdict.mismatched.append((trade, got))
-    verdict.duplicated = sorted(i for i, n in counts.items() if n > 1)
-    verdict.unexpected = sorted(i for i in counts if i not in expected_ids)
-    return verdict
+    return verify.verify_primary(primary_client, sim.client, from_id, to_id)
 
 
 def verify_derived(primary_client, sim: Simulator, from_id: int, to_id: int) -> None:
-    """Last hash and 1-minute candles equal a recomputation from the exchange's trades."""
-    expected = exchange_trades(sim, from_id, to_id)
-    last = primary_client.hgetall(keys.last(SOURCE))
-    newest = expected[-1]
-    assert {k.decode(): v.decode() for k, v in last.items() if k != b"rts"} == {
-        "id": str(newest.id), "p": newest.p, "q": newest.q, "side": newest.side, "ts": str(newest.ts)}
-    assert read_candles(primary_client, SOURCE) == expected_candles(expected)
+    problems = verify.derived_differences(primary_client, sim.client, from_id, to_id)
+    assert not problems, problems[:5]
