@@ -1,4 +1,4 @@
-"""bin/btcfeed: up | down | status | logs NAME | demo | bench — a thin layer over the library."""
+"""bin/btcfeed: up | down | status | logs NAME | demo | bench | bench-failover | chaos — a thin CLI."""
 
 import json
 import os
@@ -125,6 +125,25 @@ def bench(seconds, rate):
     """Throughput, latency and memory of the real stack, against redis-benchmark in the same run."""
     from common.bench import run_bench
     sys.exit(run_bench(seconds=seconds, rate=rate, echo=click.echo))
+
+
+@cli.command("bench-failover")
+@click.option("--seconds", default=4.0, show_default=True, help="Length of each primary outage.")
+@click.option("--rate", default=2000, show_default=True, help="Simulated trades per second during the run.")
+def bench_failover(seconds, rate):
+    """Failover window, replay rate and hand-back, side by side with redis-py's MultiDBClient."""
+    from common.failover_bench import run_failover_bench
+    sys.exit(run_failover_bench(outage_s=seconds, rate=rate, echo=click.echo))
+
+
+@cli.command()
+@click.option("--minutes", default=5.0, show_default=True, help="How long to keep injecting faults.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the fault schedule (same seed, same faults).")
+@click.option("--rate", default=1000, show_default=True, help="Simulated trades per second.")
+def chaos(minutes, seed, rate):
+    """Randomized fault soak: prints trades expected / present / missing / duplicated."""
+    from common.chaos import run_chaos
+    sys.exit(run_chaos(minutes=minutes, seed=seed, rate=rate, echo=click.echo))
 
 
 def main():
