@@ -18,12 +18,13 @@ def free_port() -> int:
 class RedisProcess:
     """One redis-server with its own directory; can be killed, frozen and restarted on the same port."""
 
-    def __init__(self, directory: str, port: int = None, appendonly: bool = True, extra_args=()):
+    def __init__(self, directory: str, port: int = None, appendonly: bool = True, extra_args=(), password=None):
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
-        self.extra_args = list(extra_args)
+        self.password = password
+        self.extra_args = list(extra_args) + (["--requirepass", password] if password else [])
         self.process = None
 
     @property
@@ -31,6 +32,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs) -> redis.Redis:
+        kwargs.setdefault("password", self.password)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
 
     def start(self, wait_s: float = 10.0) -> "RedisProcess":

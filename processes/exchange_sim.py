@@ -84,7 +84,16 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG = 1001, 1002, 1008, 1009
 FRAGMENTS_PER_MESSAGE = 3
 
-FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429")
+FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429", "garbage")
+# What the "garbage" fault sends on every connection: none of it may ever become a trade.
+GARBAGE_FRAMES = (
+    (OP_TEXT, b'{"e":"trade","s":"BTCUSDT","t":'),                                    # malformed JSON
+    (OP_TEXT, b'{"hello":"world"}'),                                                  # unknown shape
+    (OP_BINARY, b"\x00\x01\x02binary"),                                                # binary frame
+    (OP_TEXT, b'{"e":"trade","E":1,"s":"ETHUSDT","t":5,"p":"1.0","q":"1.0","T":1,"m":true,"M":true}'),
+    (OP_TEXT, b'{"e":"trade","E":1,"s":"BTCUSDT","t":5,"p":"0.00000000","q":"1.0","T":1,"m":true,"M":true}'),
+    (OP_TEXT, b'{"e":"trade","E":1,"s":"BTCUSDT","t":5,"p":"NaN","q":"1.0","T":1,"m":true,"M":true}'),
+)
 BOOL_TEXT = ("false", "true")
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 404: "Not Found",
                 405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
@@ -694,6 +703,10 @@ class ExchangeSimulator:
             self.fragmented = on == "1"
         elif kind == "rest429":
             self.rest429_remaining = int_param(query, "count", 1, low=0, high=1_000_000)
+        elif kind == "garbage":
+            junk = b"".join(encode_frame(opcode, payload) for opcode, payload in GARBAGE_FRAMES)
+            for conn in conns:
+                conn.send(junk)
         else:
             raise ParamError(f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
         log.info("fault injected: %s %s on %d connection(s)", kind,

@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 
+from common import keys
 from common.bus import read_heartbeats
 from common.lifecycle import Process, run_process
 
@@ -16,8 +17,9 @@ HEARTBEAT_STALE_MS = 5000
 TRADE_AGE_WARN_MS = 60_000
 
 
-def assess(heartbeats: dict, now_ms: int) -> dict:
-    """Overall status (ok / degraded / critical) and the reasons, from the processes' heartbeats."""
+def assess(heartbeats: dict, now_ms: int, writer_state: dict = None) -> dict:
+    """Overall status (ok / degraded / critical) and the reasons, from the processes' heartbeats
+    and the writer's state record (state, since, reason) in the local Redis."""
     problems, warnings = [], []
     for process in WATCHED_PROCESSES:
         beat = heartbeats.get(process)
@@ -26,9 +28,12 @@ def assess(heartbeats: dict, now_ms: int) -> dict:
         elif now_ms - beat["ts"] > HEARTBEAT_STALE_MS:
             problems.append(f"{process} heartbeat is {(now_ms - beat['ts']) / 1000:.0f}s old")
     writer = heartbeats.get("writer") or {}
-    if writer.get("state") in ("failover", "draining"):
-        warnings.append(f"writer in {writer['state']}: the primary is not taking trades; "
-                        "they are kept in the local copy and backlog for replay")
+    record = writer_state or {}
+    state = record.get("state") or writer.get("state")
+    if state in ("failover", "draining"):
+        why = f" ({record['reason']})" if record.get("reason") else ""
+        warnings.append(f"writer in {state}{why}: trades are kept in the local copy and backlog "
+                        "and replayed when the primary is healthy")
     sources = ((heartbeats.get("ingest") or {}).get("sources") or {})
     for name, feed in sources.items():
         if not feed.get("connected"):
@@ -39,7 +44,9 @@ def assess(heartbeats: dict, now_ms: int) -> dict:
     return {"status": status, "reasons": problems + warnings,
             "sources": {name: {k: feed.get(k) for k in ("connected", "last_id", "last_trade_ts")}
                         for name, feed in sources.items()},
-            "writer": {k: writer.get(k) for k in ("state", "applied", "to_backlog", "last_apply_ms")}}
+            "writer": {**{k: writer.get(k) for k in ("state", "applied", "to_backlog", "last_apply_ms")},
+                       **({"state": state, "since": record.get("since"), "reason": record.get("reason")}
+                          if record else {})}}
 
 
 class Health(Process):
@@ -80,9 +87,10 @@ class Health(Process):
         now_ms = int(time.time() * 1000)
         try:
             beats = read_heartbeats(self.local, WATCHED_PROCESSES)
+            record = {k.decode(): v.decode() for k, v in self.local.hgetall(keys.WRITER_STATE).items()}
         except redis.RedisError as exc:
             return {"status": "critical", "reasons": [f"local Redis unreachable: {type(exc).__name__}"]}
-        return assess(beats, now_ms)
+        return assess(beats, now_ms, record)
 
     def loop_once(self, now: float) -> None:
         self.stopping.wait(1.0)

@@ -72,7 +72,7 @@ class Sync(Process):
         try:
             server, replication, _ = pipe.execute()
         except redis.RedisError as exc:
-            raise PrimaryUnhealthy(describe_error(exc))
+            raise PrimaryUnhealthy(describe_error(exc, self.config.primary_url))
         if replication.get("role") != "master":
             raise PrimaryUnhealthy(f"primary is a replica (role {replication.get('role')}), not writable")
         return {"run_id": server.get("run_id")}
@@ -150,9 +150,9 @@ class Sync(Process):
         try:
             results = self.applier.apply_many(batches, int(time.time() * 1000))
         except redis.RedisError as exc:
-            set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc)}")
+            set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc, self.config.primary_url)}")
             record_event(self.local, self.log, self.name, "drain_failed", level="error",
-                         reason=describe_error(exc), replayed=self.drain["trades"])
+                         reason=describe_error(exc, self.config.primary_url), replayed=self.drain["trades"])
             self.drain = None
             return
         # Replayed entries leave the backlog only after the primary confirmed them; a crash in
@@ -189,7 +189,7 @@ class Sync(Process):
                     sent += applied + skipped
         except redis.RedisError as exc:
             record_event(self.local, self.log, self.name, "reseed_failed", level="error",
-                         reason=describe_error(exc), added=added)
+                         reason=describe_error(exc, self.config.primary_url), added=added)
             return False
         self.local.hdel(keys.SYNC_PRIMARY, "reseed")
         self.counts["reseeded"] += added

@@ -6,6 +6,7 @@ States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
   draining  as failover, while sync replays the backlog into the primary; sync hands back.
 """
 
+import re
 import time
 
 import redis
@@ -37,10 +38,32 @@ def connect_primary(url: str, timeout_ms: int) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 1), health_check_interval=0)
 
 
-def describe_error(exc: Exception) -> str:
-    """A one-line reason for a primary failure, never containing credentials."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:160]}"
+# What an operator should check, by the kind of error the primary gave.
+CREDENTIALS_HINT = "the primary refused the credentials: check the user name and password in BTCFEED_PRIMARY_URL"
+ERROR_HINTS = (
+    (redis.AuthenticationError, "", CREDENTIALS_HINT),
+    (redis.exceptions.NoPermissionError, "", "the primary's ACL does not allow btcfeed's commands or keys"),
+    (redis.exceptions.ReadOnlyError, "", "the primary is a read-only replica, not a master"),
+    (redis.exceptions.OutOfMemoryError, "", "the primary is out of memory (maxmemory reached)"),
+    (redis.BusyLoadingError, "", "the primary is loading its data set"),
+    (redis.exceptions.MasterDownError, "", "the primary's link to its master is down"),
+    (redis.ResponseError, "WRONGPASS", CREDENTIALS_HINT),
+    (redis.ResponseError, "NOAUTH", CREDENTIALS_HINT),
+    (redis.ResponseError, "DB index is out of range", "the database index in BTCFEED_PRIMARY_URL does not exist"),
+)
+PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
+
+
+def describe_error(exc: Exception, url: str = "") -> str:
+    """A one-line reason for a primary failure with what to check, never containing credentials."""
+    text = PIPELINE_PREFIX.sub("", str(exc).splitlines()[0] if str(exc) else "")
+    reason = f"{type(exc).__name__}: {text[:160]}"
+    for kind, needle, hint in ERROR_HINTS:
+        if isinstance(exc, kind) and needle in text:
+            return f"{reason} — {hint}"
+    if url.startswith("rediss://") and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"{reason} — TLS (rediss://) handshake did not complete: is that port serving TLS?"
+    return reason
 
 
 def read_state(client) -> str:
@@ -163,7 +186,7 @@ class Writer(Process):
     # --- failures ------------------------------------------------------------------------------
     def _fail_over(self, exc: Exception) -> None:
         self.counts["primary_errors"] += 1
-        reason = describe_error(exc)
+        reason = describe_error(exc, self.config.primary_url)
         try:
             if read_state(self.local) == PRIMARY:
                 set_state(self.local, FAILOVER, reason)
