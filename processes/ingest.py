@@ -1,20 +1,19 @@
 """ingest: exchange websockets -> validated, gap-free, de-duplicated trades -> the local bus."""
 
 import queue
-import select
-import ssl
+import socket
 import threading
 import time
 
 import redis
 import websocket
 
-from common import keys
 from common.backoff import Backoff
 from common.binance import REST_PAGE_LIMIT, BinanceRest, RateLimited, RestError, stream_url
 from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, Bus
 from common.lifecycle import EXIT_FAILURE, Process, run_process
 from common.trade import BadMessage, parse_binance_ws
+from common.wsframes import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameError, FrameReader
 
 # Binance pings every 20 s and drops a client that stays silent for a minute; a connection on
 # which nothing at all (not even a ping) arrived for this long is dead even if TCP says otherwise.
@@ -25,7 +24,7 @@ HEALTHY_AFTER_S = 10.0
 # The replacement connection must deliver before the old one is closed (or this long passes).
 OVERLAP_MAX_S = 10.0
 MAX_FRAME_BYTES = 1 << 20
-FRAME_BATCH_MAX = 1000          # trades a connection hands over at once
+RECV_BYTES = 1 << 18            # one socket read; its trades are handed over together
 BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 2000        # then the socket reader blocks and TCP pushes back
 FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
@@ -67,7 +66,7 @@ class Connection(threading.Thread):
         reason = "closed"
         try:
             self._read_until_closed()
-        except websocket.WebSocketTimeoutException:
+        except (websocket.WebSocketTimeoutException, socket.timeout):
             reason = f"silent for {STALE_AFTER_S:.0f}s"
         except (websocket.WebSocketException, OSError, ValueError) as exc:
             reason = _reason(exc)
@@ -81,27 +80,32 @@ class Connection(threading.Thread):
             feed.inbox.put(("disconnected", self, reason))
 
     def _read_until_closed(self) -> None:
+        """Read the socket in large chunks; every chunk's trades go to the feed as one batch."""
         feed, ws = self.feed, self.ws
-        trades = []
+        reader = FrameReader(MAX_FRAME_BYTES)
+        sock = ws.sock
         while not self.closing:
-            opcode, frame = ws.recv_data_frame()
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                return
-            trade = feed.parse_frame(opcode, frame.data)
-            if trade is not None:
-                trades.append(trade)
-            # Hand over what arrived together: one inbox item per burst, not per trade.
-            if trades and (len(trades) >= FRAME_BATCH_MAX or not _more_buffered(ws.sock)):
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise ConnectionError("closed by the exchange")
+            try:
+                frames = reader.feed(data)
+            except FrameError as exc:
+                feed.reject(f"websocket: {exc}", reader.dangling[:4096])
+                raise ConnectionError(str(exc))
+            trades = []
+            for opcode, payload in frames:
+                if opcode == OP_TEXT or opcode == OP_BINARY:
+                    trade = feed.parse_frame(opcode, payload)
+                    if trade is not None:
+                        trades.append(trade)
+                elif opcode == OP_PING:
+                    ws.pong(payload)
+                elif opcode == OP_CLOSE:
+                    return
+            if trades:
                 self.delivered = True
                 feed.inbox.put(("trades", self, trades))
-                trades = []
-
-
-def _more_buffered(sock) -> bool:
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
 
 
 def _reason(exc: BaseException) -> str:
@@ -218,7 +222,7 @@ class SourceFeed(threading.Thread):
 
     def parse_frame(self, opcode: int, data: bytes):
         """Called on connection threads: a trade, or None (not a trade, or dead-lettered)."""
-        if opcode != websocket.ABNF.OPCODE_TEXT:
+        if opcode != OP_TEXT:
             self.reject("binary frame", data)
             return None
         if len(data) > MAX_FRAME_BYTES:

@@ -339,13 +339,13 @@ def test_batch_round_trip():
               Trade(2 ** 40, "0.00000001", "0.00000001", "buy", 0, 0)]
     payload = encode_batch(trades)
     assert decode_batch(payload) == trades
-    assert decode_batch(payload.encode()) == trades
+    assert decode_batch(payload.decode()) == trades
 
 
 def test_batch_rows_carry_qty_units_and_no_spaces():
     trades = [Trade(7, "1.5", "0.25", "buy", 10, 11), Trade(8, "1.6", "2", "sell", 12, 13)]
     payload = encode_batch(trades)
-    assert " " not in payload
+    assert b" " not in payload
     assert json.loads(payload) == [[7, "1.5", "0.25", "buy", 10, 11, 25_000_000],
                                    [8, "1.6", "2", "sell", 12, 13, 200_000_000]]
 

@@ -1,0 +1,90 @@
+"""The frame reader: any split of a valid stream into chunks gives exactly the original messages."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.wsframes import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT, FrameError, FrameReader
+
+MAX = 1 << 20
+
+
+def frame(opcode, payload, fin=True, masked=False):
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def fragmented(opcode, payload, pieces):
+    cuts = sorted(set(min(len(payload), c) for c in pieces))
+    parts, last = [], 0
+    for c in cuts + [len(payload)]:
+        parts.append(payload[last:c])
+        last = c
+    parts = [p for p in parts if p] or [b""]
+    out = b""
+    for index, part in enumerate(parts):
+        out += frame(opcode if index == 0 else OP_CONTINUATION, part, fin=index == len(parts) - 1)
+    return out
+
+
+messages = st.lists(st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), st.binary(max_size=70_000),
+                              st.lists(st.integers(0, 70_000), max_size=3)), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages, st.lists(st.integers(1, 200_000), max_size=12), st.booleans())
+def test_any_split_gives_the_original_messages(items, cuts, ping_between):
+    stream, expected = b"", []
+    for opcode, payload, pieces in items:
+        stream += fragmented(opcode, payload, pieces)
+        expected.append((opcode, payload))
+        if ping_between:
+            stream += frame(OP_PING, b"hb")
+            expected.append((OP_PING, b"hb"))
+    reader, got, last = FrameReader(MAX), [], 0
+    for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+        got += reader.feed(stream[last:cut])
+        last = cut
+    assert got == expected
+    assert reader.dangling == b""
+
+
+def test_incomplete_tail_is_kept_and_visible():
+    reader = FrameReader(MAX)
+    data = frame(OP_TEXT, b'{"e":"trade","t":1}') + frame(OP_TEXT, b'{"e":"trade","t":2}')
+    assert reader.feed(data[:-5]) == [(OP_TEXT, b'{"e":"trade","t":1}')]
+    assert reader.dangling.endswith(b'{"e":"trade","')
+    assert reader.feed(data[-5:]) == [(OP_TEXT, b'{"e":"trade","t":2}')]
+
+
+def test_control_frame_between_fragments():
+    reader = FrameReader(MAX)
+    data = frame(OP_TEXT, b"ab", fin=False) + frame(OP_PING, b"x") + frame(OP_CONTINUATION, b"cd")
+    assert reader.feed(data) == [(OP_PING, b"x"), (OP_TEXT, b"abcd")]
+
+
+@pytest.mark.parametrize("data, reason", [
+    (frame(OP_TEXT, b"x", masked=True), "masked"),
+    (frame(OP_CONTINUATION, b"x"), "continuation frame without"),
+    (frame(OP_TEXT, b"a", fin=False) + frame(OP_TEXT, b"b"), "before the previous one"),
+    (bytes([0x80 | 0x3, 1]) + b"x", "unknown opcode"),
+    (bytes([0xC1, 1]) + b"x", "reserved bits"),
+    (frame(OP_PING, b"x", fin=False), "control frame"),
+    (bytes([0x81, 127]) + (MAX + 1).to_bytes(8, "big"), "bound"),
+    (frame(OP_TEXT, b"a" * 600_000, fin=False) + frame(OP_CONTINUATION, b"b" * 600_000), "bound"),
+])
+def test_protocol_violations_are_errors(data, reason):
+    with pytest.raises(FrameError, match=reason):
+        FrameReader(MAX).feed(data)
+
+
+def test_close_frame_is_handed_over():
+    assert FrameReader(MAX).feed(frame(OP_CLOSE, b"\x03\xe8bye")) == [(OP_CLOSE, b"\x03\xe8bye")]
