@@ -39,8 +39,7 @@ for _, row in ipairs(batch) do
     local id_text = string.format('%d', id)
     local p, q, side, units = row[2], row[3], row[4], row[7]
     local ts, rts = string.format('%d', row[5]), string.format('%d', row[6])
-    redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*',
-      'id', id_text, 'p', p, 'q', q, 'side', side, 'ts', ts, 'rts', rts)
+    redis.call('XADD', KEYS[1], '*', 'id', id_text, 'p', p, 'q', q, 'side', side, 'ts', ts, 'rts', rts)
     if live ~= '' then
       redis.call('PUBLISH', live, '{"id":' .. id_text .. ',"p":"' .. p .. '","q":"' .. q .. '","side":"' ..
         side .. '","ts":' .. ts .. ',"rts":' .. rts .. '}')
@@ -64,6 +63,11 @@ for _, row in ipairs(batch) do
       best = {id = id, p = p, q = q, side = side, ts = ts, rts = rts}
     end
   end
+end
+
+-- Retention: trim once per batch (by entry id, i.e. the server's clock at write time).
+if applied > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
 end
 
 for segment_key in pairs(touched_segments) do

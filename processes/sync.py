@@ -17,6 +17,10 @@ WATCH_INTERVAL_S = 1.0          # identity check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)
 REPLAY_TIMEOUT_MS = 5000        # replays send big pipelines; the probe keeps the short timeout
 RESEED_CHUNK = 2000
+# A primary restarted with its data may have lost the writes of its last fsync window (1 s with
+# appendfsync everysec, up to ~30 s with "no"); re-send what the local copy got since this long
+# before the primary was last seen healthy.
+RESEED_MARGIN_MS = 60_000
 
 # Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
 # writer's WATCHed backlog transaction fails and it writes to the primary instead.
@@ -77,18 +81,26 @@ class Sync(Process):
             raise PrimaryUnhealthy(f"primary is a replica (role {replication.get('role')}), not writable")
         return {"run_id": server.get("run_id")}
 
-    def primary_changed(self, identity: dict) -> str:
-        """Why the primary must be re-seeded ('' if it need not): a new run_id or missing keys."""
-        known = self.local.hget(keys.SYNC_PRIMARY, "run_id")
-        if self.local.hget(keys.SYNC_PRIMARY, "reseed") == b"1":
-            return "re-seed pending"
-        if known and identity["run_id"] and known.decode() != identity["run_id"]:
-            return "primary restarted (new run_id)"
+    def reseed_plan(self, identity: dict):
+        """Whether and from when the primary must be re-seeded: (reason, since_ms); ('', None) if not.
+
+        since_ms None means the whole local copy (the primary lost btcfeed's keys: it came back
+        empty or was wiped). A restart that kept its data can only have lost its last writes
+        (the AOF's fsync window): re-sending what was written since shortly before it was last
+        seen healthy is enough, and far cheaper than the whole retention window.
+        """
+        known = self.local.hgetall(keys.SYNC_PRIMARY)
         for source in self.config.sources:
-            has_local = self.local.exists(keys.last(source.name))
-            if has_local and not self.probe_client.exists(keys.last(source.name)):
-                return f"primary lost the keys of {source.name}"
-        return ""
+            if self.local.exists(keys.last(source.name)) and not self.probe_client.exists(keys.last(source.name)):
+                return f"primary lost the keys of {source.name}", None
+        if known.get(b"reseed") == b"1":
+            since = known.get(b"reseed_since")
+            return known.get(b"reseed_reason", b"re-seed pending").decode(), int(since) if since else None
+        run_id = known.get(b"run_id")
+        if run_id and identity["run_id"] and run_id.decode() != identity["run_id"]:
+            seen = known.get(b"seen_ms")
+            return "primary restarted (new run_id)", int(seen) - RESEED_MARGIN_MS if seen else None
+        return "", None
 
     def remember(self, identity: dict) -> None:
         self.local.hset(keys.SYNC_PRIMARY, mapping={"run_id": identity["run_id"] or "",
@@ -101,11 +113,12 @@ class Sync(Process):
         self.next_watch = now + WATCH_INTERVAL_S
         try:
             identity = self.probe()
-            reason = self.primary_changed(identity)
+            reason, since_ms = self.reseed_plan(identity)
         except (PrimaryUnhealthy, redis.RedisError):
             return          # the writer fails over on its next write
         if reason:
-            self.local.hset(keys.SYNC_PRIMARY, "reseed", "1")
+            self.local.hset(keys.SYNC_PRIMARY, mapping={"reseed": "1", "reseed_reason": reason,
+                                                        "reseed_since": since_ms if since_ms is not None else ""})
             set_state(self.local, FAILOVER, reason)
             record_event(self.local, self.log, self.name, "primary_changed", level="error", reason=reason,
                          primary=redact_url(self.config.primary_url))
@@ -127,13 +140,14 @@ class Sync(Process):
             return
         self.last_unhealthy_reason = None
         self.streak = 0
-        reason = self.primary_changed(identity)
-        if reason and not self.reseed(reason):
+        reason, since_ms = self.reseed_plan(identity)
+        if reason and not self.reseed(reason, since_ms):
             return
         self.remember(identity)
         backlog = self.local.xlen(keys.BACKLOG)
         set_state(self.local, DRAINING, "primary healthy again")
-        self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0, "backlog_at_start": backlog}
+        self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0, "backlog_at_start": backlog,
+                      "next": None}
         self.counts["drains"] += 1
         record_event(self.local, self.log, self.name, "drain_start", backlog_entries=backlog)
 
@@ -141,8 +155,9 @@ class Sync(Process):
     def drain_step(self) -> None:
         if self.drain is None:   # restarted mid-drain: carry on
             self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0,
-                          "backlog_at_start": self.local.xlen(keys.BACKLOG)}
-        entries = self.local.xrange(keys.BACKLOG, count=REPLAY_ENTRIES)
+                          "backlog_at_start": self.local.xlen(keys.BACKLOG), "next": None}
+        entries = self.drain.get("next") or self.local.xrange(keys.BACKLOG, count=REPLAY_ENTRIES)
+        self.drain["next"] = None
         if not entries:
             self.hand_back()
             return
@@ -156,8 +171,12 @@ class Sync(Process):
             self.drain = None
             return
         # Replayed entries leave the backlog only after the primary confirmed them; a crash in
-        # between replays them again, which the seen-set turns into a no-op.
-        self.local.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
+        # between replays them again, which the seen-set turns into a no-op. The next read rides
+        # along in the same round trip.
+        pipe = self.local.pipeline(transaction=False)
+        pipe.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
+        pipe.xrange(keys.BACKLOG, count=REPLAY_ENTRIES)
+        _, self.drain["next"] = pipe.execute()
         replayed = sum(applied + skipped for applied, skipped in results)
         self.drain["trades"] += replayed
         self.drain["entries"] += len(entries)
@@ -174,13 +193,16 @@ class Sync(Process):
                      replayed_entries=self.drain["entries"], drain_s=round(seconds, 3), replay_rate=round(rate))
         self.drain = None
 
-    def reseed(self, reason: str) -> bool:
-        """Apply the local copy (the retention window) to the primary again; only what it lacks is added."""
-        record_event(self.local, self.log, self.name, "reseed_start", level="warning", reason=reason)
+    def reseed(self, reason: str, since_ms=None) -> bool:
+        """Apply the local copy (all of it, or what was written since since_ms) to the primary again;
+        the seen-set lets only what the primary lacks be added."""
+        scope = "whole local copy" if since_ms is None else f"written since {since_ms}"
+        record_event(self.local, self.log, self.name, "reseed_start", level="warning", reason=reason, scope=scope)
         started, added, sent = time.monotonic(), 0, 0
+        start = "-" if since_ms is None else f"{max(0, since_ms)}-0"
         try:
             for source in self.config.sources:
-                for chunk in read_trades_since(self.local, source.name, RESEED_CHUNK):
+                for chunk in read_trades_since(self.local, source.name, RESEED_CHUNK, start=start):
                     if self.stopping.is_set():
                         return False
                     applied, skipped = self.applier.apply_many(
@@ -191,9 +213,9 @@ class Sync(Process):
             record_event(self.local, self.log, self.name, "reseed_failed", level="error",
                          reason=describe_error(exc, self.config.primary_url), added=added)
             return False
-        self.local.hdel(keys.SYNC_PRIMARY, "reseed")
+        self.local.hdel(keys.SYNC_PRIMARY, "reseed", "reseed_reason", "reseed_since")
         self.counts["reseeded"] += added
-        record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=reason,
+        record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=reason, scope=scope,
                      trades_checked=sent, trades_added=added, seconds=round(time.monotonic() - started, 3))
         return True
 

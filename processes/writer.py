@@ -30,12 +30,14 @@ BACKLOG_FULL_ALARM_EVERY_S = 10.0
 def connect_primary(url: str, timeout_ms: int) -> redis.Redis:
     """Short timeouts so a dead or black-holed primary is noticed in well under a second.
 
-    redis-py re-sends a command once when the connection broke before the reply; that is safe
-    because the only commands this client sends are the idempotent apply script and reads.
+    redis-py re-sends a command once when the connection broke (a stale pooled connection after a
+    primary restart); that is safe because this client only sends the idempotent apply script,
+    reads and the probe. A timeout is not retried: a frozen primary would cost a second timeout.
     """
     timeout_s = timeout_ms / 1000
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 1), health_check_interval=0)
+                                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                                health_check_interval=0)
 
 
 # What an operator should check, by the kind of error the primary gave.
