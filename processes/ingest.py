@@ -44,13 +44,19 @@ class Connection(threading.Thread):
         self.closing = False
 
     def close(self) -> None:
+        """Say goodbye and unblock the reader; only the reader thread ever reads the socket."""
         self.closing = True
         ws = self.ws
-        if ws is not None:
-            try:
-                ws.close(timeout=1)
-            except (websocket.WebSocketException, OSError):
-                pass
+        if ws is None:
+            return
+        try:
+            ws.send_close()
+        except (websocket.WebSocketException, OSError):
+            pass
+        try:
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
 
     def run(self) -> None:
         feed = self.feed
@@ -73,10 +79,7 @@ class Connection(threading.Thread):
         finally:
             if self.closing:
                 reason = "replaced"
-            try:
-                self.ws.close(timeout=0.2)
-            except (websocket.WebSocketException, OSError):
-                pass
+            self.ws.shutdown()
             feed.inbox.put(("disconnected", self, reason))
 
     def _read_until_closed(self) -> None:
@@ -91,7 +94,8 @@ class Connection(threading.Thread):
             try:
                 frames = reader.feed(data)
             except FrameError as exc:
-                feed.reject(f"websocket: {exc}", reader.dangling[:4096])
+                if not self.closing:
+                    feed.reject(f"websocket: {exc}", reader.dangling[:4096])
                 raise ConnectionError(str(exc))
             trades = []
             for opcode, payload in frames:

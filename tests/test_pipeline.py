@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import redis
 
 from common import keys
 from common.redis_process import RedisProcess
@@ -152,8 +153,11 @@ def test_proactive_reconnect_overlaps_without_gap(primary, primary_client, sim):
         run_and_verify(primary_client, sim)
         log = open(stack.log_path("ingest")).read()
         assert log.count("event=proactive_reconnect") >= 2
-        # The replaced connection is closed on purpose: that is not a lost connection.
+        # The replaced connection is closed on purpose: that is not a lost connection, and its
+        # last bytes are not mistaken for a bad message.
         assert "event=connection_lost" not in log
+        local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock")
+        assert local.xlen(keys.DEADLETTER) == 0
     finally:
         remove_stack(stack)
 
