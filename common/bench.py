@@ -17,12 +17,11 @@ import xmlrpc.client
 import psutil
 import redis
 
-from common import config as config_module
 from common import keys
 from common.binance import REST_PAGE_LIMIT, WEIGHT_LIMIT_PER_MINUTE, WEIGHT_SAFE_FRACTION
 from common.bus import read_heartbeats
-from common.redis_process import RedisProcess, free_port
-from common.stack import PROGRAMS, Stack, StackError
+from common.redis_process import RedisProcess
+from common.stack import PROGRAMS, Stack, StackError, isolated_env
 from processes.exchange_sim import (DEFAULT_MAX_SEND_BUFFER, DEFAULT_START_ID, MAX_RATE, REST_WEIGHTS,
                                     SimulatorClient, SimulatorError, TickFeed, start_simulator,
                                     stop_simulator, trade_payloads)
@@ -216,7 +215,7 @@ class Rig:
         self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
 
     def start_stack(self) -> None:
-        self.stack = Stack(self.state_dir, stack_environment(self.primary_server.url, self.sim.base_url))
+        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
         self.stack.up()
         self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=10)
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
@@ -246,20 +245,6 @@ class Rig:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def stack_environment(primary_url: str, sim_base_url: str) -> dict:
-    """Every setting at its built-in default, so the caller's BTCFEED_* cannot leak into the run."""
-    env = {"BTCFEED_" + name.upper(): str(default) for name, (default, _) in config_module.SETTINGS.items()}
-    env.update({
-        "BTCFEED_CONFIG": "",
-        "BTCFEED_LOCAL_URL": "",
-        "BTCFEED_SOURCES": SOURCE,
-        "BTCFEED_PRIMARY_URL": primary_url,
-        "BTCFEED_BINANCE_WS_URL": "ws" + sim_base_url[len("http"):],
-        "BTCFEED_BINANCE_REST_URL": sim_base_url,
-        "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
-    })
-    env.pop("BTCFEED_STATE_DIR", None)   # Stack sets it
-    return env
 
 
 def _remove_port_file_dir(process: subprocess.Popen) -> None:

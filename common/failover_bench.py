@@ -29,12 +29,11 @@ import xmlrpc.client
 import psutil
 import redis
 
-from common import config as config_module
 from common import keys
 from common.bus import read_heartbeats
 from common.events import recent_events
-from common.redis_process import RedisProcess, free_port
-from common.stack import Stack, StackError
+from common.redis_process import RedisProcess
+from common.stack import Stack, StackError, isolated_env
 from common.verify import SOURCE, verify_primary
 from processes.exchange_sim import MAX_RATE, SimulatorClient, SimulatorError, start_simulator, stop_simulator
 from processes.writer import DRAINING, PRIMARY
@@ -126,7 +125,7 @@ class Rig:
         self.sim_process, port = start_simulator(rate=rate, paused=True, max_send_buffer=SIM_SEND_BUFFER,
                                                  log_path=os.path.join(self.root, "simulator.log"))
         self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
-        self.stack = Stack(self.state_dir, stack_environment(self.primary_server.url, self.sim.base_url))
+        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
         self.stack.up()
         socket_path = os.path.join(self.state_dir, "redis.sock")
         self.local = redis.Redis(unix_socket_path=socket_path, socket_timeout=30)
@@ -160,20 +159,6 @@ class Rig:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def stack_environment(primary_url: str, sim_base_url: str) -> dict:
-    """Every setting at its built-in default, so the caller's BTCFEED_* cannot leak into the run."""
-    env = {"BTCFEED_" + name.upper(): str(default) for name, (default, _) in config_module.SETTINGS.items()}
-    env.update({
-        "BTCFEED_CONFIG": "",
-        "BTCFEED_LOCAL_URL": "",
-        "BTCFEED_SOURCES": SOURCE,
-        "BTCFEED_PRIMARY_URL": primary_url,
-        "BTCFEED_BINANCE_WS_URL": "ws" + sim_base_url[len("http"):],
-        "BTCFEED_BINANCE_REST_URL": sim_base_url,
-        "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
-    })
-    env.pop("BTCFEED_STATE_DIR", None)   # Stack sets it
-    return env
 
 
 def writer_state(local) -> str:

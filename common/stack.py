@@ -9,9 +9,30 @@ import xmlrpc.client
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from common import config as config_module
+from common.redis_process import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "supervisord.conf")
 PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health")
+
+
+def isolated_env(primary_url: str, sim_base_url: str, source: str = "binance:BTCUSDT", **extra) -> dict:
+    """Environment for a stack fed by the exchange simulator: every setting at its built-in default
+    (so the caller's BTCFEED_* cannot leak in), the simulator's URLs and a free health port."""
+    env = {"BTCFEED_" + name.upper(): str(default) for name, (default, _) in config_module.SETTINGS.items()}
+    env.update({
+        "BTCFEED_CONFIG": "",
+        "BTCFEED_LOCAL_URL": "",
+        "BTCFEED_SOURCES": source,
+        "BTCFEED_PRIMARY_URL": primary_url,
+        "BTCFEED_BINANCE_WS_URL": "ws" + sim_base_url[len("http"):],
+        "BTCFEED_BINANCE_REST_URL": sim_base_url,
+        "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+    })
+    env.pop("BTCFEED_STATE_DIR", None)   # Stack sets it
+    env.update(extra)
+    return env
 
 
 class StackError(RuntimeError):
