@@ -15,8 +15,9 @@ from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_b
 
 SYMBOL = "BTCUSDT"
 RTS = 1_700_000_000_123
-CAPTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures" / \
-    "binance-spot-combined.jsonl"
+# A real recorded Binance combined stream (depth, bookTicker, kline and aggTrade messages), kept in
+# the repository so the tests do not depend on anything outside it.
+CAPTURE = Path(__file__).resolve().parent / "fixtures" / "binance-spot-combined.jsonl"
 POSITIVE_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 DROP = object()  # as a field value: remove the field
 
