@@ -141,8 +141,13 @@ class Sync(Process):
         self.last_unhealthy_reason = None
         self.streak = 0
         reason, since_ms = self.reseed_plan(identity)
-        if reason and not self.reseed(reason, since_ms):
-            return
+        if reason:
+            # Remember the plan first: a re-seed cut short (an error, a SIGKILL) writes the keys
+            # whose absence revealed the loss, so only this record makes the next try finish it.
+            self.local.hset(keys.SYNC_PRIMARY, mapping={"reseed": "1", "reseed_reason": reason,
+                                                        "reseed_since": since_ms if since_ms is not None else ""})
+            if not self.reseed(reason, since_ms):
+                return
         self.remember(identity)
         backlog = self.local.xlen(keys.BACKLOG)
         set_state(self.local, DRAINING, "primary healthy again")

@@ -27,6 +27,22 @@ LOCAL_RETRY_PAUSE_S = 0.5
 BACKLOG_FULL_ALARM_EVERY_S = 10.0
 
 
+# Trim the bus below the oldest entry still pending (or below the newest ACKed one when nothing
+# is pending): an entry that was delivered but not ACKed is never trimmed away.
+TRIM_BUS_SCRIPT = """
+local function before(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local floor = ARGV[2]
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+if pending[1] > 0 and before(pending[2], floor) then floor = pending[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
+"""
+
+
 def connect_primary(url: str, timeout_ms: int) -> redis.Redis:
     """Short timeouts so a dead or black-holed primary is noticed in well under a second.
 
@@ -104,13 +120,15 @@ class Writer(Process):
 
     # --- main loop -----------------------------------------------------------------------------
     def loop_once(self, now: float) -> None:
+        # Primary errors are handled inside write(); anything else here is the local Redis, and
+        # after any local error the pending entries are read again first (read_from "0"), so an
+        # entry whose commit was cut off is never skipped.
         try:
             entries = self._read()
+            if entries:
+                self.write(entries)
         except redis.RedisError as exc:
             self._local_failed(exc)
-            return
-        if entries:
-            self.write(entries)
 
     def _read(self):
         block = None if self.read_from == "0" else READ_BLOCK_MS
@@ -121,7 +139,16 @@ class Writer(Process):
             self.read_from = ">"
         if not entries:
             self.state = read_state(self.local)
-        return entries
+        return self._without_vanished(entries)
+
+    def _without_vanished(self, entries):
+        """Pending entries whose data is gone cannot be applied; ACK them so they stop coming back."""
+        vanished = [entry_id for entry_id, fields in entries if not fields]
+        if vanished:
+            self.local.xack(keys.BUS, keys.BUS_GROUP, *vanished)
+            record_event(self.local, self.log, self.name, "bus_entry_vanished", level="error",
+                         entries=len(vanished), first=vanished[0].decode())
+        return [entry for entry in entries if entry[1]]
 
     def write(self, entries) -> None:
         """Make the entries durable in the primary or in the local copy + backlog, then ACK them."""
@@ -137,13 +164,10 @@ class Writer(Process):
                 if self._commit_locally(entries, batches, to_backlog=self.state != PRIMARY):
                     return
             except redis.WatchError:
-                # sync changed the state meanwhile: decide again (a repeated apply is harmless).
+                # sync changed the state meanwhile (or the connection broke while watching, which
+                # the read below turns into a local failure): decide again; a repeated apply is harmless.
                 self.state = read_state(self.local)
                 continue
-            except redis.RedisError as exc:
-                # Nothing was ACKed: the entries stay pending and are delivered again.
-                self._local_failed(exc)
-                return
 
     def _apply_to_primary(self, batches) -> None:
         now_ms = int(time.time() * 1000)
@@ -176,8 +200,7 @@ class Writer(Process):
                 if to_backlog:
                     pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
             pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
-            # One consumer reading in order: everything up to the newest ACKed entry is done.
-            pipe.xtrim(keys.BUS, minid=_next_id(ids[-1]), approximate=True)
+            pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
             pipe.execute()
         self.state = state
         if to_backlog:
@@ -208,7 +231,7 @@ class Writer(Process):
         self.stopping.wait(0.5)
 
     def _local_failed(self, exc: Exception) -> None:
-        self.log.error("local_redis_unavailable", error=describe_error(exc))
+        self.log.error("local_redis_unavailable", error=f"{type(exc).__name__}: {str(exc)[:200]}")
         self.stopping.wait(LOCAL_RETRY_PAUSE_S)
         self.read_from = "0"
         try:

@@ -120,3 +120,19 @@ def test_script_reloads_after_script_flush(redis_client, applier):
     applier.apply_trades(SOURCE, make_trades(1, 2), NOW)
     redis_client.script_flush()
     assert applier.apply_trades(SOURCE, make_trades(3, 2), NOW) == [2, 0]
+
+
+def test_bus_trim_never_removes_a_pending_entry(redis_client):
+    from processes.writer import TRIM_BUS_SCRIPT, _next_id
+    bus = keys.BUS
+    redis_client.xgroup_create(bus, keys.BUS_GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(bus, {"n": i}) for i in range(300)]
+    redis_client.xreadgroup(keys.BUS_GROUP, "writer", {bus: ">"}, count=300)
+    stranded = ids[50]
+    redis_client.xack(bus, keys.BUS_GROUP, *[i for i in ids if i != stranded])
+    redis_client.eval(TRIM_BUS_SCRIPT, 1, bus, keys.BUS_GROUP, _next_id(ids[-1].encode()))
+    assert redis_client.xrange(bus, min=stranded, max=stranded)        # still there to be re-read
+    assert redis_client.xlen(bus) >= 250
+    redis_client.xack(bus, keys.BUS_GROUP, stranded)
+    redis_client.eval(TRIM_BUS_SCRIPT, 1, bus, keys.BUS_GROUP, _next_id(ids[-1].encode()))
+    assert redis_client.xlen(bus) < 100                                # approximate trim: whole nodes
