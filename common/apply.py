@@ -25,7 +25,7 @@ class BatchApplier:
     """Builds and runs the apply script for batches of one source's trades."""
 
     def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000,
-                 publish: bool = True):
+                 publish: bool = True, trades_only: bool = False):
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
         self.script = client.register_script(load_script_source())
         self.client = client
@@ -34,6 +34,9 @@ class BatchApplier:
         self.compat_history_len = compat_history_len
         # The local failover copy keeps the same data but has no subscribers to publish to.
         self.publish = publish
+        # The local mirror kept while the primary is healthy needs only the seen-set and the trade
+        # stream (re-seed and sync-check read those); it is half the work of a full apply.
+        self.trades_only = trades_only
 
     def apply(self, source: str, payload: str, now_ms: int, client=None):
         """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped]."""
@@ -77,7 +80,8 @@ class BatchApplier:
         args = [keys.seen_prefix(source), keys.candle_prefix(source),
                 keys.live_channel(source) if self.publish else "",
                 retention_s + SEEN_TTL_MARGIN_S, max(0, now_ms - self.retention_ms), retention_s + 3600,
-                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload]
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload,
+                "trades" if self.trades_only else ""]
         return script_keys, args
 
 

@@ -91,7 +91,7 @@ class Sync(Process):
         """
         known = self.local.hgetall(keys.SYNC_PRIMARY)
         for source in self.config.sources:
-            if self.local.exists(keys.last(source.name)) and not self.probe_client.exists(keys.last(source.name)):
+            if self.local.exists(keys.trades(source.name)) and not self.probe_client.exists(keys.last(source.name)):
                 return f"primary lost the keys of {source.name}", None
         if known.get(b"reseed") == b"1":
             since = known.get(b"reseed_since")

@@ -1,13 +1,15 @@
 """writer: bus batches -> the primary Redis (and the local copy), ACKed only once durable.
 
 States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
-  primary   apply to the primary, then mirror into the local copy and ACK in one transaction;
+  primary   apply to the primary and, at the same time, mirror the trades into the local copy
+            (seen-set and trade stream); ACK once both confirmed;
   failover  the primary failed: apply to the local copy, append to the backlog and ACK, atomically;
   draining  as failover, while sync replays the backlog into the primary; sync hands back.
 """
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from redis.backoff import NoBackoff
@@ -93,6 +95,14 @@ def set_state(client, state: str, reason: str) -> None:
     client.hset(keys.WRITER_STATE, mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
 
 
+class PrimaryFailed(Exception):
+    """The primary did not confirm a batch; the cause is the Redis error."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class Writer(Process):
     name = "writer"
 
@@ -102,6 +112,8 @@ class Writer(Process):
         self.primary = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
+        self.to_mirror = BatchApplier(self.local, cfg.retention_ms, publish=False, trades_only=True)
+        self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
         self.read_from = "0"
@@ -153,59 +165,76 @@ class Writer(Process):
     def write(self, entries) -> None:
         """Make the entries durable in the primary or in the local copy + backlog, then ACK them."""
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
+        ids = [entry_id for entry_id, _ in entries]
         while not self.stopping.is_set():
             if self.state == PRIMARY:
                 try:
-                    self._apply_to_primary(batches)
-                except redis.RedisError as exc:
-                    self._fail_over(exc)
+                    self._apply_to_primary_and_mirror(batches)
+                except PrimaryFailed as failure:
+                    self._fail_over(failure.cause)
                     continue
+                self._ack(ids)
+                return
             try:
-                if self._commit_locally(entries, batches, to_backlog=self.state != PRIMARY):
+                if self._commit_to_backlog(ids, batches):
                     return
             except redis.WatchError:
                 # sync changed the state meanwhile (or the connection broke while watching, which
                 # the read below turns into a local failure): decide again; a repeated apply is harmless.
                 self.state = read_state(self.local)
-                continue
 
-    def _apply_to_primary(self, batches) -> None:
+    def _apply_to_primary_and_mirror(self, batches) -> None:
+        """The primary applies on a helper thread while the local Redis takes the mirror: the two
+        servers work at once. A local error propagates; a primary error becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
-        results = self.to_primary.apply_many(batches, now_ms)
+        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, now_ms)
+        try:
+            self.to_mirror.apply_many(batches, now_ms)
+        finally:
+            try:
+                results = primary_results.result()
+            except redis.RedisError as exc:
+                raise PrimaryFailed(exc)
         self.counts["applied"] += sum(r[0] for r in results)
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
         self.counts["last_apply_ms"] = now_ms
 
-    def _commit_locally(self, entries, batches, to_backlog: bool) -> bool:
-        """One transaction on the local Redis: the local copy (+ backlog), the ACK and the bus trim.
+    def _ack(self, ids) -> None:
+        """The entries are in the primary (and mirrored): ACK them and trim the bus."""
+        pipe = self.local.pipeline(transaction=False)
+        pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
+        pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
+        pipe.hget(keys.WRITER_STATE, "state")     # sync may have asked for failover (a re-seed)
+        state = pipe.execute()[-1]
+        self.state = state.decode() if state else PRIMARY
+
+    def _commit_to_backlog(self, ids, batches) -> bool:
+        """One transaction on the local Redis: the local copy, the backlog, the ACK and the bus trim.
 
         WATCH on the state makes a backlog write and sync's hand-back exclusive: once sync has
         handed back (backlog empty -> primary), no batch can be added to the backlog any more.
         """
-        ids = [entry_id for entry_id, _ in entries]
         now_ms = int(time.time() * 1000)
         with self.local.pipeline(transaction=True) as pipe:
             pipe.watch(keys.WRITER_STATE)
             state = read_state(pipe)
-            if to_backlog and state == PRIMARY:
+            if state == PRIMARY:
                 self.state = PRIMARY      # handed back since we looked: the primary takes these
                 return False
-            if to_backlog and pipe.xlen(keys.BACKLOG) >= self.config.backlog_max_entries:
+            if pipe.xlen(keys.BACKLOG) >= self.config.backlog_max_entries:
                 self._backlog_full()
                 return False
             pipe.multi()
             for source, payload in batches:
                 self.to_local.queue_in_transaction(pipe, source, payload, now_ms)
-                if to_backlog:
-                    pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
+                pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
             pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
             pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
             pipe.execute()
         self.state = state
-        if to_backlog:
-            self.counts["to_backlog"] += len(batches)
-            self.counts["last_apply_ms"] = now_ms
+        self.counts["to_backlog"] += len(batches)
+        self.counts["last_apply_ms"] = now_ms
         return True
 
     # --- failures ------------------------------------------------------------------------------
