@@ -26,7 +26,7 @@ OVERLAP_MAX_S = 10.0
 MAX_FRAME_BYTES = 1 << 20
 RECV_BYTES = 1 << 18            # one socket read; its trades are handed over together
 BUS_BATCH_MAX = 2000            # trades per bus entry
-INBOX_MAX_BATCHES = 2000        # then the socket reader blocks and TCP pushes back
+INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
 BUS_FULL_ALARM_EVERY_S = 10.0
 
@@ -140,6 +140,7 @@ class SourceFeed(threading.Thread):
         self.connections_made = 0
         self.last_id = None           # highest id accepted (published or pending)
         self.pending = []
+        self.resets = 0               # times ingest restarted from the local cursor
         self.needs_backfill = False
         self.crashed = None
         self._last_full_alarm = 0.0
@@ -201,8 +202,11 @@ class SourceFeed(threading.Thread):
 
     def handle(self, kind: str, conn: Connection, data, now: float) -> None:
         if kind == "trades":
-            for trade in data:
-                self.accept_live(trade)
+            if self._is_next_run(data):
+                self._append_run(data)
+            else:
+                for trade in data:
+                    self.accept_live(trade)
         elif kind == "connected":
             self.log.info("connected", source=self.source, connection=conn.number)
             if conn is self.current:
@@ -260,6 +264,26 @@ class SourceFeed(threading.Thread):
             if trade.id <= self.last_id:
                 return
         self._append(trade)
+
+    def _is_next_run(self, trades) -> bool:
+        """The common case: the burst continues the sequence exactly, with no gap or repeat inside."""
+        return (self.last_id is not None and trades[0].id == self.last_id + 1
+                and trades[-1].id - trades[0].id == len(trades) - 1
+                and all(a.id + 1 == b.id for a, b in zip(trades, trades[1:])))
+
+    def _append_run(self, trades) -> None:
+        self.counts["trades"] += len(trades)
+        resets = self.resets
+        while trades:
+            room = BUS_BATCH_MAX - len(self.pending)
+            chunk, trades = trades[:room], trades[room:]
+            self.pending.extend(chunk)
+            self.last_id = chunk[-1].id
+            self.counts["last_trade_ts"] = chunk[-1].ts
+            if len(self.pending) >= BUS_BATCH_MAX:
+                self.flush()
+            if self.resets != resets:
+                return      # restarted from the local cursor: the backfill brings the rest
 
     def _append(self, trade) -> None:
         self.pending.append(trade)
@@ -345,6 +369,7 @@ class SourceFeed(threading.Thread):
             except redis.RedisError:
                 continue
             self.log.info("local_redis_back", source=self.source, cursor=cursor, dropped_pending=len(self.pending))
+            self.resets += 1
             self.pending = []
             self.last_id = cursor
             self.needs_backfill = cursor is not None
