@@ -17,6 +17,7 @@
 -- Returns {applied, skipped}.
 
 local SEGMENT = 65536
+local LIVE_JSON = '{"id":%s,"p":"%s","q":"%s","side":"%s","ts":%s,"rts":%s}'
 local seen_prefix, candle_prefix, live = ARGV[1], ARGV[2], ARGV[3]
 local seen_ttl, minid, candle_ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 -- Compat keys are written when their three KEYS are given; the channel may be '' (no publish).
@@ -45,8 +46,7 @@ for _, row in ipairs(batch) do
     local ts, rts = string.format('%d', row[5]), string.format('%d', row[6])
     redis.call('XADD', KEYS[1], '*', 'id', id_text, 'p', p, 'q', q, 'side', side, 'ts', ts, 'rts', rts)
     if live ~= '' then
-      redis.call('PUBLISH', live, '{"id":' .. id_text .. ',"p":"' .. p .. '","q":"' .. q .. '","side":"' ..
-        side .. '","ts":' .. ts .. ',"rts":' .. rts .. '}')
+      redis.call('PUBLISH', live, string.format(LIVE_JSON, id_text, p, q, side, ts, rts))
     end
 
     if derived then
@@ -64,8 +64,8 @@ for _, row in ipairs(batch) do
       if id > m.lid then m.lid, m.lp = id, p end
       if price > m.hn then m.h, m.hn = p, price end
       if price < m.ln then m.l, m.ln = p, price end
-      if best == nil or id > best.id then
-        best = {id = id, p = p, q = q, side = side, ts = ts, rts = rts}
+      if best == nil or id > best[1] then
+        best = row      -- the decoded row itself: no new table per trade
       end
     end
   end
@@ -137,19 +137,20 @@ local function iso_time(ms)
 end
 
 -- The last hash never goes backwards: it only moves to a higher trade id.
+-- best is a decoded row: {id, p, q, side, ts, rts, units}
 if best ~= nil then
   local current = redis.call('HGET', KEYS[2], 'id')
-  if not current or best.id > tonumber(current) then
-    redis.call('HSET', KEYS[2], 'id', string.format('%d', best.id), 'p', best.p, 'q', best.q,
-      'side', best.side, 'ts', best.ts, 'rts', best.rts)
+  if not current or best[1] > tonumber(current) then
+    redis.call('HSET', KEYS[2], 'id', string.format('%d', best[1]), 'p', best[2], 'q', best[3],
+      'side', best[4], 'ts', string.format('%d', best[5]), 'rts', string.format('%d', best[6]))
     if compat_on then
-      local compat_time = iso_time(tonumber(best.ts))
-      redis.call('SET', KEYS[4], best.p)
+      local compat_time = iso_time(best[5])
+      redis.call('SET', KEYS[4], best[2])
       redis.call('SET', KEYS[5], compat_time)
-      redis.call('RPUSH', KEYS[6], '{"price":' .. best.p .. ',"timestamp":"' .. compat_time ..
-        '","volume":' .. best.q .. '}')
+      redis.call('RPUSH', KEYS[6], '{"price":' .. best[2] .. ',"timestamp":"' .. compat_time ..
+        '","volume":' .. best[3] .. '}')
       redis.call('LTRIM', KEYS[6], -compat_len, -1)
-      if compat_channel ~= '' then redis.call('PUBLISH', compat_channel, best.p) end
+      if compat_channel ~= '' then redis.call('PUBLISH', compat_channel, best[2]) end
     end
   end
 end
