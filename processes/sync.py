@@ -2,6 +2,7 @@
 and re-seeds a primary that came back empty or lost data from the local copy."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
@@ -47,6 +48,7 @@ class Sync(Process):
         self.replay_client = connect_primary(cfg.primary_url, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
         self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len)
         self.hand_back_script = self.local.register_script(HAND_BACK_SCRIPT)
+        self.replay_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay")
         self.streak = 0
         self.last_unhealthy_reason = None
         self.next_watch = 0.0
@@ -167,21 +169,25 @@ class Sync(Process):
             self.hand_back()
             return
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
+        # The primary applies these while the next entries are read from the local Redis.
+        applying = self.replay_pool.submit(self.applier.apply_many, batches, int(time.time() * 1000))
         try:
-            results = self.applier.apply_many(batches, int(time.time() * 1000))
-        except redis.RedisError as exc:
-            set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc, self.config.primary_url)}")
-            record_event(self.local, self.log, self.name, "drain_failed", level="error",
-                         reason=describe_error(exc, self.config.primary_url), replayed=self.drain["trades"])
-            self.drain = None
+            following = self.local.xrange(keys.BACKLOG, min="(" + entries[-1][0].decode(), count=REPLAY_ENTRIES)
+        finally:
+            try:
+                results = applying.result()
+            except redis.RedisError as exc:
+                results = None
+                set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc, self.config.primary_url)}")
+                record_event(self.local, self.log, self.name, "drain_failed", level="error",
+                             reason=describe_error(exc, self.config.primary_url), replayed=self.drain["trades"])
+                self.drain = None
+        if results is None:
             return
         # Replayed entries leave the backlog only after the primary confirmed them; a crash in
-        # between replays them again, which the seen-set turns into a no-op. The next read rides
-        # along in the same round trip.
-        pipe = self.local.pipeline(transaction=False)
-        pipe.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
-        pipe.xrange(keys.BACKLOG, count=REPLAY_ENTRIES)
-        _, self.drain["next"] = pipe.execute()
+        # between replays them again, which the seen-set turns into a no-op.
+        self.local.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
+        self.drain["next"] = following
         replayed = sum(applied + skipped for applied, skipped in results)
         self.drain["trades"] += replayed
         self.drain["entries"] += len(entries)
