@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, List, Sequence
 from redis.exceptions import NoScriptError
 
 from common import keys
-from common.trade import Trade, encode_batch, qty_units
+from common.trade import Trade, decode_batch, encode_batch, qty_units
 
 SCRIPT_PATH = os.path.join(os.path.dirname(__file__), "apply_batch.lua")
 # The seen-set must outlive the retention window of the trade stream, or a late replay of a
@@ -25,7 +25,7 @@ class BatchApplier:
     """Builds and runs the apply script for batches of one source's trades."""
 
     def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000,
-                 publish: bool = True, trades_only: bool = False):
+                 publish: bool = True):
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
         self.script = client.register_script(load_script_source())
         self.client = client
@@ -34,9 +34,6 @@ class BatchApplier:
         self.compat_history_len = compat_history_len
         # The local failover copy keeps the same data but has no subscribers to publish to.
         self.publish = publish
-        # The local mirror kept while the primary is healthy needs only the seen-set and the trade
-        # stream (re-seed and sync-check read those); it is half the work of a full apply.
-        self.trades_only = trades_only
 
     def apply(self, source: str, payload: str, now_ms: int, client=None):
         """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped]."""
@@ -80,8 +77,7 @@ class BatchApplier:
         args = [keys.seen_prefix(source), keys.candle_prefix(source),
                 keys.live_channel(source) if self.publish else "",
                 retention_s + SEEN_TTL_MARGIN_S, max(0, now_ms - self.retention_ms), retention_s + 3600,
-                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload,
-                "trades" if self.trades_only else ""]
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload]
         return script_keys, args
 
 
@@ -137,6 +133,26 @@ def read_trades_since(client, source: str, chunk: int = 10000, start: str = "-")
         if not entries:
             return
         yield [_trade_from_fields(fields) for _, fields in entries]
+        start = "(" + _text(entries[-1][0])
+
+
+def read_local_copy(client, source: str, chunk: int = 10000, start: str = "-") -> Iterator[List[Trade]]:
+    """Every trade the local Redis holds for a source: the mirrored batches (primary healthy) and
+    the local trade stream (written in failover). Order is not meaningful; duplicates are possible
+    (a batch delivered twice), which every reader tolerates (the apply is idempotent)."""
+    for _, trades in read_mirror_since(client, source, start=start):
+        yield trades
+    yield from read_trades_since(client, source, chunk, start=start)
+
+
+def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
+    """(entry time ms, trades) of each mirrored batch from start on."""
+    while True:
+        entries = client.xrange(keys.mirror(source), min=start, max="+", count=count)
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            yield int(_text(entry_id).partition("-")[0]), decode_batch(fields[b"t"])
         start = "(" + _text(entries[-1][0])
 
 

@@ -11,7 +11,6 @@
 -- ARGV[1] seen-segment key prefix   ARGV[2] candle key prefix   ARGV[3] live channel ('' = none)
 -- ARGV[4] seen TTL s   ARGV[5] stream MINID (ms)   ARGV[6] candle TTL s
 -- ARGV[7] compat channel ('' = none)   ARGV[8] compat history length
--- ARGV[10] 'trades' = seen-set and trade stream only; '' = everything
 -- ARGV[9] the batch as the bus carries it: a JSON array of [id, p, q, side, ts, rts, qty in 1e-8 units]
 --         (numbers are exact: ids, times and units stay far below 2^53)
 -- Returns {applied, skipped}.
@@ -23,9 +22,6 @@ local seen_ttl, minid, candle_ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]
 -- Compat keys are written when their three KEYS are given; the channel may be '' (no publish).
 local compat_on, compat_channel, compat_len = #KEYS == 6, ARGV[7], tonumber(ARGV[8])
 local batch = cjson.decode(ARGV[9])
--- 'trades': only the seen-set and the trade stream (the local mirror kept while the primary is
--- healthy, for re-seeding and sync-check); anything else: everything derived as well.
-local derived = ARGV[10] ~= 'trades'
 
 local applied, skipped = 0, 0
 local touched_segments = {}
@@ -49,24 +45,22 @@ for _, row in ipairs(batch) do
       redis.call('PUBLISH', live, string.format(LIVE_JSON, id_text, p, q, side, ts, rts))
     end
 
-    if derived then
-      local minute = math.floor(row[5] / 60000) * 60000
-      local m = minutes[minute]
-      local price = tonumber(p)
-      if m == nil then
-        m = {n = 0, units = 0, fid = id, fp = p, lid = id, lp = p, h = p, l = p, hn = price, ln = price}
-        minutes[minute] = m
-        table.insert(minute_order, minute)
-      end
-      m.n = m.n + 1
-      m.units = m.units + units
-      if id < m.fid then m.fid, m.fp = id, p end
-      if id > m.lid then m.lid, m.lp = id, p end
-      if price > m.hn then m.h, m.hn = p, price end
-      if price < m.ln then m.l, m.ln = p, price end
-      if best == nil or id > best[1] then
-        best = row      -- the decoded row itself: no new table per trade
-      end
+    local minute = math.floor(row[5] / 60000) * 60000
+    local m = minutes[minute]
+    local price = tonumber(p)
+    if m == nil then
+      m = {n = 0, units = 0, fid = id, fp = p, lid = id, lp = p, h = p, l = p, hn = price, ln = price}
+      minutes[minute] = m
+      table.insert(minute_order, minute)
+    end
+    m.n = m.n + 1
+    m.units = m.units + units
+    if id < m.fid then m.fid, m.fp = id, p end
+    if id > m.lid then m.lid, m.lp = id, p end
+    if price > m.hn then m.h, m.hn = p, price end
+    if price < m.ln then m.l, m.ln = p, price end
+    if best == nil or id > best[1] then
+      best = row      -- the decoded row itself: no new table per trade
     end
   end
 end

@@ -24,7 +24,7 @@ from common import keys
 from common.events import EVENTS_MAX, recent_events
 from common.redis_process import RedisProcess, free_port
 from common.stack import PROGRAMS, Stack, StackError
-from common.verify import SOURCE, derived_differences, verify_primary
+from common.verify import SOURCE, derived_differences, verify_local_copy, verify_primary
 from processes.exchange_sim import MAX_RATE, SimulatorClient, SimulatorError, start_simulator, stop_simulator
 
 EXIT_EXACT, EXIT_NOT_EXACT, EXIT_COULD_NOT_RUN = 0, 1, 2
@@ -475,8 +475,8 @@ class ChaosSoak:
             self.derived = derived_differences(client, self.sim, self.first_id, self.last_id)
             # The local copy is what a re-seed restores the primary from: a hole in it is a loss
             # waiting for the next primary that comes back empty.
-            self.local_verdict = verify_primary(self.local, self.sim, **span)
-        except (AssertionError, redis.RedisError, SimulatorError) as exc:
+            self.local_verdict = verify_local_copy(self.local, self.sim, **span)
+        except (ValueError, redis.RedisError, SimulatorError) as exc:
             self.say(f"verdict: could not compare: {_one_line(exc)}")
             return False
         finally:

@@ -88,7 +88,8 @@ class Demo:
         in_primary = self.primary_count()
         return (f"  [{phase:<8}] writer={state:<8} price={(last or b'-').decode():<15} "
                 f"primary={'DOWN' if in_primary is None else in_primary:>7} "
-                f"local copy={self.local.xlen(keys.trades(SOURCE)):>7} backlog entries={self.local.xlen(keys.BACKLOG):>4}")
+                f"local failover copy={self.local.xlen(keys.trades(SOURCE)):>6} "
+                f"backlog entries={self.local.xlen(keys.BACKLOG):>4}")
 
     def writer_state(self) -> str:
         return (self.local.hget(keys.WRITER_STATE, "state") or b"primary").decode()

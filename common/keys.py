@@ -34,6 +34,12 @@ def candle_prefix(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:candles:1m:"
 
 
+def mirror(source: str) -> str:
+    """Local Redis only: the batches applied to a healthy primary, one stream entry per batch (the
+    bus payload), kept for the retention window so a re-seed or sync-check can read them back."""
+    return f"{PREFIX}:{source_tag(source)}:mirror"
+
+
 def live_channel(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:live"
 

@@ -26,7 +26,7 @@ import redis
 
 from common import config as config_module
 from common import keys
-from common.apply import BatchApplier, read_trades_since
+from common.apply import BatchApplier, read_local_copy, read_mirror_since
 from common.bus import connect_local
 from common.config import redact_url
 from common.events import record_event
@@ -201,6 +201,14 @@ def scan_stream(client, source: str) -> Iterator[Tuple[int, int, int]]:
         start = "(" + _text(entries[-1][0])
 
 
+def scan_local_copy(local, source: str) -> Iterator[Tuple[int, int, int]]:
+    """(id, ts, rts) of every trade the local Redis holds: mirrored batches, then the failover copy."""
+    for _, trades in read_mirror_since(local, source):
+        for trade in trades:
+            yield trade.id, trade.ts, trade.rts
+    yield from scan_stream(local, source)
+
+
 def read_last(client, source: str) -> Optional[dict]:
     raw = client.hmget(keys.last(source), "id", "rts")
     if raw[0] is None:
@@ -223,7 +231,9 @@ def scan_local(local, result: SourceResult, window: Window) -> Tuple[IdSet, IdSe
     compared, settling = IdSet(), IdSet()
     try:
         result.local_last = read_last(local, result.source)
-        for trade_id, ts, rts in scan_stream(local, result.source):
+        for trade_id, ts, rts in scan_local_copy(local, result.source):
+            if result.local_last is None or trade_id > result.local_last["id"]:
+                result.local_last = {"id": trade_id, "rts": rts}
             if rts < window.from_ms:
                 continue
             if rts >= window.settle_ms:
@@ -372,7 +382,7 @@ def _repair_source(cfg, local, applier: BatchApplier, result: SourceResult, coun
         counts["skipped"] += sum(skipped for _, skipped in replies)
 
     try:
-        for chunk in read_trades_since(local, result.source, SCAN_CHUNK):
+        for chunk in read_local_copy(local, result.source, SCAN_CHUNK):
             for trade in chunk:
                 if trade.id in result.missing:
                     pending.append(trade)

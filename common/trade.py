@@ -8,6 +8,11 @@ import orjson
 # Quantities are summed into candles as integers of 1e-8 (the finest step Binance, Coinbase and
 # Kraken use for BTC), so volumes stay exact however a replay orders the trades.
 QTY_DECIMALS = 8
+# Ids, times and quantities in 1e-8 units travel as JSON numbers into the Lua apply script, whose
+# numbers are doubles: they stay exact below 2^53. Quantities are bounded to 7 whole digits
+# (under 10 million BTC in one trade) so that even a minute's sum stays far below that.
+MAX_EXACT_INT = 2 ** 53
+MAX_QTY_WHOLE_DIGITS = 7
 # Used with fullmatch: "$" alone would also accept a trailing newline.
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{1,20})?")
 # Binance stream events that are valid but carry no trade for us.
@@ -52,6 +57,8 @@ def check_decimal(name: str, value) -> str:
 def check_qty(value) -> str:
     check_decimal("qty", value)
     dot = value.find(".")
+    if (value[:dot] if dot >= 0 else value).lstrip("0").__len__() > MAX_QTY_WHOLE_DIGITS:
+        raise BadMessage(f"qty is implausibly large: {value:.40}")
     if dot >= 0 and len(value) - dot - 1 > QTY_DECIMALS and value[dot + 1 + QTY_DECIMALS:].strip("0"):
         raise BadMessage(f"qty has more than {QTY_DECIMALS} decimals: {value}")
     return value
@@ -61,6 +68,8 @@ def check_int(name: str, value) -> int:
     # bool is an int subclass in Python; a JSON true is never a valid id or time.
     if type(value) is not int or value < 0:
         raise BadMessage(f"{name} is not a non-negative integer: {value!r:.40}")
+    if value >= MAX_EXACT_INT:
+        raise BadMessage(f"{name} is beyond what the apply script keeps exact: {value!r:.40}")
     return value
 
 

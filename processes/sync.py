@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from common import keys
-from common.apply import BatchApplier, read_trades_since
+from common.apply import BatchApplier, read_local_copy
 from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
@@ -93,7 +93,8 @@ class Sync(Process):
         """
         known = self.local.hgetall(keys.SYNC_PRIMARY)
         for source in self.config.sources:
-            if self.local.exists(keys.trades(source.name)) and not self.probe_client.exists(keys.last(source.name)):
+            has_local = self.local.exists(keys.trades(source.name), keys.mirror(source.name))
+            if has_local and not self.probe_client.exists(keys.last(source.name)):
                 return f"primary lost the keys of {source.name}", None
         if known.get(b"reseed") == b"1":
             since = known.get(b"reseed_since")
@@ -213,7 +214,7 @@ class Sync(Process):
         start = "-" if since_ms is None else f"{max(0, since_ms)}-0"
         try:
             for source in self.config.sources:
-                for chunk in read_trades_since(self.local, source.name, RESEED_CHUNK, start=start):
+                for chunk in read_local_copy(self.local, source.name, RESEED_CHUNK, start=start):
                     if self.stopping.is_set():
                         return False
                     applied, skipped = self.applier.apply_many(

@@ -1,8 +1,8 @@
 """writer: bus batches -> the primary Redis (and the local copy), ACKed only once durable.
 
 States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
-  primary   apply to the primary and, at the same time, mirror the trades into the local copy
-            (seen-set and trade stream); ACK once both confirmed;
+  primary   apply to the primary and, at the same time, keep the batch in the local mirror
+            stream; ACK once both confirmed;
   failover  the primary failed: apply to the local copy, append to the backlog and ACK, atomically;
   draining  as failover, while sync replays the backlog into the primary; sync hands back.
 """
@@ -112,7 +112,6 @@ class Writer(Process):
         self.primary = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
-        self.to_mirror = BatchApplier(self.local, cfg.retention_ms, publish=False, trades_only=True)
         self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
@@ -189,7 +188,7 @@ class Writer(Process):
         now_ms = int(time.time() * 1000)
         primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, now_ms)
         try:
-            self.to_mirror.apply_many(batches, now_ms)
+            self._mirror(batches, now_ms)
         finally:
             try:
                 results = primary_results.result()
@@ -199,6 +198,15 @@ class Writer(Process):
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
         self.counts["last_apply_ms"] = now_ms
+
+    def _mirror(self, batches, now_ms: int) -> None:
+        """Keep each batch in the local Redis as it is (one stream entry, not one per trade), for
+        the retention window: what a re-seed or sync-check needs, at a fraction of the cost."""
+        pipe = self.local.pipeline(transaction=False)
+        for source, payload in batches:
+            pipe.xadd(keys.mirror(source), {"t": payload}, minid=max(0, now_ms - self.config.retention_ms),
+                      approximate=True)
+        pipe.execute()
 
     def _ack(self, ids) -> None:
         """The entries are in the primary (and mirrored): ACK them and trim the bus."""

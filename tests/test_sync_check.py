@@ -352,3 +352,19 @@ def test_trades_older_than_the_window_are_not_compared(setup, capsys):
     code, out, _ = run(capsys, "--json")
     assert code == 0, out
     assert json.loads(out)["sources"][0]["local_trades"] == COUNT
+
+
+def test_mirrored_batches_count_as_the_local_copy(setup, capsys):
+    """While the primary is healthy the writer keeps whole batches in the local mirror stream."""
+    from common.trade import encode_batch
+    trades = make_trades()
+    for start in range(0, len(trades), 500):
+        setup.local.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[start:start + 500])})
+    setup.fill(setup.primary, trades[:-40])          # the primary never got the last 40
+    code, out, _ = run(capsys, "--json")
+    document = json.loads(out)
+    assert code == 2
+    assert document["sources"][0]["missing_ranges"] == [[trades[-40].id, trades[-1].id]], out
+    code, out, _ = run(capsys, "--repair")
+    assert code == 0, out
+    assert setup.primary_id_counts() == collections.Counter(t.id for t in trades)

@@ -104,3 +104,18 @@ def test_unhealthy_probe_resets_the_streak(servers, tmp_path):
     sync.await_recovery()
     assert sync.streak == 0 and read_state(lc) == FAILOVER
     assert any("replica" in str(e["fields"]) for e in recent_events(lc) if e["event"] == "primary_unhealthy")
+
+
+def test_reseed_reads_the_mirrored_batches_too(servers, tmp_path):
+    from common.trade import encode_batch
+    local, primary = servers
+    lc = local.client()
+    trades = make_trades(1, 3000)
+    for i in range(0, 2000, 500):       # mirrored while the primary was healthy
+        lc.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[i:i + 500])})
+    lc.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[:500])})          # a batch mirrored twice
+    fill(lc, trades[2000:], publish=False)                                   # written in failover
+    lc.hset(keys.SYNC_PRIMARY, mapping={"run_id": "x", "seen_ms": int(time.time() * 1000)})
+    set_state(lc, FAILOVER, "primary down")
+    recover(make_sync(local, primary, tmp_path))
+    assert sorted(t.id for t in read_trades(primary.client(), SOURCE)) == [t.id for t in trades]

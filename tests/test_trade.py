@@ -436,7 +436,24 @@ def test_only_positive_decimal_strings_pass_as_price_and_qty(price, qty):
         valid = all(POSITIVE_DECIMAL.fullmatch(v) and len(v) <= 41 and Decimal(v) > 0 for v in (price, qty))
         fine_qty = valid and len(qty.partition(".")[2].rstrip("0")) > 8
         too_long = valid and any(len(part) > 20 for v in (price, qty) for part in v.split("."))
-        assert not valid or fine_qty or too_long
+        too_large = valid and len(qty.partition(".")[0].lstrip("0")) > 7     # 10 million BTC or more
+        assert not valid or fine_qty or too_long or too_large
     else:
         check_result(trade)
         assert (trade.p, trade.q) == (price, qty)
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("q", "190000000000", "implausibly large"),
+    ("q", "10000000.5", "implausibly large"),
+    ("t", 2 ** 53, "beyond what the apply script keeps exact"),
+    ("T", 2 ** 60, "beyond what the apply script keeps exact"),
+])
+def test_values_the_apply_script_could_not_keep_exact_are_rejected(field, value, reason):
+    with pytest.raises(BadMessage, match=reason):
+        parse_binance_ws(raw(ws_trade(**{field: value})), SYMBOL, RTS)
+
+
+def test_largest_accepted_qty_still_encodes():
+    trade = parse_binance_ws(raw(ws_trade(q="9999999.99999999")), SYMBOL, RTS)
+    assert decode_batch(encode_batch([trade])) == [trade]
