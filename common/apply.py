@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import zlib
 from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Sequence
 
@@ -145,6 +146,12 @@ def read_local_copy(client, source: str, chunk: int = 10000, start: str = "-") -
     yield from read_trades_since(client, source, chunk, start=start)
 
 
+def mirror_entry(payload: bytes) -> dict:
+    """A batch as the local mirror keeps it: compressed (fast level), since it is only read back by
+    Python and it is most of what the local Redis holds."""
+    return {"z": zlib.compress(payload, 1)}
+
+
 def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
     """(entry time ms, trades) of each mirrored batch from start on."""
     while True:
@@ -152,7 +159,7 @@ def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
         if not entries:
             return
         for entry_id, fields in entries:
-            yield int(_text(entry_id).partition("-")[0]), decode_batch(fields[b"t"])
+            yield int(_text(entry_id).partition("-")[0]), decode_batch(zlib.decompress(fields[b"z"]))
         start = "(" + _text(entries[-1][0])
 
 

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import keys
-from common.apply import BatchApplier
+from common.apply import BatchApplier, mirror_entry
 from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
@@ -204,8 +204,8 @@ class Writer(Process):
         the retention window: what a re-seed or sync-check needs, at a fraction of the cost."""
         pipe = self.local.pipeline(transaction=False)
         for source, payload in batches:
-            pipe.xadd(keys.mirror(source), {"t": payload}, minid=max(0, now_ms - self.config.retention_ms),
-                      approximate=True)
+            pipe.xadd(keys.mirror(source), mirror_entry(payload),
+                      minid=max(0, now_ms - self.config.retention_ms), approximate=True)
         pipe.execute()
 
     def _ack(self, ids) -> None:

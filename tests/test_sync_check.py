@@ -356,10 +356,11 @@ def test_trades_older_than_the_window_are_not_compared(setup, capsys):
 
 def test_mirrored_batches_count_as_the_local_copy(setup, capsys):
     """While the primary is healthy the writer keeps whole batches in the local mirror stream."""
+    from common.apply import mirror_entry
     from common.trade import encode_batch
     trades = make_trades()
     for start in range(0, len(trades), 500):
-        setup.local.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[start:start + 500])})
+        setup.local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[start:start + 500])))
     setup.fill(setup.primary, trades[:-40])          # the primary never got the last 40
     code, out, _ = run(capsys, "--json")
     document = json.loads(out)

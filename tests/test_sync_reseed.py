@@ -107,13 +107,14 @@ def test_unhealthy_probe_resets_the_streak(servers, tmp_path):
 
 
 def test_reseed_reads_the_mirrored_batches_too(servers, tmp_path):
+    from common.apply import mirror_entry
     from common.trade import encode_batch
     local, primary = servers
     lc = local.client()
     trades = make_trades(1, 3000)
     for i in range(0, 2000, 500):       # mirrored while the primary was healthy
-        lc.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[i:i + 500])})
-    lc.xadd(keys.mirror(SOURCE), {"t": encode_batch(trades[:500])})          # a batch mirrored twice
+        lc.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[i:i + 500])))
+    lc.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[:500])))          # a batch mirrored twice
     fill(lc, trades[2000:], publish=False)                                   # written in failover
     lc.hset(keys.SYNC_PRIMARY, mapping={"run_id": "x", "seen_ms": int(time.time() * 1000)})
     set_state(lc, FAILOVER, "primary down")
