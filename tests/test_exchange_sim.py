@@ -473,6 +473,10 @@ def test_cut_leaves_a_truncated_frame_then_closes(make_sim):
         raw.close()
 
 
+# Timing-sensitive (a 1 s silence measured on the client): it failed once in a loaded CI run with no
+# silence at all, not yet explained, so it runs in `make soak`; the stall fault itself is also
+# exercised in the default run through the stack (tests/test_pipeline.py, the stall case).
+@pytest.mark.slow
 def test_stall_sends_nothing_then_resumes_after_a_gap(make_sim):
     each = make_sim(rate=1000)
     ws = each.connect()
