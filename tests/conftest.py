@@ -1,8 +1,11 @@
 """Fixtures that start real redis-server processes (and, in test_pipeline, the real stack)."""
 
+import shutil
+
 import pytest
 
 from common.redis_process import RedisProcess
+from harness import Simulator, short_tmpdir
 
 
 @pytest.fixture
@@ -17,3 +20,20 @@ def redis_client(redis_server):
     client = redis_server.client(decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def primary():
+    """A stand-in primary on a free port, AOF on like a managed one."""
+    server = RedisProcess(short_tmpdir("bf-primary-")).start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sim(request):
+    """The exchange simulator at the test module's RATE (and SEED)."""
+    simulator = Simulator(rate=getattr(request.module, "RATE", 2000), seed=getattr(request.module, "SEED", 7))
+    yield simulator
+    simulator.stop()

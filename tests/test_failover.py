@@ -10,26 +10,13 @@ import pytest
 from common import keys
 from common.events import recent_events
 from common.redis_process import RedisProcess
-from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
+from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_derived, verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 2000
+SEED = 11
 OUTAGE_S = 3.0
-
-
-@pytest.fixture
-def primary():
-    server = RedisProcess(short_tmpdir("bf-primary-")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sim():
-    simulator = Simulator(rate=RATE, seed=11)
-    yield simulator
-    simulator.stop()
 
 
 @pytest.fixture

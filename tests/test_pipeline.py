@@ -10,27 +10,12 @@ import pytest
 import redis
 
 from common import keys
-from common.redis_process import RedisProcess
 from common.stack import PROGRAMS
-from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
+from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_derived, verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 2000
-
-
-@pytest.fixture
-def primary():
-    server = RedisProcess(short_tmpdir("bf-primary-")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sim():
-    simulator = Simulator(rate=RATE)
-    yield simulator
-    simulator.stop()
 
 
 @pytest.fixture
