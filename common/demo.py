@@ -65,14 +65,18 @@ class Demo:
             self.primary.stop()
 
     # --- what the demo shows ---------------------------------------------------------------------
-    def primary_count(self):
-        # A quick look with no retries: a dead primary must not slow the display down.
+    def primary_view(self):
+        """(trades in the primary, last price there), or (None, None) while it is down; a quick
+        look with no retries, so a dead primary does not slow the display down."""
         client = redis.Redis(host="127.0.0.1", port=self.primary.port, socket_timeout=0.3,
                              socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0))
         try:
-            return client.xlen(keys.trades(SOURCE))
+            pipe = client.pipeline(transaction=False)
+            pipe.xlen(keys.trades(SOURCE))
+            pipe.hget(keys.last(SOURCE), "p")
+            return tuple(pipe.execute())
         except redis.RedisError:
-            return None
+            return None, None
         finally:
             client.close()
 
@@ -84,8 +88,9 @@ class Demo:
 
     def status_line(self, phase: str) -> str:
         state = (self.local.hget(keys.WRITER_STATE, "state") or b"primary").decode()
-        last = self.local.hget(keys.last(SOURCE), "p")
-        in_primary = self.primary_count()
+        in_primary, last = self.primary_view()
+        if in_primary is None:        # the failover copy has the newest price meanwhile
+            last = self.local.hget(keys.last(SOURCE), "p")
         return (f"  [{phase:<8}] writer={state:<8} price={(last or b'-').decode():<15} "
                 f"primary={'DOWN' if in_primary is None else in_primary:>7} "
                 f"local failover copy={self.local.xlen(keys.trades(SOURCE)):>6} "

@@ -22,6 +22,7 @@ RESEED_CHUNK = 2000
 # appendfsync everysec, up to ~30 s with "no"); re-send what the local copy got since this long
 # before the primary was last seen healthy.
 RESEED_MARGIN_MS = 60_000
+SETTLED_AFTER_MS = 3_000     # well beyond a batch in flight to the primary (its timeout is 0.5 s)
 
 # Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
 # writer's WATCHed backlog transaction fails and it writes to the primary instead.
@@ -93,8 +94,7 @@ class Sync(Process):
         """
         known = self.local.hgetall(keys.SYNC_PRIMARY)
         for source in self.config.sources:
-            has_local = self.local.exists(keys.trades(source.name), keys.mirror(source.name))
-            if has_local and not self.probe_client.exists(keys.last(source.name)):
+            if self.settled_local_copy(source.name) and not self.probe_client.exists(keys.last(source.name)):
                 return f"primary lost the keys of {source.name}", None
         if known.get(b"reseed") == b"1":
             since = known.get(b"reseed_since")
@@ -104,6 +104,16 @@ class Sync(Process):
             seen = known.get(b"seen_ms")
             return "primary restarted (new run_id)", int(seen) - RESEED_MARGIN_MS if seen else None
         return "", None
+
+    def settled_local_copy(self, source: str) -> bool:
+        """Whether the local copy holds trades written a while ago. The writer mirrors a batch while
+        the primary applies it, so a brand-new local copy may run a moment ahead of the primary."""
+        horizon = int(time.time() * 1000) - SETTLED_AFTER_MS
+        for stream in (keys.mirror(source), keys.trades(source)):
+            oldest = self.local.xrange(stream, count=1)
+            if oldest and int(oldest[0][0].decode().partition("-")[0]) < horizon:
+                return True
+        return False
 
     def remember(self, identity: dict) -> None:
         self.local.hset(keys.SYNC_PRIMARY, mapping={"run_id": identity["run_id"] or "",
