@@ -9,7 +9,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import xmlrpc.client
@@ -20,11 +19,9 @@ import redis
 from common import keys
 from common.binance import REST_PAGE_LIMIT, WEIGHT_LIMIT_PER_MINUTE, WEIGHT_SAFE_FRACTION
 from common.bus import read_heartbeats
-from common.redis_process import RedisProcess
-from common.stack import PROGRAMS, Stack, StackError, isolated_env
+from common.stack import PROGRAMS, SimulatedStack, StackError
 from processes.exchange_sim import (DEFAULT_MAX_SEND_BUFFER, DEFAULT_START_ID, MAX_RATE, REST_WEIGHTS,
-                                    SimulatorClient, SimulatorError, TickFeed, start_simulator,
-                                    stop_simulator, trade_payloads)
+                                    SimulatorClient, SimulatorError, TickFeed, trade_payloads)
 
 SOURCE = "binance:BTCUSDT"
 
@@ -190,70 +187,23 @@ def _all_cpu_seconds() -> dict:
 
 # --- the rig: stand-in primary, simulator, supervised stack -------------------------------------
 
-class Rig:
+class Rig(SimulatedStack):
     """Everything the benchmark starts, in one temporary directory, torn down by close()."""
 
     def __init__(self):
-        # Short path: the supervisor and redis unix sockets must fit in 108 bytes.
-        self.root = tempfile.mkdtemp(prefix="bf-bench-", dir="/tmp")
-        self.state_dir = os.path.join(self.root, "state")
-        self.primary_server = RedisProcess(os.path.join(self.root, "primary"), appendonly=True)
-        self.sim_process = None
-        self.sim = None
-        self.stack = None
-        self.primary = None
-        self.local = None
-
-    def start_primary(self) -> None:
-        self.primary_server.start()
-        self.primary = redis.Redis(host="127.0.0.1", port=self.primary_server.port, socket_timeout=30)
+        super().__init__("bf-bench-")
 
     def start_simulator(self, rate: float) -> None:
-        # Paused: the clock starts only once ingest is connected, so no trade predates the stack.
-        self.sim_process, port = start_simulator(rate=rate, paused=True, max_send_buffer=SIM_SEND_BUFFER,
-                                                 log_path=os.path.join(self.root, "simulator.log"))
-        self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
+        super().start_simulator(rate, SIM_SEND_BUFFER)
 
     def start_stack(self) -> None:
-        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
-        self.stack.up()
-        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=10)
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while self.sim.status()["connections"] < 1:
-            if time.monotonic() > deadline:
-                raise BenchError(f"ingest did not connect to the simulator within {CONNECT_TIMEOUT_S:.0f}s; "
-                                 f"see {self.stack.log_path('ingest')}")
-            time.sleep(0.1)
+        try:
+            super().start_stack(CONNECT_TIMEOUT_S)
+        except StackError as exc:
+            raise BenchError(str(exc))
 
     def stack_pids(self) -> dict:
         return {p["name"]: p["pid"] for p in self.stack.processes() if p["pid"]}
-
-    def close(self, keep: bool) -> None:
-        if self.stack is not None:
-            try:
-                self.stack.down()
-            except (StackError, OSError, xmlrpc.client.Error):
-                pass
-        if self.sim_process is not None:
-            stop_simulator(self.sim_process)
-            _remove_port_file_dir(self.sim_process)
-        self.primary_server.stop()
-        for client in (self.primary, self.local):
-            if client is not None:
-                client.close()
-        if not keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-
-
-def _remove_port_file_dir(process: subprocess.Popen) -> None:
-    """start_simulator leaves its port-file directory behind; it is named in the command line."""
-    args = list(process.args)
-    if "--port-file" in args:
-        directory = os.path.dirname(args[args.index("--port-file") + 1])
-        if os.path.basename(directory).startswith("exchange-sim-"):
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- 1. reference -------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import textwrap
 import threading
 import time
@@ -33,9 +32,9 @@ from common import keys
 from common.bus import read_heartbeats
 from common.events import recent_events
 from common.redis_process import RedisProcess
-from common.stack import Stack, StackError, isolated_env
+from common.stack import SimulatedStack, StackError
 from common.verify import SOURCE, verify_primary
-from processes.exchange_sim import MAX_RATE, SimulatorClient, SimulatorError, start_simulator, stop_simulator
+from processes.exchange_sim import MAX_RATE, SimulatorError
 from processes.writer import DRAINING, PRIMARY
 
 # The simulator drops a client with more than 64 MB unsent (as Binance does). While the backlog is
@@ -104,61 +103,25 @@ def percentiles(values) -> dict:
 
 # --- the rig ------------------------------------------------------------------------------------
 
-class Rig:
+class Rig(SimulatedStack):
     """Stand-in primary, simulator, the supervised stack (and a second server for MultiDBClient)."""
 
     def __init__(self):
-        # Short path: the supervisor and redis unix sockets must fit in 108 bytes.
-        self.root = tempfile.mkdtemp(prefix="bf-fo-", dir="/tmp")
-        self.state_dir = os.path.join(self.root, "s")
-        self.primary_server = RedisProcess(os.path.join(self.root, "primary"), appendonly=True)
+        super().__init__("bf-fo-")
         self.second_server = None
-        self.sim_process = None
-        self.sim = None
-        self.stack = None
-        self.primary = None
-        self.local = None
 
     def start(self, rate: float) -> None:
-        self.primary_server.start()
-        self.primary = self.primary_client(timeout_s=30)
-        self.sim_process, port = start_simulator(rate=rate, paused=True, max_send_buffer=SIM_SEND_BUFFER,
-                                                 log_path=os.path.join(self.root, "simulator.log"))
-        self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
-        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
-        self.stack.up()
-        socket_path = os.path.join(self.state_dir, "redis.sock")
-        self.local = redis.Redis(unix_socket_path=socket_path, socket_timeout=30)
-        wait_until(lambda: self.sim.status()["connections"] >= 1, CONNECT_TIMEOUT_S,
-                   f"ingest to connect to the simulator (see {self.stack.log_path('ingest')})", 0.1)
+        self.start_primary()
+        self.start_simulator(rate, SIM_SEND_BUFFER)
+        try:
+            self.start_stack(CONNECT_TIMEOUT_S)
+        except StackError as exc:
+            raise FailoverBenchError(str(exc))
         self.sim.resume()
 
-    def primary_client(self, timeout_s: float) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.primary_server.port, socket_timeout=timeout_s,
-                           socket_connect_timeout=timeout_s)
-
     def start_second(self) -> RedisProcess:
-        self.second_server = RedisProcess(os.path.join(self.root, "second"), appendonly=True).start()
+        self.second_server = self.start_extra_server("second")
         return self.second_server
-
-    def close(self, keep: bool) -> None:
-        if self.stack is not None:
-            try:
-                self.stack.down()
-            except (StackError, OSError, xmlrpc.client.Error):
-                pass
-        if self.sim_process is not None:
-            stop_simulator(self.sim_process)
-        for server in (self.primary_server, self.second_server):
-            if server is not None:
-                server.stop()      # SIGCONT first, so a frozen server can stop too
-        for client in (self.primary, self.local):
-            if client is not None:
-                client.close()
-        if not keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
 
 
 def writer_state(local) -> str:

@@ -1,16 +1,21 @@
 """Start, inspect and stop one supervised btcfeed stack (supervisord with supervisord.conf)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xmlrpc.client
+
+import redis
 
 from supervisor.xmlrpc import SupervisorTransport
 
 from common import config as config_module
-from common.redis_process import free_port
+from common.redis_process import RedisProcess, free_port
+from processes.exchange_sim import SimulatorClient, start_simulator, stop_simulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "supervisord.conf")
@@ -146,3 +151,63 @@ def _alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+class SimulatedStack:
+    """A stand-in primary (AOF on), the exchange simulator (started paused, so no trade predates the
+    stack) and the supervised stack, in one short temporary directory; close() tears it all down.
+    The benchmarks build on it."""
+
+    def __init__(self, prefix: str):
+        # Short path: the supervisor and redis unix sockets must fit in 108 bytes.
+        self.root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        self.state_dir = os.path.join(self.root, "s")
+        self.primary_server = RedisProcess(os.path.join(self.root, "primary"), appendonly=True)
+        self.extra_servers = []
+        self.sim_process = self.sim = self.stack = self.primary = self.local = None
+
+    def start_primary(self, timeout_s: float = 30) -> None:
+        self.primary_server.start()
+        self.primary = self.primary_client(timeout_s)
+
+    def primary_client(self, timeout_s: float) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.primary_server.port, socket_timeout=timeout_s,
+                           socket_connect_timeout=timeout_s)
+
+    def start_simulator(self, rate: float, max_send_buffer: int) -> None:
+        self.sim_process, port = start_simulator(rate=rate, paused=True, max_send_buffer=max_send_buffer,
+                                                 log_path=os.path.join(self.root, "simulator.log"))
+        self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
+
+    def start_stack(self, connect_timeout_s: float) -> None:
+        """Bring the stack up and wait until ingest is connected to the simulator."""
+        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
+        self.stack.up()
+        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=30)
+        deadline = time.monotonic() + connect_timeout_s
+        while self.sim.status()["connections"] < 1:
+            if time.monotonic() > deadline:
+                raise StackError(f"ingest did not connect to the simulator within {connect_timeout_s:.0f}s; "
+                                 f"see {self.stack.log_path('ingest')}")
+            time.sleep(0.1)
+
+    def start_extra_server(self, name: str) -> RedisProcess:
+        server = RedisProcess(os.path.join(self.root, name), appendonly=True).start()
+        self.extra_servers.append(server)
+        return server
+
+    def close(self, keep: bool) -> None:
+        if self.stack is not None:
+            try:
+                self.stack.down()
+            except (StackError, OSError, xmlrpc.client.Error):
+                pass
+        if self.sim_process is not None:
+            stop_simulator(self.sim_process)
+        for server in [self.primary_server, *self.extra_servers]:
+            server.stop()      # SIGCONT first, so a frozen server can stop too
+        for client in (self.primary, self.local):
+            if client is not None:
+                client.close()
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
