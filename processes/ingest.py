@@ -280,6 +280,7 @@ class SourceFeed(threading.Thread):
             self.pending.extend(chunk)
             self.last_id = chunk[-1].id
             self.counts["last_trade_ts"] = chunk[-1].ts
+            self.counts["last_price"] = chunk[-1].p
             if len(self.pending) >= BUS_BATCH_MAX:
                 self.flush()
             if self.resets != resets:
@@ -289,6 +290,7 @@ class SourceFeed(threading.Thread):
         self.pending.append(trade)
         self.last_id = trade.id
         self.counts["last_trade_ts"] = trade.ts
+        self.counts["last_price"] = trade.p
         if len(self.pending) >= BUS_BATCH_MAX:
             self.flush()
 
