@@ -65,6 +65,8 @@ SETTINGS = {
     "binance_rest_url": ("https://api.binance.com", _text),
     "binance_stream_form": ("combined", _text),
     "health_addr": ("127.0.0.1:8079", _text),
+    "health_token": ("", _text),
+    "health_token_file": ("", _text),
     "retention_hours": (24.0, _float),
     "bus_max_entries": (200_000, _int),
     "backlog_max_entries": (500_000, _int),
@@ -92,6 +94,7 @@ class Config:
     binance_stream_form: str
     health_host: str
     health_port: int
+    health_token: str = field(repr=False)
     retention_hours: float
     bus_max_entries: int
     backlog_max_entries: int
@@ -178,6 +181,7 @@ def _validate(values: dict) -> Config:
     if not 0 < values["max_conn_hours"] <= 24:
         raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
     values.pop("health_addr")
+    values["health_token"] = _health_token(values.pop("health_token"), values.pop("health_token_file"))
     return Config(
         **{**values, "state_dir": state_dir, "local_url": local_url,
            "sources": parse_sources(values["sources"]), "health_host": host, "health_port": port,
@@ -248,6 +252,23 @@ def _check_base_url(variable: str, url: str, schemes) -> None:
         parts.port
     except ValueError:
         raise ConfigError(f"{variable}: {url!r} has an invalid port")
+
+
+def _health_token(token: str, token_file: str) -> str:
+    """The bearer token the health API asks for (needed when it listens beyond loopback)."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"BTCFEED_HEALTH_TOKEN_FILE: cannot read {token_file!r}: {exc.strerror}")
+    if token and len(token) < 16:
+        raise ConfigError("BTCFEED_HEALTH_TOKEN: too short, use at least 16 random characters")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def parse_addr(variable: str, addr: str) -> Tuple[str, int]:
