@@ -84,8 +84,21 @@ def side_from_buyer_maker(buyer_is_maker: bool) -> str:
     return "sell" if buyer_is_maker else "buy"
 
 
-def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
-    """A trade from one Binance stream message; None for valid messages that are not trades."""
+# The two Binance record kinds a source can follow: every trade ("trade", ids "t") or aggregate
+# trades ("aggTrade": one record per taker order and price, aggregate ids "a", also consecutive, so
+# gap detection and backfill work the same; REST counterpart /api/v3/aggTrades?fromId=).
+BINANCE_KINDS = ("trade", "aggTrade")
+BINANCE_RECORD_ID_FIELD = {"trade": "t", "aggTrade": "a"}
+
+
+def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optional[Trade]:
+    """A trade from one Binance stream message; None for valid messages that are not trades.
+
+    kind selects which record kind becomes a Trade ("trade" or "aggTrade"); the other kind is
+    valid noise like depth or kline updates.
+    """
+    if kind not in BINANCE_KINDS:
+        raise ValueError(f"unknown Binance record kind {kind!r} (supported: {', '.join(BINANCE_KINDS)})")
     try:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:   # also invalid UTF-8 and absurdly deep nesting
@@ -97,18 +110,20 @@ def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
         if not isinstance(message, dict):
             raise BadMessage("combined stream data is not a JSON object")
     event = message.get("e")
-    if event == "trade":
+    if event == kind:
         if message.get("s") != symbol:
-            raise BadMessage(f"trade for symbol {message.get('s')!r:.20}, expected {symbol}")
-        return Trade(
-            check_int("trade id", message.get("t")),
-            check_decimal("price", message.get("p")),
-            check_qty(message.get("q")),
-            side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
-            check_int("trade time", message.get("T")),
-            rts)
+            raise BadMessage(f"{kind} for symbol {message.get('s')!r:.20}, expected {symbol}")
+        if kind == "trade":
+            return Trade(
+                check_int("trade id", message.get("t")),
+                check_decimal("price", message.get("p")),
+                check_qty(message.get("q")),
+                side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
+                check_int("trade time", message.get("T")),
+                rts)
+        return binance_agg_trade(message, rts)
     # isinstance first: an "e" that is a JSON array or object is unhashable.
-    if isinstance(event, str) and event in BINANCE_NON_TRADE_EVENTS:
+    if isinstance(event, str) and (event in BINANCE_NON_TRADE_EVENTS or event in BINANCE_KINDS):
         return None
     if "result" in message and "id" in message:  # reply to a SUBSCRIBE or LIST_SUBSCRIPTIONS request
         return None
@@ -117,10 +132,28 @@ def parse_binance_ws(raw, symbol: str, rts: int) -> Optional[Trade]:
     raise BadMessage("unknown message shape")
 
 
-def parse_binance_rest(item, rts: int) -> Trade:
-    """A trade from one element of GET /api/v3/historicalTrades."""
+def binance_agg_trade(item: dict, rts: int) -> Trade:
+    """An aggregate trade (stream event or /api/v3/aggTrades row: same short keys) as a Trade."""
+    first = check_int("first trade id", item.get("f"))
+    if check_int("last trade id", item.get("l")) < first:
+        raise BadMessage("aggregate trade's last trade id is before its first")
+    return Trade(
+        check_int("aggregate trade id", item.get("a")),
+        check_decimal("price", item.get("p")),
+        check_qty(item.get("q")),
+        side_from_buyer_maker(check_bool("buyer-maker flag", item.get("m"))),
+        check_int("trade time", item.get("T")),
+        rts)
+
+
+def parse_binance_rest(item, rts: int, kind: str = "trade") -> Trade:
+    """A trade from one element of GET /api/v3/historicalTrades (or /api/v3/aggTrades for "aggTrade")."""
     if not isinstance(item, dict):
         raise BadMessage("REST trade is not a JSON object")
+    if kind == "aggTrade":
+        return binance_agg_trade(item, rts)
+    if kind != "trade":
+        raise ValueError(f"unknown Binance record kind {kind!r} (supported: {', '.join(BINANCE_KINDS)})")
     return Trade(
         check_int("trade id", item.get("id")),
         check_decimal("price", item.get("price")),
@@ -128,6 +161,25 @@ def parse_binance_rest(item, rts: int) -> Trade:
         side_from_buyer_maker(check_bool("buyer-maker flag", item.get("isBuyerMaker"))),
         check_int("trade time", item.get("time")),
         rts)
+
+
+def parse_binance_rest_agg(item, rts: int) -> Trade:
+    """A trade from one element of GET /api/v3/aggTrades: {"a","p","q","f","l","T","m","M"}."""
+    return parse_binance_rest(item, rts, "aggTrade")
+
+
+def binance_cut_record_id(sample: Optional[dict], symbol: str, kind: str = "trade") -> Optional[int]:
+    """The id of the record a lost connection cut, from a sample_prefix() result; None if unknown.
+
+    Only a sample that names the followed kind and symbol counts, so a cut depth or kline update
+    (whose nested "t" is a time) never steers a backfill.
+    """
+    if not sample or sample.get("e") != kind or sample.get("s") != symbol:
+        return None
+    record_id = sample.get(BINANCE_RECORD_ID_FIELD[kind])
+    if type(record_id) is not int or not 0 <= record_id < MAX_EXACT_INT:
+        return None
+    return record_id
 
 
 # The bus carries a batch of one source's trades per entry as one compact JSON array of

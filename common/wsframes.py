@@ -5,7 +5,10 @@ message than a library call per frame. The reader joins continuation frames into
 incomplete trailing frame across reads, and hands control frames (ping, pong, close) to the caller.
 """
 
-from typing import List, Tuple
+import re
+from typing import List, Optional, Tuple
+
+import orjson
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPCODES = (OP_TEXT, OP_BINARY)
@@ -87,3 +90,353 @@ class FrameReader:
         if fin:
             out.append((self.fragment_opcode, b"".join(self.fragments)))
             self.fragments, self.fragment_opcode, self.fragment_bytes = [], None, 0
+
+    @property
+    def dangling_payload(self) -> bytes:
+        """The text received of a message not yet complete, without frame headers (for sampling)."""
+        partial = self._partial_frame_payload()
+        return b"".join(self.fragments) + partial if self.fragments else partial
+
+    def _partial_frame_payload(self) -> bytes:
+        buf = self.buffer
+        if len(buf) < 2 or buf[0] & 0x0F not in (OP_CONTINUATION, OP_TEXT, OP_BINARY):
+            return b""
+        length = buf[1] & 0x7F
+        header = 2 if length < 126 else 4 if length == 126 else 10
+        return bytes(buf[header:]) if len(buf) > header else b""
+
+
+# --- JSON documents inside text messages --------------------------------------------------------
+#
+# A text message normally holds one JSON document, but a server may put several in one message
+# (concatenated or newline-delimited) and a document may end in a later message. The splitter finds
+# top-level object/array boundaries with a byte scan that skips strings (escapes included); it never
+# parses JSON, so the parser still sees the exact bytes the exchange sent.
+
+_QUOTE, _BACKSLASH = 0x22, 0x5C
+_OPENERS = frozenset(b"{[")
+# Non-structural bytes and complete strings: what lies between two brackets of a document. Unrolled
+# so that every byte is consumed exactly one way (no backtracking blow-up on hostile input).
+_FLAT = rb'[^"{}\[\]]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"{}\[\]]*)*'
+_SKIP_FLAT = re.compile(_FLAT, re.S)
+# The rest of a string whose closing quote has not arrived; never stops inside an escape pair.
+_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
+_WHITESPACE = re.compile(rb'[ \t\r\n]*')
+_WHITESPACE_BYTES = b" \t\r\n"
+_JUNK = re.compile(rb'[^{\[]*')
+
+
+def _nested_document_pattern(depth: int) -> bytes:
+    # Brackets are counted alike ("{" and "[" open, "}" and "]" close), as the scan loop does, so
+    # a match is exactly the document the loop would find; a mismatched pair is the parser's to reject.
+    pattern = rb'[{\[]' + _FLAT + rb'[}\]]'
+    for _ in range(depth - 1):
+        pattern = rb'[{\[]' + _FLAT + rb'(?:' + pattern + _FLAT + rb')*[}\]]'
+    return pattern
+
+
+# One regex call finds a whole document of up to four levels (a combined-stream depth update has
+# four); deeper or incomplete documents fall back to the bracket-by-bracket loop.
+_DOCUMENT = re.compile(_nested_document_pattern(4), re.S)
+_ONE_DOCUMENT = re.compile(rb'(' + _nested_document_pattern(4) + rb')[ \t\r\n]*', re.S)
+
+
+class MessageSplitter:
+    """Text messages in, complete JSON documents out; an incomplete trailing document waits for more."""
+
+    def __init__(self, max_document_bytes: int):
+        self.max_document_bytes = max_document_bytes
+        self.buf = bytearray()      # the pending document (or non-JSON run) from its first byte
+        self.scan_pos = 0           # where scanning resumes inside buf
+        self.depth = 0              # brackets open at scan_pos; 0 while buf holds a non-JSON run
+        self.in_string = False      # scan_pos is inside a string
+
+    @property
+    def pending(self) -> bytes:
+        """The incomplete trailing document (or non-JSON run) kept for the next message."""
+        return bytes(self.buf)
+
+    def reset(self) -> None:
+        self.buf = bytearray()
+        self.scan_pos = self.depth = 0
+        self.in_string = False
+
+    def feed(self, message) -> List[bytes]:
+        """Every document completed by this message, in order, as the exact bytes received."""
+        out = []
+        self.split_into(message, out)
+        return out
+
+    def split_into(self, message, out: list) -> None:
+        if not self.buf:
+            whole = _ONE_DOCUMENT.fullmatch(message)
+            if whole is not None:       # the common case: one message, one document
+                out.append(message if whole.end(1) == len(message) else bytes(message[:whole.end(1)]))
+                return
+            if not message:
+                return
+            self._scan(message, 0, out)
+        else:
+            self.buf += message
+            self._resume(out)
+
+    def _resume(self, out: list) -> None:
+        buf = self.buf
+        in_document = self.depth > 0
+        if in_document:
+            end = self._scan_document(buf, self.scan_pos)
+        else:                           # a non-JSON run lasts until the next document starts
+            end = _JUNK.match(buf, self.scan_pos).end()
+            if end == len(buf):
+                self.scan_pos, end = end, -1
+        if end < 0:
+            self._check_bound()
+            return
+        piece = bytes(buf[:end]) if in_document else bytes(buf[:end]).rstrip(_WHITESPACE_BYTES)
+        out.append(piece)
+        rest = bytes(buf[end:])
+        self.reset()
+        self._scan(rest, 0, out)
+
+    def _scan(self, data, pos: int, out: list) -> None:
+        """Documents from data[pos:] into out; an incomplete tail goes into buf."""
+        n = len(data)
+        while True:
+            pos = _WHITESPACE.match(data, pos).end()
+            if pos == n:
+                return
+            if data[pos] in _OPENERS:
+                found = _DOCUMENT.match(data, pos)
+                if found is not None:
+                    out.append(bytes(data[pos:found.end()]))
+                    pos = found.end()
+                    continue
+                self.depth, self.in_string = 0, False
+                end = self._scan_document(data, pos)
+                if end < 0:
+                    self._keep(data, pos)
+                    return
+                out.append(bytes(data[pos:end]))
+                pos = end
+            else:
+                # Bytes that are no JSON document: handed on whole (up to the next document) so
+                # that the parser rejects them with a reason instead of them vanishing here.
+                end = _JUNK.match(data, pos).end()
+                if end == n:
+                    self.depth = 0
+                    self._keep(data, pos, scan_from=n)
+                    return
+                out.append(bytes(data[pos:end]).rstrip(_WHITESPACE_BYTES))
+                pos = end
+
+    def _keep(self, data, start: int, scan_from: int = None) -> None:
+        self.buf = bytearray(data[start:])
+        self.scan_pos = (self.scan_pos if scan_from is None else scan_from) - start
+        self._check_bound()
+
+    def _check_bound(self) -> None:
+        if len(self.buf) > self.max_document_bytes:
+            size = len(self.buf)
+            self.reset()
+            raise FrameError(f"JSON document of over {size} bytes is over the {self.max_document_bytes}-byte bound")
+
+    def _scan_document(self, data, pos: int) -> int:
+        """The end of the document being scanned, or -1 with scan_pos/depth/in_string saved."""
+        n = len(data)
+        depth, in_string = self.depth, self.in_string
+        while True:
+            if in_string:
+                pos = _STRING_REST.match(data, pos).end()
+                if pos == n or data[pos] != _QUOTE:     # cut inside the string or inside an escape
+                    break
+                in_string = False
+                pos += 1
+            pos = _SKIP_FLAT.match(data, pos).end()
+            if pos == n:
+                break
+            byte = data[pos]
+            pos += 1
+            if byte == _QUOTE:                          # a string whose end has not arrived
+                in_string = True
+            elif byte in _OPENERS:
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    self.depth, self.in_string = 0, False
+                    return pos
+        self.depth, self.in_string, self.scan_pos = depth, in_string, pos
+        return -1
+
+
+# --- what can still be read from a document cut off by a lost connection ------------------------
+
+# Fields worth knowing about a cut document: the event type, the symbol, the trade id ("t") or the
+# aggregate trade's ids ("a" first-to-last "f".."l"), and the combined stream's name.
+SAMPLE_STRING_FIELDS = frozenset(("e", "s", "stream"))
+SAMPLE_ID_FIELDS = frozenset(("t", "a", "f", "l"))
+_TOKEN = re.compile(
+    rb'[ \t\r\n]*(?:'
+    rb'("[^"\\]*(?:\\.[^"\\]*)*")'                          # 1: a string, closing quote included
+    rb'|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)'  # 2: a number (maybe cut short)
+    rb'|(true|false|null)'                                  # 3: a literal
+    rb'|([{}\[\]:,]))', re.S)                               # 4: punctuation
+_PLAIN_UINT = re.compile(rb'0|[1-9][0-9]*')
+_AMBIGUOUS = object()
+
+
+class _FieldCollector:
+    """Key/value pairs of the trade object (the top level, or a combined stream's "data")."""
+
+    def __init__(self):
+        self.top, self.data = {}, {}
+
+    def put(self, target: dict, key: str, value) -> None:
+        # A key seen twice is ambiguous (which one the parser keeps depends on the parser): dropped.
+        target[key] = _AMBIGUOUS if key in target else value
+
+    def result(self, entered_data: bool) -> dict:
+        # Binance sends a trade either as the top-level object or, on a combined stream, as
+        # {"stream": ..., "data": {...}}: once "stream" or "data" shows, only "data" holds the trade.
+        stream = self.top.get("stream")
+        combined = entered_data or "stream" in self.top
+        source = self.data if combined else self.top
+        fields = {k: v for k, v in source.items() if v is not _AMBIGUOUS and k != "stream"}
+        if isinstance(stream, str):
+            fields["stream"] = stream
+        return fields
+
+
+def sample_prefix(prefix: bytes) -> dict:
+    """Fields that are complete in a cut-off message: of its last document (the one that was cut).
+
+    Only key/value pairs whose value ended inside the prefix count: a string with its closing
+    quote, a plain non-negative integer followed by "," "}" or "]" (a number at the very end may
+    have lost digits). Never a value that the full document would not have; {} when nothing is safe.
+    """
+    splitter = MessageSplitter(len(prefix) + 1)
+    try:
+        documents = splitter.feed(prefix)
+    except FrameError:
+        return {}
+    last = splitter.pending or (documents[-1] if documents else b"")
+    if not last or last[0] != 0x7B:   # only an object carries named fields
+        return {}
+    return _sample_document(last)
+
+
+def _sample_document(doc: bytes) -> dict:
+    collected = _FieldCollector()
+    # Per open container: [is_object, expecting_key, current_key]; the "data" object is tracked by depth.
+    stack = []
+    data_depth = None
+    pending_number = None       # (target, key, token): recorded only once a delimiter follows
+    pos, n = 0, len(doc)
+    while pos < n:
+        token = _TOKEN.match(doc, pos)
+        if token is None:
+            break               # malformed or cut inside a token: nothing after this point counts
+        pos = token.end()
+        string, number, literal, punct = token.groups()
+        if pending_number is not None:
+            if punct in (b",", b"}", b"]"):
+                collected.put(*pending_number)
+            pending_number = None
+        if punct is not None:
+            if punct in (b"{", b"["):
+                key = stack[-1][2] if stack and stack[-1][0] else None
+                target = _sample_target(collected, len(stack), data_depth)
+                if target is not None and (key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS):
+                    collected.put(target, key, _AMBIGUOUS)      # a container where a value belongs
+                stack.append([punct == b"{", punct == b"{", None])
+                if punct == b"{" and len(stack) == 2 and key == "data":
+                    data_depth = 2
+            elif punct in (b"}", b"]"):
+                if not stack:
+                    break
+                stack.pop()
+                if not stack:
+                    break       # the document ended
+            elif punct == b",":
+                if stack and stack[-1][0]:
+                    stack[-1][1], stack[-1][2] = True, None
+            continue
+        if not stack:
+            break
+        frame = stack[-1]
+        if frame[0] and frame[1]:                  # a key
+            if string is None:
+                break
+            try:
+                frame[2] = orjson.loads(string)
+            except orjson.JSONDecodeError:
+                break
+            frame[1] = False
+            continue
+        target = _sample_target(collected, len(stack), data_depth)
+        key = frame[2] if frame[0] else None
+        if target is None or key is None:
+            continue
+        if string is not None and key in SAMPLE_STRING_FIELDS:
+            try:
+                collected.put(target, key, orjson.loads(string))
+            except orjson.JSONDecodeError:
+                break
+        elif number is not None and key in SAMPLE_ID_FIELDS and _PLAIN_UINT.fullmatch(number):
+            pending_number = (target, key, int(number))
+        elif key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS:
+            collected.put(target, key, _AMBIGUOUS)      # present but not usable: never guess
+    return collected.result(data_depth is not None)
+
+
+def _sample_target(collected: _FieldCollector, depth: int, data_depth) -> Optional[dict]:
+    if depth == 1:
+        return collected.top
+    if depth == 2 and data_depth == 2:
+        return collected.data
+    return None
+
+
+class Reassembler:
+    """Socket bytes in; websocket control frames and the JSON documents of text messages out.
+
+    Binary messages are handed on whole (the caller rejects them). When the connection dies,
+    connection_lost() samples what was received of the message that was cut.
+    """
+
+    def __init__(self, max_message_bytes: int):
+        self.frames = FrameReader(max_message_bytes)
+        self.documents = MessageSplitter(max_message_bytes)
+        self.partial_seen = 0       # connections lost with part of a message received
+        self.recovered = 0          # ... of which the sample gave a trade or aggregate id
+
+    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+        """Every (opcode, payload) completed by these bytes; a text payload is one JSON document."""
+        out = []
+        split_into = self.documents.split_into
+        for opcode, payload in self.frames.feed(data):
+            if opcode == OP_TEXT:
+                documents = []
+                split_into(payload, documents)
+                out.extend((OP_TEXT, document) for document in documents)
+            else:
+                out.append((opcode, payload))
+        return out
+
+    @property
+    def dangling(self) -> bytes:
+        """The received part of what is not complete yet: a pending document plus an incomplete frame."""
+        return self.documents.pending + self.frames.dangling_payload
+
+    def connection_lost(self) -> Optional[dict]:
+        """The sample of the cut message (see sample_prefix), or None when nothing was cut; resets."""
+        prefix = self.dangling
+        self.frames = FrameReader(self.frames.max_message_bytes)
+        self.documents.reset()
+        if not prefix.strip(_WHITESPACE_BYTES):
+            return None
+        self.partial_seen += 1
+        sample = sample_prefix(prefix)
+        if "t" in sample or "a" in sample:
+            self.recovered += 1
+        return sample
