@@ -1,4 +1,5 @@
-"""Binance spot endpoints: the trade stream URL and the REST historical-trades client."""
+"""Binance spot endpoints: the trade stream URL, the REST historical-trades client and the adapter
+that gives ingest both (see common/exchange.py for the adapter shape)."""
 
 import json
 import socket
@@ -7,7 +8,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from common.trade import BadMessage, parse_binance_rest
+from common.exchange import RateLimited, RestError
+from common.trade import BadMessage, parse_binance_rest, parse_binance_ws
 
 REST_PAGE_LIMIT = 1000          # the most historicalTrades returns per call
 REST_TIMEOUT_S = 10.0
@@ -17,14 +19,10 @@ WEIGHT_LIMIT_PER_MINUTE = 6000
 WEIGHT_SAFE_FRACTION = 0.8
 
 
-class RestError(Exception):
-    """The exchange's REST API did not give a usable answer."""
-
-
-class RateLimited(RestError):
-    def __init__(self, retry_after_s: float, status: int):
-        super().__init__(f"HTTP {status}: rate limited, retry after {retry_after_s:.0f}s")
-        self.retry_after_s = retry_after_s
+# Binance pings every 20 s and drops a client that stays silent for a minute; a connection on
+# which nothing at all (not even a ping) arrived for this long is dead even if TCP says otherwise.
+STALE_AFTER_S = 65.0
+__all__ = ["RateLimited", "RestError", "BinanceRest", "BinanceAdapter", "stream_url", "REST_PAGE_LIMIT"]
 
 
 def stream_name(symbol: str) -> str:
@@ -103,3 +101,30 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
         return str(body.get("msg", body))[:200]
     except (ValueError, AttributeError, OSError):
         return exc.reason or "error"
+
+
+class BinanceAdapter:
+    """Binance spot: the stream is chosen by the URL; `trade` events carry sequential ids."""
+
+    exchange = "binance"
+    page_limit = REST_PAGE_LIMIT
+    stale_after_s = STALE_AFTER_S
+
+    def __init__(self, symbol: str, ws_base_url: str, rest_base_url: str, stream_form: str = "combined"):
+        self.symbol = symbol
+        self.ws_url = stream_url(ws_base_url, symbol, stream_form)
+        self.rest = BinanceRest(rest_base_url, symbol)
+
+    def subscribe_messages(self) -> list:
+        return []
+
+    def parse(self, raw, rts: int):
+        return parse_binance_ws(raw, self.symbol, rts)
+
+    def fetch_page(self, from_id: int, after_ts_ms=None):
+        """(trades with id >= from_id, whether the exchange had nothing newer)."""
+        page = self.rest.historical_trades(from_id)
+        return [t for t in page if t.id >= from_id], len(page) < REST_PAGE_LIMIT
+
+    def rest_pause_s(self) -> float:
+        return self.rest.weight_pause_s()

@@ -12,10 +12,16 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-SUPPORTED_EXCHANGES = ("binance",)
-PLANNED_EXCHANGES = ("coinbase", "kraken")
+SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
+PLANNED_EXCHANGES = ()
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 BINANCE_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
+# Each exchange's own symbol form (DESIGN section 3): BTCUSDT, BTC-USD, BTC/USD.
+SYMBOL_FORMS = {
+    "binance": (BINANCE_SYMBOL, "a Binance symbol like BTCUSDT"),
+    "coinbase": (re.compile(r"^[A-Z0-9]{2,10}-[A-Z0-9]{2,10}$"), "a Coinbase product like BTC-USD"),
+    "kraken": (re.compile(r"^[A-Z0-9]{2,10}/[A-Z0-9]{2,10}$"), "a Kraken v2 symbol like BTC/USD"),
+}
 
 
 class ConfigError(ValueError):
@@ -64,6 +70,10 @@ SETTINGS = {
     "binance_ws_url": ("wss://stream.binance.com:9443", _text),
     "binance_rest_url": ("https://api.binance.com", _text),
     "binance_stream_form": ("combined", _text),
+    "coinbase_ws_url": ("wss://ws-feed.exchange.coinbase.com", _text),
+    "coinbase_rest_url": ("https://api.exchange.coinbase.com", _text),
+    "kraken_ws_url": ("wss://ws.kraken.com/v2", _text),
+    "kraken_rest_url": ("https://api.kraken.com", _text),
     "health_addr": ("127.0.0.1:8079", _text),
     "health_token": ("", _text),
     "health_token_file": ("", _text),
@@ -92,6 +102,10 @@ class Config:
     binance_ws_url: str
     binance_rest_url: str
     binance_stream_form: str
+    coinbase_ws_url: str
+    coinbase_rest_url: str
+    kraken_ws_url: str
+    kraken_rest_url: str
     health_host: str
     health_port: int
     health_token: str = field(repr=False)
@@ -165,8 +179,11 @@ def _validate(values: dict) -> Config:
     # Quoted: a "#" or "?" in the state dir would otherwise end the URL's path (redis-py unquotes it).
     local_url = values["local_url"] or f"unix://{quote(os.path.join(state_dir, 'redis.sock'))}"
     check_redis_url("BTCFEED_LOCAL_URL", local_url)
-    for name in ("binance_ws_url", "binance_rest_url"):
-        _check_base_url("BTCFEED_" + name.upper(), values[name], ("ws", "wss") if "ws" in name else ("http", "https"))
+    for name in ("binance_ws_url", "binance_rest_url", "coinbase_ws_url", "coinbase_rest_url",
+                 "kraken_ws_url", "kraken_rest_url"):
+        # Kraken's websocket endpoint is versioned by its path (/v2), so that one URL keeps its path.
+        _check_base_url("BTCFEED_" + name.upper(), values[name], ("ws", "wss") if "ws_url" in name else ("http", "https"),
+                        path_allowed=name == "kraken_ws_url")
     if values["binance_stream_form"] not in ("raw", "combined"):
         raise ConfigError("BTCFEED_BINANCE_STREAM_FORM: must be 'raw' (/ws/...) or 'combined' (/stream?streams=...)")
     if values["log_format"] not in ("kv", "json"):
@@ -204,8 +221,9 @@ def parse_sources(text: str) -> Tuple[Source, ...]:
             raise ConfigError(f"BTCFEED_SOURCES: unknown exchange {exchange!r} "
                               f"(supported: {', '.join(SUPPORTED_EXCHANGES)})")
         symbol = symbol.strip().upper()
-        if not BINANCE_SYMBOL.match(symbol):
-            raise ConfigError(f"BTCFEED_SOURCES: {symbol!r} is not a Binance symbol like BTCUSDT")
+        pattern, form = SYMBOL_FORMS[exchange]
+        if not pattern.match(symbol):
+            raise ConfigError(f"BTCFEED_SOURCES: {symbol!r} is not {form}")
         source = Source(exchange, symbol)
         if source in sources:
             raise ConfigError(f"BTCFEED_SOURCES: {source.name} is listed twice")
@@ -239,14 +257,14 @@ def check_redis_url(variable: str, url: str) -> None:
         raise ConfigError(f"{variable}: {redact_url(url)!r} has a database index that is not a number")
 
 
-def _check_base_url(variable: str, url: str, schemes) -> None:
+def _check_base_url(variable: str, url: str, schemes, path_allowed: bool = False) -> None:
     try:
         parts = urlsplit(url)
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in schemes or not parts.hostname:
         raise ConfigError(f"{variable}: {url!r} is not a {' or '.join(s + '://' for s in schemes)} base URL")
-    if parts.path not in ("", "/"):
+    if parts.path not in ("", "/") and not path_allowed:
         raise ConfigError(f"{variable}: give the base URL without a path (btcfeed adds it), got {url!r}")
     try:
         parts.port

@@ -1,8 +1,11 @@
-"""Binance spot exchange simulator: seeded trades, websocket streams, REST and fault injection on one port.
+"""Exchange simulator: seeded trades, websocket streams, REST and fault injection on one port.
 
-Run as `python -m processes.exchange_sim --port 0 --port-file PATH`. Both the websocket upgrade
-(`/ws/btcusdt@trade`, `/stream?streams=btcusdt@trade`) and REST (`/api/v3/...`) are served on the
-same loopback port, plus a control API under `/_sim/` for tests, the demo and benchmarks.
+Run as `python -m processes.exchange_sim --port 0 --port-file PATH [--mode binance|coinbase|kraken]`.
+Binance mode (the default) serves the websocket upgrade (`/ws/btcusdt@trade`,
+`/stream?streams=btcusdt@trade`) and REST (`/api/v3/...`); Coinbase mode the Exchange feed (`/`,
+`matches` and `heartbeat` channels) and `/products/{id}/trades`; Kraken mode the v2 websocket
+(`/v2`, `trade` channel) and `/0/public/Trades`. Every mode has the same seeded trade history, the
+same faults and a control API under `/_sim/` for tests, the demo and benchmarks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import array
 import asyncio
 import base64
+import bisect
 import hashlib
 import itertools
 import json
@@ -216,6 +220,15 @@ class TradeHistory:
         while self._chunks and self._base_id + self.chunk_size <= self.first_id:
             self._chunks.pop(0)
             self._base_id += self.chunk_size
+
+    def first_id_after_time(self, time_ms: int) -> int:
+        """The id of the oldest retained trade printed after time_ms (next_id when there is none);
+        times never go backwards along the ids, so each chunk's times are sorted."""
+        for index, chunk in enumerate(self._chunks):
+            if chunk.times and chunk.times[-1] > time_ms:
+                base = self._base_id + index * self.chunk_size
+                return max(self.first_id, base + bisect.bisect_right(chunk.times, time_ms))
+        return self.next_id
 
     def slices(self, from_id: int, to_id: int) -> Iterator[TradeSlice]:
         """Retained trades with from_id <= id <= to_id, one slice per chunk touched."""
@@ -542,11 +555,12 @@ def float_param(query: dict[str, str], name: str, low: float, high: float) -> fl
     return value
 
 
-def history_rows_json(slices: list[TradeSlice], qty_text: tuple[str, ...]) -> bytes:
+def history_rows_json(slices: list[TradeSlice], qty_text: tuple[str, ...],
+                      price_format: Callable[[int], str] = price_text) -> bytes:
     """`[[id, price, qty, time, isBuyerMaker], ...]`; pure, so it can run in a worker thread."""
     rows = []
     for part in slices:
-        rows.extend(f'[{trade_id},"{price_text(cents)}","{qty_text[qty]}",{ms},{BOOL_TEXT[side]}]'
+        rows.extend(f'[{trade_id},"{price_format(cents)}","{qty_text[qty]}",{ms},{BOOL_TEXT[side]}]'
                     for trade_id, cents, qty, ms, side in
                     zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides))
     return ("[" + ",".join(rows) + "]").encode()
@@ -571,9 +585,342 @@ class SimConfig:
     history_max: int = DEFAULT_HISTORY_MAX
     max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER
     paused: bool = False
+    mode: str = "binance"
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Coinbase Exchange and Kraken v2 modes: the same trade clock, history and faults, their wire shapes
+# ---------------------------------------------------------------------------------------------
+
+MODES = ("binance", "coinbase", "kraken")
+DEFAULT_SYMBOLS = {"binance": DEFAULT_SYMBOL, "coinbase": "BTC-USD", "kraken": "BTC/USD"}
+MODE_SYMBOL_PATTERNS = {
+    "binance": SYMBOL_PATTERN,
+    "coinbase": re.compile(r"^[A-Z0-9]{2,10}-[A-Z0-9]{2,10}$"),
+    "kraken": re.compile(r"^[A-Z0-9]{2,10}/[A-Z0-9]{2,10}$"),
+}
+HEARTBEAT_SECONDS = 1.0                # Coinbase's heartbeat channel and Kraken v2 beat every second
+KRAKEN_TRADES_PER_MESSAGE = 50         # Kraken batches a burst of trades into one message's data
+KRAKEN_SNAPSHOT_TRADES = 50
+COINBASE_SEQUENCE_OFFSET = 10_000_000_000
+
+
+def iso_time(ms: int) -> str:
+    """ISO-8601 UTC with microseconds, as Coinbase and Kraken v2 print trade times."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}000Z"
+
+
+def short_decimal(text: str) -> str:
+    """"43000.10000000" -> "43000.1": the shortest exact form (Kraken v2 sends JSON numbers)."""
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def coinbase_price_text(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}"
+
+
+def kraken_price_text(cents: int) -> str:
+    return short_decimal(price_text(cents))
+
+
+def kraken_rest_price_text(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}000"
+
+
+def kraken_rest_pair(symbol: str) -> str:
+    return "".join("XBT" if part == "BTC" else part for part in symbol.split("/"))
+
+
+def kraken_result_key(symbol: str) -> str:
+    """Kraken answers REST with its internal pair name: XXBTZUSD for BTC/USD."""
+    base, quote = (("XBT" if part == "BTC" else part) for part in symbol.split("/"))
+    return f"X{base}Z{quote}" if len(base) == 3 and len(quote) == 3 else base + quote
+
+
+def trade_rows(slices: list[TradeSlice]) -> Iterator[tuple[int, int, int, int, int]]:
+    """(id, cents, qty index, ms, isBuyerMaker) of every trade in the slices."""
+    for part in slices:
+        yield from zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides)
+
+
+class CoinbaseProtocol:
+    """Coinbase Exchange feed (`matches`, `heartbeat` channels) and GET /products/{id}/trades."""
+
+    trade_stream = "matches"
+    garbage_frames = (
+        (OP_TEXT, b'{"type":"match","trade_id":'),
+        (OP_TEXT, b'{"hello":"world"}'),
+        (OP_BINARY, b"\x00\x01\x02binary"),
+        (OP_TEXT, b'{"type":"match","trade_id":5,"side":"sell","size":"1.0","price":"1.0","product_id":"ETH-USD",'
+                  b'"sequence":1,"time":"2026-01-01T00:00:00.000000Z"}'),
+        (OP_TEXT, b'{"type":"match","trade_id":5,"side":"sell","size":"1.0","price":"0.00","product_id":"%s",'
+                  b'"sequence":1,"time":"2026-01-01T00:00:00.000000Z"}'),
+        (OP_TEXT, b'{"type":"match","trade_id":5,"side":"sell","size":"1.0","price":"NaN","product_id":"%s",'
+                  b'"sequence":1,"time":"2026-01-01T00:00:00.000000Z"}'),
+    )
+
+    def __init__(self, sim: "ExchangeSimulator"):
+        self.sim = sim
+        self.product = sim.symbol
+        self.rest_path = re.compile(r"^/products/([^/]+)/trades$")
+        self.garbage_frames = tuple((op, payload.replace(b"%s", self.product.encode()))
+                                    for op, payload in self.garbage_frames)
+
+    # -- websocket
+    def accepts_path(self, path: str) -> bool:
+        return path in ("", "/")
+
+    def greeting(self, conn: WsConnection) -> list[bytes]:
+        return []
+
+    def match(self, kind: str, trade_id: int, cents: int, qty: int, side: int, ms: int) -> bytes:
+        qty_text = self.sim.generator.qty_text[qty]
+        maker = "buy" if side else "sell"        # isBuyerMaker: the resting order was the buy
+        return (f'{{"type":"{kind}","trade_id":{trade_id},"maker_order_id":"{trade_id:032x}",'
+                f'"taker_order_id":"{trade_id + 1:032x}","side":"{maker}","size":"{qty_text}",'
+                f'"price":"{coinbase_price_text(cents)}","product_id":"{self.product}",'
+                f'"sequence":{trade_id + COINBASE_SEQUENCE_OFFSET},"time":"{iso_time(ms)}"}}').encode()
+
+    def tick_payloads(self, first_id: int, prices, qty_index, sides, time_ms: int) -> list[bytes]:
+        return [self.match("match", trade_id, cents, qty, side, time_ms)
+                for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
+
+    def heartbeat(self) -> bytes:
+        last_id = self.sim.history.last_id
+        return (f'{{"type":"heartbeat","sequence":{last_id + COINBASE_SEQUENCE_OFFSET},"last_trade_id":{last_id},'
+                f'"product_id":"{self.product}","time":"{iso_time(time.time_ns() // 1_000_000)}"}}').encode()
+
+    def answer(self, conn: WsConnection, message: bytes) -> list[bytes]:
+        try:
+            request = json.loads(message)
+        except ValueError:
+            return [self.error("Failed to parse request", "malformed JSON")]
+        if not isinstance(request, dict) or request.get("type") not in ("subscribe", "unsubscribe"):
+            return [self.error("Failed to subscribe", "type must be subscribe or unsubscribe")]
+        products = request.get("product_ids", [])
+        channels = [c if isinstance(c, str) else c.get("name") if isinstance(c, dict) else None
+                    for c in request.get("channels", [])]
+        if not isinstance(products, list) or any(p != self.product for p in products):
+            return [self.error("Failed to subscribe", f"{str(products)[:40]} is not a valid product")]
+        if request["type"] == "unsubscribe":
+            conn.streams = [s for s in conn.streams if s not in channels]
+            return [self.subscriptions(conn)]
+        new_matches = "matches" in channels and "matches" not in conn.streams
+        conn.streams.extend(c for c in channels if c in ("matches", "heartbeat") and c not in conn.streams)
+        replies = [self.subscriptions(conn)]
+        history = self.sim.history
+        if new_matches and history.last_id >= history.first_id:
+            # Coinbase starts a matches subscription with the product's newest trade.
+            (row,) = trade_rows(list(history.slices(history.last_id, history.last_id)))
+            trade_id, cents, qty, ms, side = row
+            replies.append(self.match("last_match", trade_id, cents, qty, side, ms))
+        return replies
+
+    def subscriptions(self, conn: WsConnection) -> bytes:
+        return json.dumps({"type": "subscriptions", "channels": [
+            {"name": name, "product_ids": [self.product]} for name in conn.streams]},
+            separators=(",", ":")).encode()
+
+    @staticmethod
+    def error(message: str, reason: str) -> bytes:
+        return json.dumps({"type": "error", "message": message, "reason": reason}, separators=(",", ":")).encode()
+
+    # -- REST
+    def rest_handler(self, path: str) -> Optional[Handler]:
+        return self.rest_trades if self.rest_path.match(path) else None
+
+    async def rest_trades(self, request: HttpRequest) -> HttpResponse:
+        sim = self.sim
+        if sim.rest429_remaining > 0:
+            sim.rest429_remaining -= 1
+            return json_response(429, {"message": "Public rate limit exceeded"})
+        product = urllib.parse.unquote(self.rest_path.match(request.path).group(1))
+        if product != self.product:
+            return json_response(404, {"message": "NotFound"})
+        try:
+            limit = int_param(request.query, "limit", REST_MAX_LIMIT, low=1, high=REST_MAX_LIMIT)
+            before = int_param(request.query, "before", None, low=0)
+            after = int_param(request.query, "after", None, low=0)
+        except ParamError as exc:
+            return json_response(400, {"message": str(exc)})
+        history = sim.history
+        if after is not None:                     # older than `after`: the page ending just below it
+            newest = min(after - 1, history.last_id)
+            oldest = max(newest - limit + 1, history.first_id)
+        elif before is not None:                  # newer than `before`: the page starting just above it
+            oldest = max(before + 1, history.first_id)
+            newest = min(oldest + limit - 1, history.last_id)
+        else:
+            newest = history.last_id
+            oldest = max(newest - limit + 1, history.first_id)
+        qty_text = sim.generator.qty_text
+        rows = [{"time": iso_time(ms), "trade_id": trade_id, "price": coinbase_price_text(cents),
+                 "size": qty_text[qty], "side": "buy" if side else "sell"}
+                for trade_id, cents, qty, ms, side in trade_rows(list(history.slices(oldest, newest)))]
+        rows.reverse()                            # newest first
+        headers = {"CB-BEFORE": str(rows[0]["trade_id"]), "CB-AFTER": str(rows[-1]["trade_id"])} if rows else {}
+        return json_response(200, rows, headers)
+
+    # -- control API
+    def history_price(self, cents: int) -> str:
+        return coinbase_price_text(cents)
+
+    def history_qty_texts(self) -> tuple[str, ...]:
+        return self.sim.generator.qty_text
+
+
+class KrakenProtocol:
+    """Kraken v2 websocket (`trade` channel, JSON numbers) and GET /0/public/Trades."""
+
+    trade_stream = "trade"
+    garbage_frames = (
+        (OP_TEXT, b'{"channel":"trade","type":"update","data":[{"symbol":'),
+        (OP_TEXT, b'{"hello":"world"}'),
+        (OP_BINARY, b"\x00\x01\x02binary"),
+        (OP_TEXT, b'{"channel":"trade","type":"update","data":[{"symbol":"ETH/USD","side":"buy","price":1.5,'
+                  b'"qty":1.0,"ord_type":"market","trade_id":5,"timestamp":"2026-01-01T00:00:00.000000Z"}]}'),
+        (OP_TEXT, b'{"channel":"trade","type":"update","data":[{"symbol":"%s","side":"buy","price":0.0,'
+                  b'"qty":1.0,"ord_type":"market","trade_id":5,"timestamp":"2026-01-01T00:00:00.000000Z"}]}'),
+        (OP_TEXT, b'{"channel":"trade","type":"update","data":[{"symbol":"%s","side":"buy","price":NaN,'
+                  b'"qty":1.0,"ord_type":"market","trade_id":5,"timestamp":"2026-01-01T00:00:00.000000Z"}]}'),
+        (OP_TEXT, b'{"channel":"trade","type":"update","data":[{"symbol":"%s","side":"buy","price":4.3e4,'
+                  b'"qty":1.0,"ord_type":"market","trade_id":5,"timestamp":"2026-01-01T00:00:00.000000Z"}]}'),
+    )
+
+    def __init__(self, sim: "ExchangeSimulator"):
+        self.sim = sim
+        self.symbol = sim.symbol
+        self.pair = kraken_rest_pair(sim.symbol)
+        self.result_key = kraken_result_key(sim.symbol)
+        self.qty_short = tuple(short_decimal(text) for text in sim.generator.qty_text)
+        self.garbage_frames = tuple((op, payload.replace(b"%s", self.symbol.encode()))
+                                    for op, payload in self.garbage_frames)
+        self._connection_ids = itertools.count(1)
+
+    # -- websocket
+    def accepts_path(self, path: str) -> bool:
+        return path in ("/v2", "/v2/", "", "/")
+
+    def greeting(self, conn: WsConnection) -> list[bytes]:
+        return [json.dumps({"channel": "status", "type": "update", "data": [
+            {"api_version": "v2", "connection_id": next(self._connection_ids), "system": "online",
+             "version": "2.0.0"}]}, separators=(",", ":")).encode()]
+
+    def trade_item(self, trade_id: int, cents: int, qty: int, side: int, ms: int) -> str:
+        taker = "sell" if side else "buy"           # isBuyerMaker: the taker sold
+        return (f'{{"symbol":"{self.symbol}","side":"{taker}","price":{kraken_price_text(cents)},'
+                f'"qty":{self.qty_short[qty]},"ord_type":"market","trade_id":{trade_id},'
+                f'"timestamp":"{iso_time(ms)}"}}')
+
+    def message(self, kind: str, items: list[str]) -> bytes:
+        return f'{{"channel":"trade","type":"{kind}","data":[{",".join(items)}]}}'.encode()
+
+    def tick_payloads(self, first_id: int, prices, qty_index, sides, time_ms: int) -> list[bytes]:
+        items = [self.trade_item(trade_id, cents, qty, side, time_ms)
+                 for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
+        return [self.message("update", items[start:start + KRAKEN_TRADES_PER_MESSAGE])
+                for start in range(0, len(items), KRAKEN_TRADES_PER_MESSAGE)]
+
+    def heartbeat(self) -> bytes:
+        return b'{"channel":"heartbeat"}'
+
+    def answer(self, conn: WsConnection, message: bytes) -> list[bytes]:
+        now = iso_time(time.time_ns() // 1_000_000)
+        try:
+            request = json.loads(message)
+        except ValueError:
+            return [self.error(None, "EGeneral:Invalid arguments", now)]
+        if not isinstance(request, dict):
+            return [self.error(None, "EGeneral:Invalid arguments", now)]
+        method, params = request.get("method"), request.get("params") or {}
+        if method == "ping":
+            return [json.dumps({"method": "pong", "time_in": now, "time_out": now}).encode()]
+        if method not in ("subscribe", "unsubscribe") or not isinstance(params, dict):
+            return [self.error(method, "EGeneral:Invalid arguments", now)]
+        if params.get("channel") != "trade":
+            return [self.error(method, f"Channel {str(params.get('channel'))[:20]} not supported here", now)]
+        symbols = params.get("symbol")
+        if not isinstance(symbols, list) or symbols != [self.symbol]:
+            return [self.error(method, f"Currency pair not supported {str(symbols)[:40]}", now)]
+        if method == "unsubscribe":
+            conn.streams = [s for s in conn.streams if s != self.trade_stream]
+        elif self.trade_stream not in conn.streams:
+            conn.streams.append(self.trade_stream)
+        replies = [json.dumps({"method": method, "result": {"channel": "trade", "snapshot": bool(
+            params.get("snapshot", True)), "symbol": self.symbol}, "success": True, "time_in": now,
+            "time_out": now}, separators=(",", ":")).encode()]
+        if method == "subscribe" and params.get("snapshot", True):
+            history = self.sim.history
+            rows = trade_rows(list(history.slices(history.last_id - KRAKEN_SNAPSHOT_TRADES + 1, history.last_id)))
+            items = [self.trade_item(trade_id, cents, qty, side, ms) for trade_id, cents, qty, ms, side in rows]
+            replies.append(self.message("snapshot", items))
+        return replies
+
+    @staticmethod
+    def error(method, text: str, now: str) -> bytes:
+        return json.dumps({"error": text, "method": method, "success": False, "time_in": now, "time_out": now},
+                          separators=(",", ":")).encode()
+
+    # -- REST
+    def rest_handler(self, path: str) -> Optional[Handler]:
+        return self.rest_trades if path == "/0/public/Trades" else None
+
+    async def rest_trades(self, request: HttpRequest) -> HttpResponse:
+        sim = self.sim
+        if sim.rest429_remaining > 0:
+            sim.rest429_remaining -= 1
+            return json_response(200, {"error": ["EGeneral:Too many requests"]})
+        if request.query.get("pair") not in (self.pair, self.symbol, self.result_key):
+            return json_response(200, {"error": ["EQuery:Unknown asset pair"]})
+        try:
+            count = int_param(request.query, "count", REST_MAX_LIMIT, low=1, high=REST_MAX_LIMIT)
+            since = int_param(request.query, "since", None, low=0)
+        except ParamError:
+            return json_response(200, {"error": ["EGeneral:Invalid arguments"]})
+        history = sim.history
+        if since is None:                          # the newest `count` trades
+            oldest = max(history.first_id, history.last_id - count + 1)
+        else:                                      # trades after `since` (ns), oldest first
+            oldest = history.first_id_after_time(since // 1_000_000)
+        rows = [[kraken_rest_price_text(cents), sim.generator.qty_text[qty], RawJson(f"{ms // 1000}.{ms % 1000:03d}"),
+                 "s" if side else "b", "m", "", trade_id]
+                for trade_id, cents, qty, ms, side in
+                trade_rows(list(history.slices(oldest, min(history.last_id, oldest + count - 1))))]
+        last = rows[-1][2].text.replace(".", "") + "000000" if rows else str(since or 0)
+        body = {"error": [], "result": {self.result_key: rows, "last": last}}
+        return HttpResponse(200, dumps_with_raw(body).encode())
+
+    # -- control API
+    def history_price(self, cents: int) -> str:
+        return kraken_price_text(cents)
+
+    def history_qty_texts(self) -> tuple[str, ...]:
+        return self.qty_short
+
+
+class RawJson:
+    """A JSON number written exactly as given (Kraken REST times like 1688669597.827)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def dumps_with_raw(obj) -> str:
+    if isinstance(obj, RawJson):
+        return obj.text
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{dumps_with_raw(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, list):
+        return "[" + ",".join(dumps_with_raw(v) for v in obj) + "]"
+    return json.dumps(obj)
+
+
+PROTOCOLS = {"coinbase": CoinbaseProtocol, "kraken": KrakenProtocol}
+
 
 
 class ExchangeSimulator:
@@ -585,6 +932,11 @@ class ExchangeSimulator:
         self.trade_stream = f"{config.symbol.lower()}@trade"
         self.generator = TradeGenerator(config.seed)
         self.history = TradeHistory(config.start_id, config.history_max)
+        # None in Binance mode, whose wire shapes are the simulator's own code below.
+        self.protocol = PROTOCOLS[config.mode](self) if config.mode in PROTOCOLS else None
+        if self.protocol is not None:
+            self.trade_stream = self.protocol.trade_stream
+        self._next_heartbeat = 0.0
         self.connections: set[WsConnection] = set()
         self._client_writers: dict[asyncio.Task, asyncio.StreamWriter] = {}   # every open TCP client
         self.rate = config.rate
@@ -652,8 +1004,12 @@ class ExchangeSimulator:
         listeners = [conn for conn in self.connections if self.trade_stream in conn.streams]
         if not listeners:
             return
-        feed = TickFeed(trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
-                                       self.generator.qty_text), self.trade_stream)
+        if self.protocol is None:
+            payloads = trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
+                                      self.generator.qty_text)
+        else:
+            payloads = self.protocol.tick_payloads(first_id, prices, qty_index, sides, time_ms)
+        feed = TickFeed(payloads, self.trade_stream)
         now = time.monotonic()
         for conn in listeners:
             conn.deliver(feed, self.fragmented, now)
@@ -662,6 +1018,9 @@ class ExchangeSimulator:
 
     def housekeep(self, now: float) -> None:
         config = self.config
+        if self.protocol is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_SECONDS
+            self.send_heartbeats()
         for conn in list(self.connections):
             if conn.closing:
                 self.connections.discard(conn)
@@ -676,6 +1035,13 @@ class ExchangeSimulator:
             elif now >= conn.next_ping_at:
                 conn.next_ping_at = now + config.ping_interval
                 conn.send_ping(now)
+
+    def send_heartbeats(self) -> None:
+        """Coinbase and Kraken beat every second on subscribed connections (a stalled one gets none)."""
+        frame = encode_message(self.protocol.heartbeat())
+        for conn in self.connections:
+            if self.trade_stream in conn.streams or "heartbeat" in conn.streams:
+                conn.send(frame)
 
     def close_connection(self, conn: WsConnection, code: int, reason: str) -> None:
         self.connections.discard(conn)
@@ -704,7 +1070,8 @@ class ExchangeSimulator:
         elif kind == "rest429":
             self.rest429_remaining = int_param(query, "count", 1, low=0, high=1_000_000)
         elif kind == "garbage":
-            junk = b"".join(encode_frame(opcode, payload) for opcode, payload in GARBAGE_FRAMES)
+            frames = GARBAGE_FRAMES if self.protocol is None else self.protocol.garbage_frames
+            junk = b"".join(encode_frame(opcode, payload) for opcode, payload in frames)
             for conn in conns:
                 conn.send(junk)
         else:
@@ -744,6 +1111,11 @@ class ExchangeSimulator:
             writer.close()
 
     async def route(self, request: HttpRequest) -> HttpResponse:
+        exchange_handler = self.protocol.rest_handler(request.path) if self.protocol is not None else None
+        if exchange_handler is not None:
+            if request.method != "GET":
+                return json_response(405, {"message": f"Use GET for {request.path}"})
+            return await exchange_handler(request)
         if request.path not in self._routes:
             return json_response(404, {"code": -1, "msg": f"Not found: {request.path[:100]}"})
         method, handler = self._routes[request.path]
@@ -773,6 +1145,9 @@ class ExchangeSimulator:
                             self.config.ping_interval, self.config.max_send_buffer)
         self.connections.add(conn)
         log.info("websocket %s opened %s streams=%s", peer, request.path, conn.streams)
+        if self.protocol is not None:
+            for payload in self.protocol.greeting(conn):
+                conn.send(encode_message(payload))
         try:
             await self.read_websocket(conn, reader)
         except ProtocolError as exc:
@@ -783,7 +1158,10 @@ class ExchangeSimulator:
             log.info("websocket %s closed", peer)
 
     def parse_stream_path(self, request: HttpRequest) -> Optional[tuple[list[str], bool]]:
-        """(stream names, combined?) for `/ws/a/b` or `/stream?streams=a/b`; None for other paths."""
+        """(stream names, combined?) for `/ws/a/b` or `/stream?streams=a/b`; None for other paths.
+        Coinbase and Kraken connections start without streams: the client subscribes by message."""
+        if self.protocol is not None:
+            return ([], False) if self.protocol.accepts_path(request.path) else None
         if request.path == "/ws" or request.path.startswith("/ws/"):
             return [name for name in request.path[4:].split("/") if name], False
         if request.path == "/stream":
@@ -818,7 +1196,12 @@ class ExchangeSimulator:
                 raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {frame.opcode}")
 
     def answer_client_request(self, conn: WsConnection, message: bytes) -> None:
-        """Binance's live subscription methods: SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS."""
+        """Binance's live subscription methods: SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS (or the
+        other mode's subscribe messages)."""
+        if self.protocol is not None:
+            for reply in self.protocol.answer(conn, message):
+                conn.send(encode_message(reply))
+            return
         try:
             request = json.loads(message)
         except ValueError:
@@ -941,7 +1324,8 @@ class ExchangeSimulator:
     # -- control API ---------------------------------------------------------------------------
 
     def status(self) -> dict:
-        return {"last_id": self.history.last_id, "first_id": self.history.first_id,
+        mode = {} if self.protocol is None else {"mode": self.config.mode, "symbol": self.symbol}
+        return {**mode, "last_id": self.history.last_id, "first_id": self.history.first_id,
                 "rate": int(self.rate) if self.rate.is_integer() else self.rate,
                 "paused": self.paused, "connections": len(self.connections), "generated": self.generated}
 
@@ -971,7 +1355,11 @@ class ExchangeSimulator:
         to_id = int_param(request.query, "toId", self.history.last_id)
         # Copy the arrays here (cheap) and format in a thread, so a million rows do not stop the clock.
         slices = list(self.history.slices(from_id, to_id))
-        body = await asyncio.to_thread(history_rows_json, slices, self.generator.qty_text)
+        if self.protocol is None:
+            body = await asyncio.to_thread(history_rows_json, slices, self.generator.qty_text)
+        else:   # prices and quantities written as this mode's trades carry them
+            body = await asyncio.to_thread(history_rows_json, slices, self.protocol.history_qty_texts(),
+                                           self.protocol.history_price)
         return HttpResponse(200, body)
 
     async def control_fault(self, request: HttpRequest) -> HttpResponse:
@@ -989,8 +1377,8 @@ class ExchangeSimulator:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        log.info("exchange simulator listening on %s:%d symbol=%s rate=%s seed=%d start_id=%d%s",
-                 config.host, port, self.symbol, self.rate, config.seed, config.start_id,
+        log.info("exchange simulator (%s) listening on %s:%d symbol=%s rate=%s seed=%d start_id=%d%s",
+                 config.mode, config.host, port, self.symbol, self.rate, config.seed, config.start_id,
                  " (paused)" if self.paused else "")
         self.restart_schedule(time.monotonic())
         clock = asyncio.create_task(self.run_clock())
@@ -1025,13 +1413,16 @@ def write_port_file(path: str, port: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m processes.exchange_sim",
-        description="Binance spot exchange simulator (websocket + REST on one port).")
+        description="Exchange simulator (websocket + REST on one port): Binance spot, Coinbase Exchange "
+                    "or Kraken v2.")
+    parser.add_argument("--mode", choices=MODES, default="binance", help="which exchange to speak (default binance)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="trades per second (up to 100000)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the price/qty/side sequence")
-    parser.add_argument("--symbol", default=DEFAULT_SYMBOL, help="symbol traded, upper case")
+    parser.add_argument("--symbol", default=None,
+                        help="symbol traded, in the mode's form (default BTCUSDT, BTC-USD or BTC/USD)")
     parser.add_argument("--start-id", type=int, default=DEFAULT_START_ID, help="id of the first trade")
     parser.add_argument("--ping-interval", type=float, default=DEFAULT_PING_INTERVAL,
                         help="seconds between server pings")
@@ -1049,10 +1440,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: Optional[list[str]]) -> SimConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.symbol is None:
+        args.symbol = DEFAULT_SYMBOLS[args.mode]
     checks = [
         (0 < args.rate <= MAX_RATE, f"--rate must be within (0, {MAX_RATE:.0f}]"),
         (0 <= args.port <= 65535, "--port must be within [0, 65535]"),
-        (SYMBOL_PATTERN.match(args.symbol) is not None, "--symbol must be upper case letters and digits"),
+        (MODE_SYMBOL_PATTERNS[args.mode].match(args.symbol) is not None,
+         f"--symbol must be a {args.mode} symbol like {DEFAULT_SYMBOLS[args.mode]}"),
         (args.start_id >= 0, "--start-id must not be negative"),
         (args.ping_interval > 0, "--ping-interval must be positive"),
         (args.pong_timeout > 0, "--pong-timeout must be positive"),
@@ -1066,7 +1460,8 @@ def config_from_args(argv: Optional[list[str]]) -> SimConfig:
     return SimConfig(host=args.host, port=args.port, port_file=args.port_file, rate=args.rate, seed=args.seed,
                      symbol=args.symbol, start_id=args.start_id, ping_interval=args.ping_interval,
                      pong_timeout=args.pong_timeout, max_conn_seconds=args.max_conn_seconds,
-                     history_max=args.history_max, max_send_buffer=args.max_send_buffer, paused=args.paused)
+                     history_max=args.history_max, max_send_buffer=args.max_send_buffer, paused=args.paused,
+                     mode=args.mode)
 
 
 async def run_simulator(config: SimConfig) -> None:
@@ -1145,7 +1540,7 @@ def start_simulator(rate: float = DEFAULT_RATE, seed: int = DEFAULT_SEED, *, sym
                     pong_timeout: Optional[float] = None, max_conn_seconds: Optional[float] = None,
                     history_max: Optional[int] = None, max_send_buffer: Optional[int] = None,
                     paused: bool = False, log_path: Optional[str] = None,
-                    startup_timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
+                    startup_timeout: float = 15.0, mode: Optional[str] = None) -> tuple[subprocess.Popen, int]:
     """Start the simulator as a child process on a free loopback port; returns (process, port).
 
     Its output goes to log_path; without one it is kept only until startup succeeds (to explain a
@@ -1153,7 +1548,7 @@ def start_simulator(rate: float = DEFAULT_RATE, seed: int = DEFAULT_SEED, *, sym
     """
     options = {"--symbol": symbol, "--start-id": start_id, "--ping-interval": ping_interval,
                "--pong-timeout": pong_timeout, "--max-conn-seconds": max_conn_seconds,
-               "--history-max": history_max, "--max-send-buffer": max_send_buffer}
+               "--history-max": history_max, "--max-send-buffer": max_send_buffer, "--mode": mode}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="exchange-sim-") as workdir:

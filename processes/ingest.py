@@ -1,4 +1,10 @@
-"""ingest: exchange websockets -> validated, gap-free, de-duplicated trades -> the local bus."""
+"""ingest: exchange websockets -> validated, gap-free, de-duplicated trades -> the local bus.
+
+Each source runs in its own SourceFeed thread with its own connections, cursor, gap detection and
+REST backfill, so one exchange that refuses, stalls, rate-limits or sends garbage never holds up
+another. Everything exchange-specific (URLs, subscription, parsing, REST paging, rate limits) is in
+that exchange's adapter: common/binance.py, common/coinbase.py, common/kraken.py.
+"""
 
 import queue
 import socket
@@ -9,15 +15,16 @@ import redis
 import websocket
 
 from common.backoff import Backoff
-from common.binance import REST_PAGE_LIMIT, BinanceRest, RateLimited, RestError, stream_url
+from common import keys
+from common.binance import BinanceAdapter
 from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, Bus
+from common.coinbase import CoinbaseAdapter
+from common.exchange import RateLimited, RestError
+from common.kraken import KrakenAdapter
 from common.lifecycle import EXIT_FAILURE, Process, run_process
-from common.trade import BadMessage, parse_binance_ws
+from common.trade import BadMessage, Trade
 from common.wsframes import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameError, FrameReader
 
-# Binance pings every 20 s and drops a client that stays silent for a minute; a connection on
-# which nothing at all (not even a ping) arrived for this long is dead even if TCP says otherwise.
-STALE_AFTER_S = 65.0
 CONNECT_TIMEOUT_S = 10.0
 # A connection that stayed up this long was healthy: the next failure starts backoff afresh.
 HEALTHY_AFTER_S = 10.0
@@ -29,6 +36,23 @@ BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
 BUS_FULL_ALARM_EVERY_S = 10.0
+# A REST answer may lag the stream by a moment: when a gap is not filled yet, ask again this often.
+REST_BEHIND_RETRIES = 10
+REST_BEHIND_WAIT_S = 0.2
+# Local Redis field (in the source's stats hash) with the time of the cursor's trade, for exchanges
+# whose REST pages go by time (Kraken): where to start a backfill after a restart.
+CURSOR_TIME_FIELD = "cursor_ts"
+
+
+def adapter_for(source, cfg):
+    """The exchange adapter for one configured source."""
+    if source.exchange == "binance":
+        return BinanceAdapter(source.symbol, cfg.binance_ws_url, cfg.binance_rest_url, cfg.binance_stream_form)
+    if source.exchange == "coinbase":
+        return CoinbaseAdapter(source.symbol, cfg.coinbase_ws_url, cfg.coinbase_rest_url)
+    if source.exchange == "kraken":
+        return KrakenAdapter(source.symbol, cfg.kraken_ws_url, cfg.kraken_rest_url)
+    raise ValueError(f"no adapter for exchange {source.exchange!r}")
 
 
 class Connection(threading.Thread):
@@ -66,14 +90,17 @@ class Connection(threading.Thread):
         except (websocket.WebSocketException, OSError) as exc:
             feed.inbox.put(("failed", self, _reason(exc)))
             return
-        self.ws.settimeout(STALE_AFTER_S)
+        stale_after_s = feed.adapter.stale_after_s
+        self.ws.settimeout(stale_after_s)
         self.opened_at = time.monotonic()
         feed.inbox.put(("connected", self, None))
         reason = "closed"
         try:
+            for message in feed.adapter.subscribe_messages():
+                self.ws.send(message.decode())
             self._read_until_closed()
         except (websocket.WebSocketTimeoutException, socket.timeout):
-            reason = f"silent for {STALE_AFTER_S:.0f}s"
+            reason = f"silent for {stale_after_s:.0f}s"
         except (websocket.WebSocketException, OSError, ValueError) as exc:
             reason = _reason(exc)
         finally:
@@ -100,16 +127,30 @@ class Connection(threading.Thread):
             trades = []
             for opcode, payload in frames:
                 if opcode == OP_TEXT or opcode == OP_BINARY:
-                    trade = feed.parse_frame(opcode, payload)
-                    if trade is not None:
-                        trades.append(trade)
+                    item = feed.parse_frame(opcode, payload)
+                    if item is None:
+                        continue
+                    kind = item.__class__
+                    if kind is Trade:
+                        trades.append(item)
+                    elif kind is list:
+                        trades.extend(item)
+                    else:
+                        # A heartbeat: the trades before it go first, so its id is judged after them.
+                        self._hand_over(trades)
+                        trades = []
+                        feed.inbox.put(("heartbeat", self, item.last_id))
                 elif opcode == OP_PING:
                     ws.pong(payload)
                 elif opcode == OP_CLOSE:
+                    self._hand_over(trades)
                     return
-            if trades:
-                self.delivered = True
-                feed.inbox.put(("trades", self, trades))
+            self._hand_over(trades)
+
+    def _hand_over(self, trades) -> None:
+        if trades:
+            self.delivered = True
+            self.feed.inbox.put(("trades", self, trades))
 
 
 def _reason(exc: BaseException) -> str:
@@ -124,8 +165,10 @@ class SourceFeed(threading.Thread):
         super().__init__(name=f"feed:{source.name}", daemon=True)
         self.source = source.name
         self.symbol = source.symbol
-        self.ws_url = stream_url(cfg.binance_ws_url, source.symbol, cfg.binance_stream_form)
-        self.rest = BinanceRest(cfg.binance_rest_url, source.symbol)
+        self.adapter = adapter_for(source, cfg)
+        self.ws_url = self.adapter.ws_url
+        # Kraken's REST pages go by time: the backfill needs the time of the cursor's trade.
+        self.keeps_cursor_time = source.exchange == "kraken"
         self.max_conn_s = cfg.max_conn_hours * 3600
         self.bus = bus
         self.log = log
@@ -139,6 +182,7 @@ class SourceFeed(threading.Thread):
         self.next_connect_at = 0.0
         self.connections_made = 0
         self.last_id = None           # highest id accepted (published or pending)
+        self.last_ts = None           # exchange time (ms) of trade last_id, when known
         self.pending = []
         self.resets = 0               # times ingest restarted from the local cursor
         self.needs_backfill = False
@@ -151,6 +195,7 @@ class SourceFeed(threading.Thread):
     def run(self) -> None:
         try:
             self.last_id = self.bus.cursor(self.source)
+            self.last_ts = self._stored_cursor_time()
             self.needs_backfill = self.last_id is not None
             self.log.info("feed_start", source=self.source, url=self.ws_url, cursor=self.last_id)
             while not self.stopping.is_set():
@@ -211,8 +256,19 @@ class SourceFeed(threading.Thread):
             self.log.info("connected", source=self.source, connection=conn.number)
             if conn is self.current:
                 self.needs_backfill = self.last_id is not None
+        elif kind == "heartbeat":
+            self._heartbeat(data)
         elif kind in ("failed", "disconnected"):
             self._lost(conn, kind, data, now)
+
+    def _heartbeat(self, exchange_last_id) -> None:
+        """A heartbeat that names a newer trade than ours reveals a gap even in a quiet market."""
+        if exchange_last_id is None or self.last_id is None or exchange_last_id <= self.last_id:
+            return
+        self.counts["gaps"] += 1
+        self.log.warning("gap", source=self.source, after=self.last_id, next=exchange_last_id + 1,
+                         missing=exchange_last_id - self.last_id, seen_in="heartbeat")
+        self.backfill(until_id=exchange_last_id)
 
     def _lost(self, conn: Connection, kind: str, reason: str, now: float) -> None:
         if conn is self.replacement:
@@ -229,7 +285,8 @@ class SourceFeed(threading.Thread):
                          source=self.source, connection=conn.number, reason=reason, retry_in_s=round(delay, 2))
 
     def parse_frame(self, opcode: int, data: bytes):
-        """Called on connection threads: a trade, or None (not a trade, or dead-lettered)."""
+        """Called on connection threads: a Trade, a list of Trades, a Heartbeat, or None (not a
+        trade, or dead-lettered)."""
         if opcode != OP_TEXT:
             self.reject("binary frame", data)
             return None
@@ -237,9 +294,12 @@ class SourceFeed(threading.Thread):
             self.reject(f"frame over {MAX_FRAME_BYTES} bytes", data)
             return None
         try:
-            return parse_binance_ws(data, self.symbol, int(time.time() * 1000))
+            return self.adapter.parse(data, int(time.time() * 1000))
         except BadMessage as exc:
             self.reject(str(exc), data)
+            return None
+        except Exception as exc:  # a parser that trips over hostile input must not end the connection
+            self.reject(f"unparseable: {type(exc).__name__}: {str(exc)[:120]}", data)
             return None
 
     def reject(self, reason: str, raw) -> None:
@@ -279,6 +339,7 @@ class SourceFeed(threading.Thread):
             chunk, trades = trades[:room], trades[room:]
             self.pending.extend(chunk)
             self.last_id = chunk[-1].id
+            self.last_ts = chunk[-1].ts
             self.counts["last_trade_ts"] = chunk[-1].ts
             self.counts["last_price"] = chunk[-1].p
             if len(self.pending) >= BUS_BATCH_MAX:
@@ -289,6 +350,7 @@ class SourceFeed(threading.Thread):
     def _append(self, trade) -> None:
         self.pending.append(trade)
         self.last_id = trade.id
+        self.last_ts = trade.ts
         self.counts["last_trade_ts"] = trade.ts
         self.counts["last_price"] = trade.p
         if len(self.pending) >= BUS_BATCH_MAX:
@@ -296,16 +358,15 @@ class SourceFeed(threading.Thread):
 
     def backfill(self, until_id: int = None) -> None:
         """Fetch trades after last_id over REST until until_id (or until caught up with the exchange)."""
-        start_id, fetched = self.last_id + 1, 0
+        start_id, fetched, behind = self.last_id + 1, 0, 0
         while not self.stopping.is_set() and (until_id is None or self.last_id < until_id):
             from_id = self.last_id + 1
-            page = self._rest_page(from_id)
-            if page is None:
+            answer = self._rest_page(from_id)
+            if answer is None:
                 return        # stopping
+            page, exhausted = answer
             page = [t for t in page if t.id >= from_id]
-            if not page:
-                break
-            if page[0].id != from_id:
+            if page and page[0].id != from_id:
                 self.log.error("gap_unfillable", source=self.source, first_missing=from_id,
                                exchange_has_from=page[0].id)
             for trade in page:
@@ -313,27 +374,37 @@ class SourceFeed(threading.Thread):
                     self._append(trade)
                     fetched += 1
             self.flush()
-            if len(page) < REST_PAGE_LIMIT:
-                break
+            if exhausted or not page:
+                if until_id is None or self.last_id >= until_id:
+                    break
+                if behind >= REST_BEHIND_RETRIES:
+                    self.log.error("gap_unfillable", source=self.source, first_missing=self.last_id + 1,
+                                   exchange_rest_ends_at=self.last_id, stream_has=until_id + 1)
+                    break
+                behind += 1     # the stream showed newer trades than REST has yet: ask again shortly
+                self.stopping.wait(REST_BEHIND_WAIT_S)
         self.counts["backfilled"] += fetched
         self.log.info("backfilled", source=self.source, from_id=start_id, to_id=self.last_id, trades=fetched)
 
     def _rest_page(self, from_id: int):
         while not self.stopping.is_set():
-            pause = self.rest.weight_pause_s()
+            pause = self.adapter.rest_pause_s()
             if pause:
-                self.log.warning("rest_weight_pause", source=self.source, pause_s=round(pause, 1))
+                if pause >= 1.0:
+                    self.log.warning("rest_weight_pause", source=self.source, pause_s=round(pause, 1))
                 self.stopping.wait(pause)
             try:
-                page = self.rest.historical_trades(from_id)
+                answer = self.adapter.fetch_page(from_id, self.last_ts if self.last_id == from_id - 1 else None)
                 self.rest_backoff.reset()
-                return page
+                return answer
             except RateLimited as exc:
                 self.log.warning("rest_rate_limited", source=self.source, retry_after_s=exc.retry_after_s)
                 self.stopping.wait(exc.retry_after_s)
-            except (RestError, BadMessage) as exc:
+            except Exception as exc:  # RestError, BadMessage, or anything odd: retry later, never crash
                 if isinstance(exc, BadMessage):
                     self.reject(f"REST: {exc}", b"")
+                elif not isinstance(exc, RestError):
+                    exc = RestError(f"{type(exc).__name__}: {exc}")
                 delay = self.rest_backoff.next_delay()
                 self.log.warning("rest_failed", source=self.source, error=str(exc)[:200], retry_in_s=round(delay, 2))
                 self.stopping.wait(delay)
@@ -349,9 +420,25 @@ class SourceFeed(threading.Thread):
                 continue
             if result in (PUBLISHED, ALREADY_DURABLE):
                 self.counts["batches"] += result == PUBLISHED
+                if result == PUBLISHED and self.keeps_cursor_time:
+                    self._store_cursor_time(self.pending[-1].ts)
                 self.pending = []
             elif result == BUS_FULL:
                 self._bus_full()
+
+    def _store_cursor_time(self, ts: int) -> None:
+        """Written after the bus entry, so a local Redis that rolls back its AOF never keeps a time
+        newer than its cursor's trade (an older one only makes the next backfill start earlier)."""
+        try:
+            self.bus.client.hset(keys.source_stats(self.source), CURSOR_TIME_FIELD, ts)
+        except redis.RedisError as exc:
+            self.log.warning("cursor_time_not_stored", source=self.source, error=type(exc).__name__)
+
+    def _stored_cursor_time(self):
+        if not self.keeps_cursor_time:
+            return None
+        value = self.bus.client.hget(keys.source_stats(self.source), CURSOR_TIME_FIELD)
+        return int(value) if value is not None and value.isdigit() else None
 
     def _bus_full(self) -> None:
         # Never drop: hold ingest (the inbox fills, then TCP pushes back) and say so loudly.
@@ -374,6 +461,10 @@ class SourceFeed(threading.Thread):
             self.resets += 1
             self.pending = []
             self.last_id = cursor
+            try:
+                self.last_ts = self._stored_cursor_time()
+            except redis.RedisError:
+                self.last_ts = None
             self.needs_backfill = cursor is not None
             return
 

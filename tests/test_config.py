@@ -277,10 +277,10 @@ def test_sources_are_normalized():
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("foo:BTCUSDT", "unknown exchange 'foo' (supported: binance)"),
+    ("foo:BTCUSDT", "unknown exchange 'foo' (supported: binance, coinbase, kraken)"),
     (":BTCUSDT", "unknown exchange ''"),
-    ("coinbase:BTC-USD", "exchange 'coinbase' is not supported yet"),
-    ("kraken:BTC/USD", "exchange 'kraken' is not supported yet"),
+    ("coinbase:BTCUSD", "'BTCUSD' is not a Coinbase product like BTC-USD"),
+    ("kraken:BTC-USD", "'BTC-USD' is not a Kraken v2 symbol like BTC/USD"),
     ("binance:BTCUSDT,binance:btcusdt", "binance:BTCUSDT is listed twice"),
     ("", "no source given"),
     (" , ,", "no source given"),

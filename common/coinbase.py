@@ -1,0 +1,130 @@
+"""Coinbase Exchange: the `matches` websocket channel, heartbeats and REST product trades.
+
+Trade ids are consecutive per product. `side` in Coinbase messages is the MAKER's side: a match with
+side "sell" was a resting sell order taken by a buyer, so the taker (our `side`) bought. The
+`heartbeat` channel says the product's newest trade id every second, so a gap shows even when the
+market is quiet. REST pages are newest first; `after=X` gives the trades with ids below X.
+"""
+
+import time
+import urllib.parse
+
+import orjson
+
+from common.exchange import Heartbeat, RequestPacer, RestError, http_get_json, iso_to_ms, strictly_ascending
+from common.trade import BadMessage, Trade, check_decimal, check_int, check_qty
+
+DEFAULT_WS_URL = "wss://ws-feed.exchange.coinbase.com"
+DEFAULT_REST_URL = "https://api.exchange.coinbase.com"
+REST_PAGE_LIMIT = 1000          # the most /products/{id}/trades returns per call
+# Public REST endpoints allow about 10 requests/s (bursts of 15); stay at 80% of that.
+REST_PER_SECOND = 8.0
+REST_BURST = 5.0
+# Heartbeats come every second on a subscribed connection: ten silent seconds mean it is dead.
+STALE_AFTER_S = 10.0
+TRADE_TYPES = ("match", "last_match")
+# Valid feed messages that carry no trade for us (other channels, acknowledgements, order events).
+NON_TRADE_TYPES = frozenset(("subscriptions", "ticker", "ticker_batch", "snapshot", "l2update", "level2",
+                             "status", "received", "open", "done", "change", "activate"))
+TAKER_SIDE = {"sell": "buy", "buy": "sell"}   # maker side -> taker side
+
+
+def subscribe_message(product_id: str) -> bytes:
+    return orjson.dumps({"type": "subscribe", "product_ids": [product_id], "channels": ["matches", "heartbeat"]})
+
+
+def taker_side(maker_side) -> str:
+    side = TAKER_SIDE.get(maker_side) if maker_side.__class__ is str else None
+    if side is None:
+        raise BadMessage(f"side is not buy or sell: {maker_side!r:.20}")
+    return side
+
+
+def trade_from(message: dict, rts: int) -> Trade:
+    """One trade from a match, last_match or REST trade object (the product already checked)."""
+    return Trade(
+        check_int("trade id", message.get("trade_id")),
+        check_decimal("price", message.get("price")),
+        check_qty(message.get("size")),
+        taker_side(message.get("side")),
+        iso_to_ms("trade time", message.get("time")),
+        rts)
+
+
+def parse_ws(raw, product_id: str, rts: int):
+    """A Trade, a Heartbeat or None from one feed message; BadMessage for anything else."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"malformed JSON: {exc}")
+    if not isinstance(message, dict):
+        raise BadMessage("message is not a JSON object")
+    kind = message.get("type")
+    if kind in TRADE_TYPES:
+        check_product(message, product_id)
+        return trade_from(message, rts)
+    if kind == "heartbeat":
+        check_product(message, product_id)
+        return Heartbeat(check_int("heartbeat last_trade_id", message.get("last_trade_id")))
+    if kind == "error":
+        raise BadMessage(f"exchange error: {str(message.get('message'))[:80]} {str(message.get('reason'))[:80]}")
+    if isinstance(kind, str) and kind in NON_TRADE_TYPES:
+        return None
+    raise BadMessage("unknown message shape")
+
+
+def check_product(message: dict, product_id: str) -> None:
+    if message.get("product_id") != product_id:
+        raise BadMessage(f"message for product {message.get('product_id')!r:.20}, expected {product_id}")
+
+
+def parse_rest_page(body, rts: int) -> list:
+    """Trades of one /products/{id}/trades answer (newest first) in ascending id order."""
+    if not isinstance(body, list):
+        raise BadMessage("product trades answer is not a list")
+    trades = []
+    for item in reversed(body):
+        if not isinstance(item, dict):
+            raise BadMessage("REST trade is not a JSON object")
+        trades.append(trade_from(item, rts))
+    if not strictly_ascending(trades):
+        raise BadMessage("REST trade ids are not strictly descending")
+    return trades
+
+
+class CoinbaseAdapter:
+    exchange = "coinbase"
+    page_limit = REST_PAGE_LIMIT
+    stale_after_s = STALE_AFTER_S
+
+    def __init__(self, product_id: str, ws_url: str = DEFAULT_WS_URL, rest_url: str = DEFAULT_REST_URL):
+        self.symbol = product_id
+        self.ws_url = ws_url.rstrip("/")
+        self.rest_url = rest_url.rstrip("/")
+        self.pacer = RequestPacer(REST_PER_SECOND, REST_BURST)
+
+    def subscribe_messages(self) -> list:
+        return [subscribe_message(self.symbol)]
+
+    def parse(self, raw, rts: int):
+        return parse_ws(raw, self.symbol, rts)
+
+    def fetch_page(self, from_id: int, after_ts_ms=None):
+        """(trades from_id .. from_id + 999, whether that reached the newest trade): `after` is exclusive and pages go newest first, so asking
+        for the page older than from_id + 1000 gives exactly that window (or the newest trades)."""
+        query = urllib.parse.urlencode({"after": from_id + REST_PAGE_LIMIT, "limit": REST_PAGE_LIMIT})
+        path = f"/products/{urllib.parse.quote(self.symbol, safe='')}/trades?{query}"
+        body, _ = http_get_json(self.rest_url + path)
+        page = parse_rest_page(body, _now_ms())
+        trades = [trade for trade in page if trade.id >= from_id]
+        return trades, len(trades) < REST_PAGE_LIMIT
+
+    def rest_pause_s(self) -> float:
+        return self.pacer.pause_s()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+__all__ = ["CoinbaseAdapter", "parse_ws", "parse_rest_page", "subscribe_message", "RestError"]
