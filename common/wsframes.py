@@ -290,18 +290,20 @@ class _FieldCollector:
 
     def __init__(self):
         self.top, self.data = {}, {}
+        self.top_keys = set()
 
     def put(self, target: dict, key: str, value) -> None:
         # A key seen twice is ambiguous (which one the parser keeps depends on the parser): dropped.
         target[key] = _AMBIGUOUS if key in target else value
 
-    def result(self, entered_data: bool) -> dict:
+    def result(self) -> dict:
         # Binance sends a trade either as the top-level object or, on a combined stream, as
-        # {"stream": ..., "data": {...}}: once "stream" or "data" shows, only "data" holds the trade.
-        stream = self.top.get("stream")
-        combined = entered_data or "stream" in self.top
+        # {"stream": ..., "data": {...}} with "stream" first. Once "stream" or "data" shows at the
+        # top, the trade can only be in "data", whose fields count only if "stream" came first.
+        combined = "stream" in self.top_keys or "data" in self.top_keys
         source = self.data if combined else self.top
         fields = {k: v for k, v in source.items() if v is not _AMBIGUOUS and k != "stream"}
+        stream = self.top.get("stream")
         if isinstance(stream, str):
             fields["stream"] = stream
         return fields
@@ -325,68 +327,83 @@ def sample_prefix(prefix: bytes) -> dict:
     return _sample_document(last)
 
 
+# What an open container expects next; any other token ends the sample (the rest is not JSON).
+_KEY, _COLON, _VALUE, _COMMA = range(4)
+
+
 def _sample_document(doc: bytes) -> dict:
     collected = _FieldCollector()
-    # Per open container: [is_object, expecting_key, current_key]; the "data" object is tracked by depth.
-    stack = []
+    stack = []                  # per open container: [is_object, expecting, key]
     data_depth = None
-    pending_number = None       # (target, key, token): recorded only once a delimiter follows
+    pending_number = None       # (target, key, value): recorded only once a delimiter follows
     pos, n = 0, len(doc)
     while pos < n:
         token = _TOKEN.match(doc, pos)
         if token is None:
-            break               # malformed or cut inside a token: nothing after this point counts
+            break               # cut inside a token, or not JSON: nothing after this point counts
         pos = token.end()
         string, number, literal, punct = token.groups()
         if pending_number is not None:
             if punct in (b",", b"}", b"]"):
                 collected.put(*pending_number)
             pending_number = None
-        if punct is not None:
-            if punct in (b"{", b"["):
-                key = stack[-1][2] if stack and stack[-1][0] else None
-                target = _sample_target(collected, len(stack), data_depth)
-                if target is not None and (key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS):
-                    collected.put(target, key, _AMBIGUOUS)      # a container where a value belongs
-                stack.append([punct == b"{", punct == b"{", None])
-                if punct == b"{" and len(stack) == 2 and key == "data":
-                    data_depth = 2
-            elif punct in (b"}", b"]"):
-                if not stack:
-                    break
-                stack.pop()
-                if not stack:
-                    break       # the document ended
-            elif punct == b",":
-                if stack and stack[-1][0]:
-                    stack[-1][1], stack[-1][2] = True, None
-            continue
         if not stack:
-            break
+            if punct != b"{":
+                break
+            stack.append([True, _KEY, None])
+            continue
         frame = stack[-1]
-        if frame[0] and frame[1]:                  # a key
+        is_object, expecting = frame[0], frame[1]
+        if punct == b",":
+            if expecting != _COMMA:
+                break
+            frame[1], frame[2] = (_KEY if is_object else _VALUE), None
+        elif punct == b":":
+            if expecting != _COLON:
+                break
+            frame[1] = _VALUE
+        elif punct in (b"}", b"]"):
+            if (punct == b"}") != is_object or expecting not in (_COMMA, _KEY if is_object else _VALUE):
+                break
+            stack.pop()
+            if not stack:
+                break           # the document ended
+            stack[-1][1] = _COMMA
+        elif expecting == _KEY:
             if string is None:
                 break
             try:
                 frame[2] = orjson.loads(string)
             except orjson.JSONDecodeError:
                 break
-            frame[1] = False
-            continue
-        target = _sample_target(collected, len(stack), data_depth)
-        key = frame[2] if frame[0] else None
-        if target is None or key is None:
-            continue
-        if string is not None and key in SAMPLE_STRING_FIELDS:
-            try:
-                collected.put(target, key, orjson.loads(string))
-            except orjson.JSONDecodeError:
-                break
-        elif number is not None and key in SAMPLE_ID_FIELDS and _PLAIN_UINT.fullmatch(number):
-            pending_number = (target, key, int(number))
-        elif key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS:
-            collected.put(target, key, _AMBIGUOUS)      # present but not usable: never guess
-    return collected.result(data_depth is not None)
+            frame[1] = _COLON
+            if len(stack) == 1:
+                collected.top_keys.add(frame[2])
+        elif expecting != _VALUE:
+            break
+        else:                   # a value: a container or a scalar
+            frame[1] = _COMMA
+            key = frame[2] if is_object else None
+            target = _sample_target(collected, len(stack), data_depth)
+            wanted = target is not None and (key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS)
+            if punct is not None:
+                if wanted:
+                    collected.put(target, key, _AMBIGUOUS)      # a container where a value belongs
+                if punct == b"{" and len(stack) == 1 and key == "data" and "stream" in collected.top_keys:
+                    data_depth = 2
+                stack.append([punct == b"{", _KEY if punct == b"{" else _VALUE, None])
+            elif not wanted:
+                continue
+            elif string is not None and key in SAMPLE_STRING_FIELDS:
+                try:
+                    collected.put(target, key, orjson.loads(string))
+                except orjson.JSONDecodeError:
+                    break
+            elif number is not None and key in SAMPLE_ID_FIELDS and _PLAIN_UINT.fullmatch(number):
+                pending_number = (target, key, int(number))
+            else:
+                collected.put(target, key, _AMBIGUOUS)          # present but not usable: never guess
+    return collected.result()
 
 
 def _sample_target(collected: _FieldCollector, depth: int, data_depth) -> Optional[dict]:
