@@ -17,15 +17,28 @@ def short_tmpdir(prefix: str = "bf-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+# The source each simulator mode feeds, and the websocket path its exchange serves the feed on.
+MODE_SOURCES = {"binance": SOURCE, "coinbase": "coinbase:BTC-USD", "kraken": "kraken:BTC/USD"}
+MODE_WS_PATHS = {"binance": "", "coinbase": "", "kraken": "/v2"}
+
+
 class Simulator:
-    def __init__(self, rate: float, seed: int = 7, **options):
+    def __init__(self, rate: float, seed: int = 7, mode: str = "binance", **options):
+        self.mode = mode
+        if mode != "binance":
+            options["mode"] = mode
         self.process, self.port = start_simulator(rate=rate, seed=seed, **options)
         self.client = SimulatorClient(f"http://127.0.0.1:{self.port}")
 
     @property
+    def source(self) -> str:
+        return MODE_SOURCES[self.mode]
+
+    @property
     def env(self) -> dict:
-        return {"BTCFEED_BINANCE_WS_URL": f"ws://127.0.0.1:{self.port}",
-                "BTCFEED_BINANCE_REST_URL": f"http://127.0.0.1:{self.port}"}
+        prefix = f"BTCFEED_{self.mode.upper()}"
+        return {f"{prefix}_WS_URL": f"ws://127.0.0.1:{self.port}{MODE_WS_PATHS[self.mode]}",
+                f"{prefix}_REST_URL": f"http://127.0.0.1:{self.port}"}
 
     def stop(self) -> None:
         self.process.terminate()
@@ -33,14 +46,25 @@ class Simulator:
 
 
 def stack_env(primary: RedisProcess, sim: Simulator, **extra) -> dict:
+    return sources_env(primary, [sim], **extra)
+
+
+def sources_env(primary: RedisProcess, sims, **extra) -> dict:
+    """One stack fed by several simulators (one per exchange), each its own source."""
     env = {"BTCFEED_PRIMARY_URL": primary.url, "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
-           "BTCFEED_SOURCES": SOURCE, "BTCFEED_LOG_LEVEL": "INFO", **sim.env}
+           "BTCFEED_SOURCES": ",".join(sim.source for sim in sims), "BTCFEED_LOG_LEVEL": "INFO"}
+    for sim in sims:
+        env.update(sim.env)
     env.update(extra)
     return env
 
 
 def start_stack(primary: RedisProcess, sim: Simulator, **extra) -> Stack:
-    stack = Stack(short_tmpdir("bf-stack-"), stack_env(primary, sim, **extra))
+    return start_sources_stack(primary, [sim], **extra)
+
+
+def start_sources_stack(primary: RedisProcess, sims, **extra) -> Stack:
+    stack = Stack(short_tmpdir("bf-stack-"), sources_env(primary, sims, **extra))
     stack.up(wait_s=30)
     return stack
 
@@ -60,8 +84,8 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def primary_last_id(client) -> int:
-    value = client.hget(keys.last(SOURCE), "id")
+def primary_last_id(client, source: str = SOURCE) -> int:
+    value = client.hget(keys.last(source), "id")
     return int(value) if value is not None else -1
 
 
@@ -69,15 +93,17 @@ def drain(primary_client, sim: Simulator, timeout_s: float = 60.0) -> int:
     """Stop the exchange and wait until the primary holds its last trade; returns that id."""
     sim.client.pause()
     last_id = sim.client.status()["last_id"]
-    wait_for(lambda: primary_last_id(primary_client) >= last_id, timeout_s,
-             f"primary to reach trade {last_id} (it has {primary_last_id(primary_client)})")
+    source = getattr(sim, "source", SOURCE)
+    wait_for(lambda: primary_last_id(primary_client, source) >= last_id, timeout_s,
+             f"primary to reach {source} trade {last_id} (it has {primary_last_id(primary_client, source)})")
     return last_id
 
 
 def verify_primary(primary_client, sim: Simulator, from_id: int = None, to_id: int = None) -> Verdict:
-    return verify.verify_primary(primary_client, sim.client, from_id, to_id)
+    return verify.verify_primary(primary_client, sim.client, from_id, to_id, source=getattr(sim, "source", SOURCE))
 
 
 def verify_derived(primary_client, sim: Simulator, from_id: int, to_id: int) -> None:
-    problems = verify.derived_differences(primary_client, sim.client, from_id, to_id)
+    problems = verify.derived_differences(primary_client, sim.client, from_id, to_id,
+                                          source=getattr(sim, "source", SOURCE))
     assert not problems, problems[:5]

@@ -1,0 +1,282 @@
+"""Coinbase Exchange: the parser on real captured messages and hostile input, REST paging against the
+simulator, and the whole stack against the simulator in coinbase mode with real faults."""
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from common import coinbase, keys
+from common.config import ConfigError, load
+from common.exchange import Heartbeat, iso_to_ms
+from common.trade import BadMessage, Trade
+from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
+                     verify_primary, wait_for)
+from processes.exchange_sim import stop_simulator
+
+LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "coinbase-exchange-feed.jsonl"
+SHARED_CAPTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures"
+                  / "coinbase-exchange-feed.jsonl")
+RATE = 1000
+PRODUCT = "BTC-USD"
+MATCH = {"type": "match", "trade_id": 881613, "maker_order_id": "a", "taker_order_id": "b", "side": "sell",
+         "size": "0.04", "price": "14.7775", "product_id": PRODUCT, "sequence": 333938798,
+         "time": "2021-04-17T16:43:30.244075Z"}
+
+
+def raw(message: dict, **changes) -> bytes:
+    return json.dumps({**message, **changes}).encode()
+
+
+# --- the parser ---------------------------------------------------------------------------------
+
+def capture_verdicts(path: Path):
+    """(trades, ignored) of a capture, each message parsed for its own product."""
+    trades, ignored = [], 0
+    for line in path.read_bytes().splitlines():
+        product = json.loads(line).get("product_id")
+        item = coinbase.parse_ws(line, product, 1)
+        if item is None:
+            ignored += 1
+        else:
+            assert item.__class__ is Trade
+            trades.append((product, item))
+    return trades, ignored
+
+
+@pytest.mark.parametrize("path", [LOCAL_CAPTURE, SHARED_CAPTURE], ids=["repository", "shared"])
+def test_capture_matches_become_trades_and_nothing_else_does(path):
+    if path is SHARED_CAPTURE and not path.exists():
+        pytest.skip(f"no shared capture at {path}")
+    trades, ignored = capture_verdicts(path)
+    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+    matches = [m for m in lines if m["type"] in ("match", "last_match")]
+    assert len(trades) == len(matches) >= 41 and ignored == len(lines) - len(matches)
+    for (product, trade), message in zip(trades, matches):
+        assert (trade.id, trade.p, trade.q) == (message["trade_id"], message["price"], message["size"])
+        assert product == message["product_id"]
+        assert trade.side == {"sell": "buy", "buy": "sell"}[message["side"]]
+    # Ids per product only go up in the capture: the sequencer sees no false gap from parsing.
+    by_product = {}
+    for product, trade in trades:
+        by_product.setdefault(product, []).append(trade.id)
+    assert all(ids == sorted(ids) for ids in by_product.values())
+
+
+def test_match_fields_and_taker_side():
+    trade = coinbase.parse_ws(raw(MATCH), PRODUCT, 77)
+    assert trade == Trade(881613, "14.7775", "0.04", "buy", 1618677810244, 77)
+    # Maker side "buy": a resting bid was hit, so the taker sold.
+    assert coinbase.parse_ws(raw(MATCH, side="buy"), PRODUCT, 77).side == "sell"
+    assert coinbase.parse_ws(raw(MATCH, type="last_match"), PRODUCT, 77).id == 881613
+
+
+def test_time_to_ms_without_floats():
+    assert iso_to_ms("t", "2021-04-17T16:43:30.244075Z") == 1618677810244
+    assert iso_to_ms("t", "2021-04-17T16:43:30Z") == 1618677810000
+    assert iso_to_ms("t", "2021-04-17T16:43:30.9999999Z") == 1618677810999
+    assert iso_to_ms("t", "2021-04-17T16:43:30.5+00:00") == 1618677810500
+
+
+def test_heartbeat_carries_last_trade_id():
+    beat = {"type": "heartbeat", "sequence": 90, "last_trade_id": 1234, "product_id": PRODUCT,
+            "time": "2021-04-17T16:43:30.244075Z"}
+    assert coinbase.parse_ws(raw(beat), PRODUCT, 1) == Heartbeat(1234)
+    with pytest.raises(BadMessage):
+        coinbase.parse_ws(raw(beat, product_id="ETH-USD"), PRODUCT, 1)
+    with pytest.raises(BadMessage):
+        coinbase.parse_ws(raw(beat, last_trade_id="1234"), PRODUCT, 1)
+
+
+@pytest.mark.parametrize("message", [
+    raw(MATCH, product_id="ETH-USD"),                       # wrong product
+    raw(MATCH, price="abc"),                                # bad price
+    raw(MATCH, price="NaN"),
+    raw(MATCH, price="1e3"),                                # exponent
+    raw(MATCH, price="-14.7"),                              # negative
+    raw(MATCH, price="0.0000"),                             # zero
+    raw(MATCH, price=14.7775),                              # a number, not the exchange's string
+    raw(MATCH, size="0.000000001"),                         # finer than 1e-8
+    raw(MATCH, size="99999999"),                            # implausible quantity
+    raw(MATCH, trade_id=-5),
+    raw(MATCH, trade_id="881613"),
+    raw(MATCH, trade_id=2 ** 60),
+    raw(MATCH, side="up"),
+    raw(MATCH, time="yesterday"),
+    raw(MATCH, time="2021-13-17T16:43:30Z"),
+    b'{"type":"match","trade_id":',                         # cut in half
+    b'{"type":"error","message":"Failed to subscribe","reason":"BTC-XYZ is not a valid product"}',
+    b'{"hello":"world"}',
+    b'[1,2,3]',
+    b'\xff\xfe',
+    b'{"type":["match"]}',
+], ids=lambda m: m[:60].decode("utf-8", "replace"))
+def test_hostile_messages_never_become_trades(message):
+    with pytest.raises(BadMessage):
+        coinbase.parse_ws(message, PRODUCT, 1)
+
+
+def rest_row(trade_id, price="100.00", size="0.10000000", side="sell"):
+    return {"time": "2021-04-17T16:43:30.244075Z", "trade_id": trade_id, "price": price, "size": size, "side": side}
+
+
+def test_rest_page_is_newest_first_and_comes_back_ascending():
+    trades = coinbase.parse_rest_page([rest_row(12), rest_row(11), rest_row(10)], 5)
+    assert [t.id for t in trades] == [10, 11, 12]
+
+
+@pytest.mark.parametrize("body", [
+    [rest_row(10), rest_row(11)],                          # ascending: not what the API sends
+    [rest_row(11), rest_row(11)],                          # repeated id
+    [rest_row(11), rest_row(10, price="NaN")],
+    {"message": "NotFound"},
+    [["not", "an", "object"]],
+])
+def test_hostile_rest_pages_are_refused_whole(body):
+    with pytest.raises(BadMessage):
+        coinbase.parse_rest_page(body, 5)
+
+
+def test_subscribe_message_asks_for_matches_and_heartbeats():
+    assert json.loads(coinbase.subscribe_message(PRODUCT)) == {
+        "type": "subscribe", "product_ids": [PRODUCT], "channels": ["matches", "heartbeat"]}
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_coinbase_source_and_urls_configure():
+    config = load({"BTCFEED_SOURCES": "coinbase:btc-usd", "BTCFEED_COINBASE_WS_URL": "ws://127.0.0.1:1",
+                   "BTCFEED_COINBASE_REST_URL": "http://127.0.0.1:1"})
+    assert config.sources[0].name == "coinbase:BTC-USD"
+    assert (config.coinbase_ws_url, config.coinbase_rest_url) == ("ws://127.0.0.1:1", "http://127.0.0.1:1")
+    defaults = load({})
+    assert defaults.coinbase_ws_url == "wss://ws-feed.exchange.coinbase.com"
+    assert defaults.coinbase_rest_url == "https://api.exchange.coinbase.com"
+
+
+@pytest.mark.parametrize("variable, value, needle", [
+    ("BTCFEED_COINBASE_WS_URL", "https://ws-feed.exchange.coinbase.com", "is not a ws:// or wss:// base URL"),
+    ("BTCFEED_COINBASE_REST_URL", "https://api.exchange.coinbase.com/products", "without a path"),
+    ("BTCFEED_SOURCES", "coinbase:BTCUSD", "is not a Coinbase product like BTC-USD"),
+])
+def test_bad_coinbase_settings_are_one_readable_line(variable, value, needle):
+    with pytest.raises(ConfigError) as info:
+        load({variable: value})
+    assert str(info.value).startswith(variable) and needle in str(info.value) and "\n" not in str(info.value)
+
+
+# --- REST paging against the simulator ----------------------------------------------------------
+
+@pytest.mark.integration
+def test_rest_pages_forward_from_any_id_and_cursor_headers():
+    sim = Simulator(rate=5000, mode="coinbase")
+    try:
+        wait_for(lambda: sim.client.status()["last_id"] >= sim.client.status()["first_id"] + 2500, 10, "trades")
+        sim.client.pause()
+        status = sim.client.status()
+        adapter = coinbase.CoinbaseAdapter(PRODUCT, "ws://unused", f"http://127.0.0.1:{sim.port}")
+        from_id, got = status["first_id"] + 17, []
+        while True:
+            page, exhausted = adapter.fetch_page(from_id)
+            got += page
+            if exhausted:
+                break
+            from_id = page[-1].id + 1
+        assert [t.id for t in got] == list(range(status["first_id"] + 17, status["last_id"] + 1))
+        history = sim.client.history(got[0].id, got[-1].id)
+        assert [(t.id, t.p, t.q, t.ts) for t in got] == [(r[0], r[1], r[2], r[3]) for r in history]
+        with urllib.request.urlopen(f"http://127.0.0.1:{sim.port}/products/{PRODUCT}/trades?before="
+                                    f"{status['first_id'] + 9}&limit=5") as response:
+            body = json.loads(response.read())
+            assert [row["trade_id"] for row in body] == list(range(status["first_id"] + 14, status["first_id"] + 9, -1))
+            assert response.headers["CB-BEFORE"] == str(status["first_id"] + 14)
+            assert response.headers["CB-AFTER"] == str(status["first_id"] + 10)
+    finally:
+        stop_simulator(sim.process)
+
+
+# --- the whole stack ----------------------------------------------------------------------------
+
+@pytest.fixture
+def coinbase_sim():
+    simulator = Simulator(rate=RATE, mode="coinbase")
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def primary_client(primary):
+    client = primary.client()
+    yield client
+    client.close()
+
+
+def wait_source_trades(primary_client, sim, count, timeout_s=20):
+    start = primary_last_id(primary_client, sim.source)
+    wait_for(lambda: primary_last_id(primary_client, sim.source) >= start + count, timeout_s,
+             f"{count} more {sim.source} trades in the primary")
+
+
+def assert_exact(primary_client, sim):
+    last_id = drain(primary_client, sim)
+    verdict = verify_primary(primary_client, sim)
+    assert verdict.exact(), str(verdict)
+    assert verdict.present == verdict.expected > 0
+    first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
+    verify_derived(primary_client, sim, first, last_id)
+    return verdict
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", ["drop", "cut", "fragment", "stall", "rest429", "garbage"])
+def test_fault_through_the_stack_every_trade_exactly_once(primary, primary_client, coinbase_sim, fault):
+    stack = start_stack(primary, coinbase_sim)
+    try:
+        wait_source_trades(primary_client, coinbase_sim, RATE)
+        control = coinbase_sim.client
+        if fault == "stall":
+            control.fault("stall", seconds=2)
+            time.sleep(2.5)
+        elif fault == "fragment":
+            control.fault("fragment", on=1)
+            time.sleep(1.5)
+            control.fault("fragment", on=0)
+        elif fault == "rest429":
+            control.fault("rest429", count=3)       # the backfill after the drop meets a 429 storm
+            control.fault("drop")
+            time.sleep(1.0)
+        else:
+            control.fault(fault)
+            time.sleep(1.0)
+        wait_source_trades(primary_client, coinbase_sim, RATE)
+        verdict = assert_exact(primary_client, coinbase_sim)
+        assert verdict.expected >= 2 * RATE
+        log = open(stack.log_path("ingest")).read()
+        expected = {"drop": "event=connection_lost", "cut": "event=connection_lost", "stall": "event=gap",
+                    "rest429": "event=rest_rate_limited", "garbage": "event=message_rejected",
+                    "fragment": "event=connected"}[fault]
+        assert expected in log
+        if fault in ("drop", "cut", "stall", "rest429"):
+            assert "event=backfilled" in log
+    finally:
+        remove_stack(stack)
+
+
+@pytest.mark.integration
+def test_heartbeat_reveals_trades_missed_in_a_quiet_market(primary, primary_client, coinbase_sim):
+    """Trades missed during a stall, then silence: only the heartbeat's last_trade_id shows the gap."""
+    stack = start_stack(primary, coinbase_sim)
+    try:
+        wait_source_trades(primary_client, coinbase_sim, RATE // 2)
+        coinbase_sim.client.fault("stall", seconds=1.5)
+        time.sleep(0.5)
+        coinbase_sim.client.pause()                  # nothing new after the stall: no trade shows the gap
+        last_id = coinbase_sim.client.status()["last_id"]
+        wait_for(lambda: primary_last_id(primary_client, coinbase_sim.source) >= last_id, 15,
+                 "the heartbeat-driven backfill to reach the exchange's last trade")
+        assert "seen_in=heartbeat" in open(stack.log_path("ingest")).read()
+        assert_exact(primary_client, coinbase_sim)
+    finally:
+        remove_stack(stack)
