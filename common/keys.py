@@ -92,3 +92,7 @@ SYNC_PRIMARY = f"{PREFIX}:sync:primary"
 
 # A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
 PROBE = f"{PREFIX}:probe"
+
+# --- local Redis only: observability ---------------------------------------------------------------
+# Hash process name -> restarts after a crash, counted by the supervisord event listener.
+PROCESS_RESTARTS = f"{PREFIX}:process:restarts"

@@ -69,6 +69,8 @@ class Process:
     """A supervised process: initialize() once, loop_once(now) until stopped, shutdown() at the end."""
 
     name = "process"
+    # Whether the process is useless without the local Redis (health is not: it reports the outage).
+    needs_local = True
 
     def __init__(self, config, log: EventLog):
         self.config = config
@@ -109,7 +111,8 @@ class Process:
             wait_for_local(self.local, LOCAL_WAIT_AT_START_S)
         except redis.RedisError as exc:
             self.log.error("local_redis_unreachable", url=config_module.redact_url(self.config.local_url), error=str(exc))
-            return EXIT_FAILURE
+            if self.needs_local:
+                return EXIT_FAILURE
         self.initialize()
         self.log.info("started")
         try:

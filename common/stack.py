@@ -19,7 +19,7 @@ from processes.exchange_sim import SimulatorClient, start_simulator, stop_simula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "supervisord.conf")
-PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health")
+PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health", "listener")
 
 
 def isolated_env(primary_url: str, sim_base_url: str, source: str = "binance:BTCUSDT", **extra) -> dict:

@@ -1,96 +1,71 @@
-"""health: a small HTTP API saying whether trades are flowing (GET /health, JSON)."""
+"""health: the HTTP API with the state of everything.
 
+GET /health   200 while trades reach the primary or the local copy durably, else 503 (short JSON)
+GET /status   the whole status document (common/status.py)
+GET /metrics  the same figures in Prometheus text format
+
+A background sampler refreshes the status document every STATUS_REFRESH_S (rates and the price
+history need consecutive samples, and a slow primary must not slow the API down); /status and
+/metrics serve the latest document. /health reads the local Redis on every request, so it turns
+within a heartbeat of a failover.
+"""
+
+import hmac
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import redis
-
-from common import keys
-from common.bus import read_heartbeats
+from common.config import ConfigError, is_loopback
 from common.lifecycle import Process, run_process
+from common.metrics import CONTENT_TYPE, render_metrics
+from common.status import StatusCollector
 
-WATCHED_PROCESSES = ("ingest", "writer", "sync")
-HEARTBEAT_STALE_MS = 5000
-# A source with no trade for this long is reported (markets can be quiet; this only warns).
-TRADE_AGE_WARN_MS = 60_000
-
-
-def assess(heartbeats: dict, now_ms: int, writer_state: dict = None) -> dict:
-    """Overall status (ok / degraded / critical) and the reasons, from the processes' heartbeats
-    and the writer's state record (state, since, reason) in the local Redis."""
-    problems, warnings = [], []
-    for process in WATCHED_PROCESSES:
-        beat = heartbeats.get(process)
-        if beat is None:
-            problems.append(f"{process} has no heartbeat")
-        elif now_ms - beat["ts"] > HEARTBEAT_STALE_MS:
-            problems.append(f"{process} heartbeat is {(now_ms - beat['ts']) / 1000:.0f}s old")
-    writer = heartbeats.get("writer") or {}
-    record = writer_state or {}
-    state = record.get("state") or writer.get("state")
-    if state in ("failover", "draining"):
-        why = f" ({record['reason']})" if record.get("reason") else ""
-        warnings.append(f"writer in {state}{why}: trades are kept in the local copy and backlog "
-                        "and replayed when the primary is healthy")
-    sources = ((heartbeats.get("ingest") or {}).get("sources") or {})
-    for name, feed in sources.items():
-        if not feed.get("connected"):
-            warnings.append(f"{name} is not connected")
-        elif feed.get("last_trade_ts") and now_ms - feed["last_trade_ts"] > TRADE_AGE_WARN_MS:
-            warnings.append(f"{name}: last trade {(now_ms - feed['last_trade_ts']) / 1000:.0f}s ago")
-    status = "critical" if problems else ("degraded" if warnings else "ok")
-    return {"status": status, "reasons": problems + warnings,
-            "sources": {name: {k: feed.get(k) for k in ("connected", "last_id", "last_trade_ts")}
-                        for name, feed in sources.items()},
-            "writer": {**{k: writer.get(k) for k in ("state", "applied", "to_backlog", "last_apply_ms")},
-                       **({"state": state, "since": record.get("since"), "reason": record.get("reason")}
-                          if record else {})}}
+STATUS_REFRESH_S = 0.5
+PATHS = ("/health", "/status", "/metrics")
 
 
 class Health(Process):
     name = "health"
+    needs_local = False
 
     def initialize(self) -> None:
-        process = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.split("?")[0] != "/health":
-                    return self._send(404, {"error": "not found", "paths": ["/health"]})
-                document = process.health_document()
-                self._send(200 if document["status"] != "critical" else 503, document)
-
-            def _send(self, code, document):
-                body = json.dumps(document).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                pass
-
-        try:
-            self.server = ThreadingHTTPServer((self.config.health_host, self.config.health_port), Handler)
-        except OSError as exc:
-            self.log.error("cannot_listen", addr=f"{self.config.health_host}:{self.config.health_port}",
-                           error=str(exc))
-            raise SystemExit(1)
-        self.server.daemon_threads = True
+        host, port, token = self.config.health_host, self.config.health_port, self.config.health_token
+        if not is_loopback(host) and not token:
+            raise ConfigError(f"BTCFEED_HEALTH_ADDR: {host}:{port} is reachable from other hosts; "
+                              "set BTCFEED_HEALTH_TOKEN or BTCFEED_HEALTH_TOKEN_FILE (or bind to 127.0.0.1)")
+        self.collector = StatusCollector(self.config, origin="health")
+        self.latest = None                 # (document, JSON bytes, metrics bytes)
+        self.refresh_status()
+        self.server = self._listen(host, port, token)
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
-        self.log.info("listening", addr=f"{self.config.health_host}:{self.server.server_address[1]}")
+        threading.Thread(target=self._sample_forever, name="sampler", daemon=True).start()
+        self.log.info("listening", addr=f"{host}:{self.server.server_address[1]}",
+                      auth="bearer token" if token else "none (loopback only)")
+
+    def _listen(self, host: str, port: int, token: str) -> ThreadingHTTPServer:
+        try:
+            server = ThreadingHTTPServer((host, port), _handler_for(self, token))
+        except OSError as exc:
+            self.log.error("cannot_listen", addr=f"{host}:{port}", error=exc.strerror or str(exc))
+            raise SystemExit(1)
+        server.daemon_threads = True
+        return server
+
+    # --- documents ---------------------------------------------------------------------------------
+    def refresh_status(self) -> None:
+        document = self.collector.collect()
+        self.latest = (document, json.dumps(document).encode(), render_metrics(document).encode())
+
+    def _sample_forever(self) -> None:
+        while not self.stopping.wait(STATUS_REFRESH_S):
+            try:
+                self.refresh_status()
+            except Exception as exc:       # the API keeps serving the previous document
+                self.log.error("status_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
     def health_document(self) -> dict:
-        now_ms = int(time.time() * 1000)
-        try:
-            beats = read_heartbeats(self.local, WATCHED_PROCESSES)
-            record = {k.decode(): v.decode() for k, v in self.local.hgetall(keys.WRITER_STATE).items()}
-        except redis.RedisError as exc:
-            return {"status": "critical", "reasons": [f"local Redis unreachable: {type(exc).__name__}"]}
-        return assess(beats, now_ms, record)
+        return self.collector.quick_health()
 
     def loop_once(self, now: float) -> None:
         self.stopping.wait(1.0)
@@ -100,6 +75,46 @@ class Health(Process):
         if server is not None:
             server.shutdown()
             server.server_close()
+
+    def stats(self) -> dict:
+        return {}
+
+
+def _handler_for(health: Health, token: str):
+    expected = f"Bearer {token}".encode() if token else None
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if expected is not None and not hmac.compare_digest(
+                    self.headers.get("Authorization", "").encode(), expected):
+                return self._send(401, _json({"error": "a bearer token is required"}))
+            if path == "/health":
+                document = health.health_document()
+                return self._send(503 if document["status"] == "critical" else 200, _json(document))
+            _, status_json, metrics = health.latest
+            if path == "/status":
+                return self._send(200, status_json)
+            if path == "/metrics":
+                return self._send(200, metrics, CONTENT_TYPE)
+            self._send(404, _json({"error": "not found", "paths": list(PATHS)}))
+
+        def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            pass                            # one line per event, not per request
+
+    return Handler
+
+
+def _json(document: dict) -> bytes:
+    return json.dumps(document).encode()
 
 
 def main(argv=None) -> int:

@@ -243,8 +243,14 @@ class Sync(Process):
 
     def stats(self) -> dict:
         drain = getattr(self, "drain", None)
+        progress = {}
+        if drain:
+            elapsed = max(time.monotonic() - drain["started"], 1e-3)
+            progress = {"drain_entries": drain["entries"], "drain_s": round(elapsed, 3),
+                        "drain_entry_rate": round(drain["entries"] / elapsed, 1),
+                        "drain_trade_rate": round(drain["trades"] / elapsed)}
         return {**getattr(self, "counts", {}), "streak": getattr(self, "streak", 0),
-                "draining": drain is not None, "drain_trades": drain["trades"] if drain else 0}
+                "draining": drain is not None, "drain_trades": drain["trades"] if drain else 0, **progress}
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from common import keys
 from common.apply import BatchApplier, mirror_entry
 from common.config import redact_url
 from common.events import record_event
+from common.latency import LatencyHistogram, newest_trade_ts
 from common.lifecycle import Process, run_process
 
 PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
@@ -120,6 +121,7 @@ class Writer(Process):
         self._last_backlog_alarm = 0.0
         self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
                            last_apply_ms=0, last_trade_ts=0)
+        self.latency = LatencyHistogram()
         self.log.info("writer_ready", primary=redact_url(cfg.primary_url), state=self.state)
 
     def _ensure_group(self) -> None:
@@ -198,6 +200,13 @@ class Writer(Process):
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
         self.counts["last_apply_ms"] = now_ms
+        self._observe_latency(batches)
+
+    def _observe_latency(self, batches) -> None:
+        """Exchange time -> confirmed in the primary, for the newest trade of each batch."""
+        confirmed_ms = time.time() * 1000
+        for _, payload in batches:
+            self.latency.observe(confirmed_ms - newest_trade_ts(payload))
 
     def _mirror(self, batches, now_ms: int) -> None:
         """Keep each batch in the local Redis as it is (one stream entry, not one per trade), for
@@ -278,7 +287,9 @@ class Writer(Process):
             pass
 
     def stats(self) -> dict:
+        latency = getattr(self, "latency", None)
         return {**getattr(self, "counts", {}), "state": getattr(self, "state", None),
+                "latency": latency.snapshot() if latency else None,
                 "primary_ok": getattr(self, "state", PRIMARY) == PRIMARY}
 
 

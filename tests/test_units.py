@@ -1,4 +1,4 @@
-"""Small pure parts: reconnect backoff, the health verdict, the bus trim id."""
+"""Small pure parts: reconnect backoff, the bus trim id (the health verdict is in test_status)."""
 
 import random
 import statistics
@@ -6,7 +6,6 @@ import statistics
 import pytest
 
 from common.backoff import Backoff
-from processes.health import HEARTBEAT_STALE_MS, TRADE_AGE_WARN_MS, WATCHED_PROCESSES, assess
 from processes.writer import _next_id
 
 
@@ -100,119 +99,6 @@ def test_same_seed_same_delays_and_different_hosts_spread_out():
     a = ceilings(Backoff(rng=random.Random(1)), 20)
     assert a == ceilings(Backoff(rng=random.Random(1)), 20)
     assert a != ceilings(Backoff(rng=random.Random(2)), 20)
-
-
-# --- health verdict -----------------------------------------------------------------------------
-
-NOW = 1_700_000_000_000
-FRESH = {"binance:BTCUSDT": {"connected": True, "last_id": 99, "last_trade_ts": NOW - 1000, "trades": 5,
-                             "pending": 0}}
-
-
-def beats(ages=None, writer_state="primary", sources=None):
-    """Heartbeats as the processes write them; an age of None drops that process's heartbeat."""
-    ages = {**{process: 100 for process in WATCHED_PROCESSES}, **(ages or {})}
-    result = {process: {"ts": NOW - age} for process, age in ages.items() if age is not None}
-    if "ingest" in result:
-        result["ingest"]["sources"] = FRESH if sources is None else sources
-    if "writer" in result:
-        result["writer"].update(state=writer_state, applied=12, skipped=0, to_backlog=0,
-                                last_apply_ms=NOW - 300, primary_ok=writer_state == "primary")
-    return result
-
-
-def test_ingest_and_writer_are_watched():
-    assert {"ingest", "writer"} <= set(WATCHED_PROCESSES)
-
-
-def test_all_fresh_is_ok():
-    verdict = assess(beats(), NOW)
-    assert verdict["status"] == "ok" and verdict["reasons"] == []
-    assert verdict["sources"] == {"binance:BTCUSDT": {"connected": True, "last_id": 99,
-                                                      "last_trade_ts": NOW - 1000}}
-    assert verdict["writer"]["applied"] == 12 and verdict["writer"]["last_apply_ms"] == NOW - 300
-
-
-@pytest.mark.parametrize("process", WATCHED_PROCESSES)
-def test_missing_heartbeat_is_critical(process):
-    verdict = assess(beats(ages={process: None}), NOW)
-    assert verdict["status"] == "critical"
-    assert verdict["reasons"] == [f"{process} has no heartbeat"]
-
-
-def test_heartbeats_read_as_none_are_missing():
-    # read_heartbeats gives None for an expired key.
-    verdict = assess({process: None for process in WATCHED_PROCESSES}, NOW)
-    assert verdict["status"] == "critical"
-    assert verdict["reasons"] == [f"{process} has no heartbeat" for process in WATCHED_PROCESSES]
-    assert verdict["sources"] == {} and not any(verdict["writer"].values())
-
-
-def test_nothing_at_all_is_critical():
-    assert assess({}, NOW)["status"] == "critical"
-
-
-@pytest.mark.parametrize("process", WATCHED_PROCESSES)
-def test_stale_heartbeat_is_critical(process):
-    verdict = assess(beats(ages={process: 12_000}), NOW)
-    assert verdict["status"] == "critical"
-    assert verdict["reasons"] == [f"{process} heartbeat is 12s old"]
-
-
-def test_heartbeat_exactly_at_the_limit_is_still_fresh():
-    assert assess(beats(ages={"writer": HEARTBEAT_STALE_MS}), NOW)["status"] == "ok"
-    assert assess(beats(ages={"writer": HEARTBEAT_STALE_MS + 1}), NOW)["status"] == "critical"
-
-
-@pytest.mark.parametrize("state", ["failover", "draining"])
-def test_writer_away_from_the_primary_is_degraded(state):
-    verdict = assess(beats(writer_state=state), NOW)
-    assert verdict["status"] == "degraded"
-    assert len(verdict["reasons"]) == 1 and verdict["reasons"][0].startswith(f"writer in {state}")
-    assert verdict["writer"]["state"] == state
-
-
-def test_writer_on_the_primary_is_ok():
-    verdict = assess(beats(writer_state="primary"), NOW)
-    assert verdict["status"] == "ok" and verdict["writer"]["state"] == "primary"
-
-
-def test_disconnected_source_is_degraded():
-    sources = {"binance:BTCUSDT": {"connected": False, "last_id": 99, "last_trade_ts": NOW - 1000},
-               "binance:ETHUSDT": {"connected": True, "last_id": 5, "last_trade_ts": NOW - 10}}
-    verdict = assess(beats(sources=sources), NOW)
-    assert verdict["status"] == "degraded"
-    assert verdict["reasons"] == ["binance:BTCUSDT is not connected"]
-    assert set(verdict["sources"]) == {"binance:BTCUSDT", "binance:ETHUSDT"}
-
-
-def test_quiet_source_is_degraded():
-    sources = {"binance:BTCUSDT": {"connected": True, "last_id": 99, "last_trade_ts": NOW - 95_000}}
-    verdict = assess(beats(sources=sources), NOW)
-    assert verdict["status"] == "degraded"
-    assert verdict["reasons"] == ["binance:BTCUSDT: last trade 95s ago"]
-
-
-def test_trade_age_exactly_at_the_limit_is_fine():
-    at_limit = {"binance:BTCUSDT": {"connected": True, "last_trade_ts": NOW - TRADE_AGE_WARN_MS}}
-    assert assess(beats(sources=at_limit), NOW)["status"] == "ok"
-
-
-def test_source_without_any_trade_yet_is_not_called_quiet():
-    sources = {"binance:BTCUSDT": {"connected": True, "last_id": None, "last_trade_ts": 0}}
-    assert assess(beats(sources=sources), NOW)["status"] == "ok"
-
-
-def test_problems_come_before_warnings():
-    sources = {"binance:BTCUSDT": {"connected": False}}
-    verdict = assess(beats(ages={"writer": None}, sources=sources), NOW)
-    assert verdict["status"] == "critical"
-    assert verdict["reasons"] == ["writer has no heartbeat", "binance:BTCUSDT is not connected"]
-
-
-def test_verdict_does_not_pass_unknown_fields_through():
-    verdict = assess(beats(), NOW)
-    assert "trades" not in verdict["sources"]["binance:BTCUSDT"] and "skipped" not in verdict["writer"]
 
 
 # --- bus trim id --------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""bin/health: is every trade flowing? A short summary (or the JSON) and a Nagios exit code:
+0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+It asks the health API for /status; when that does not answer it reads the local Redis, the
+primary and supervisor itself and says so. The verdict is computed here from the document with
+this command's thresholds, so a cron job or a monitoring system can be stricter than the API.
+"""
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import click
+
+from common import config as config_module
+from common.status import Thresholds, assess, collect_status, exit_code
+
+UNKNOWN = 3
+LABELS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+
+
+def fetch_status(url: str, token: str, timeout_s: float):
+    """The health API's document, or (None, why it could not be had)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read()), None
+    except urllib.error.HTTPError as exc:
+        return None, f"HTTP {exc.code}" + (" (wrong or missing token)" if exc.code == 401 else "")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return None, str(reason)
+
+
+def obtain(cfg, url: str, token: str, timeout_s: float):
+    document, why = fetch_status(url, token, timeout_s)
+    if document is not None:
+        return document, None
+    note = f"health API at {url} did not answer ({why}); read Redis and supervisor directly"
+    return collect_status(cfg, origin="direct"), note
+
+
+def summary(document: dict, verdict: dict, code: int, note: str = None) -> str:
+    lines = [f"btcfeed {LABELS[code]}: {verdict['status']}" +
+             (f" - {verdict['reasons'][0]}" if verdict["reasons"] else "")]
+    lines += [f"  also: {reason}" for reason in verdict["reasons"][1:]]
+    if note:
+        lines.append(f"  note: {note}")
+    writer = document.get("writer") or {}
+    backlog = document.get("backlog") or {}
+    lines.append(f"  writer: {writer.get('state') or '-'} for {_seconds(writer.get('for_s'))}, "
+                 f"backlog {backlog.get('entries') if backlog.get('entries') is not None else '-'} batches")
+    for name, source in (document.get("sources") or {}).items():
+        age = source.get("last_trade_age_ms")
+        lines.append(f"  {name}: {'connected' if source.get('connected') else 'NOT connected'}, "
+                     f"last trade {'-' if age is None else _seconds(age / 1000)} ago, "
+                     f"last id {source.get('last_id')}, price {source.get('last_price') or '-'}")
+    for role, info in (document.get("redis") or {}).items():
+        lines.append(f"  {role} redis {info.get('url')}: " +
+                     (f"up, {info.get('latency_ms')} ms, {info.get('role')}" if info.get("reachable")
+                      else f"DOWN ({info.get('error')})"))
+    down = [f"{name} {info.get('state')}" for name, info in (document.get("processes") or {}).items()
+            if not name.startswith("_") and info.get("state") != "RUNNING"]
+    if down:
+        lines.append("  processes not running: " + ", ".join(down))
+    return "\n".join(lines)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}s" if value < 60 else f"{value / 60:.1f}min"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print the status document with the verdict.")
+@click.option("--url", default=None, help="Status URL (default http://BTCFEED_HEALTH_ADDR/status).")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for the health API.")
+@click.option("--trade-age-warn", default=Thresholds.trade_age_warn_s, show_default=True,
+              help="Seconds without a trade from a source before WARNING.")
+@click.option("--trade-age-crit", default=Thresholds.trade_age_crit_s, show_default=True,
+              help="Seconds without a trade from a source before CRITICAL.")
+@click.option("--backlog-warn", default=Thresholds.backlog_warn, show_default=True,
+              help="Backlog entries before WARNING.")
+@click.option("--backlog-crit", default=Thresholds.backlog_crit, show_default=True,
+              help="Backlog entries before CRITICAL.")
+@click.option("--failover-warn", default=Thresholds.failover_warn_s, show_default=True,
+              help="Seconds in failover before WARNING (0: any failover).")
+@click.option("--failover-crit", default=Thresholds.failover_crit_s, show_default=True,
+              help="Seconds in failover before CRITICAL.")
+def main(as_json, url, timeout, trade_age_warn, trade_age_crit, backlog_warn, backlog_crit,
+         failover_warn, failover_crit):
+    """Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+    try:
+        cfg = config_module.load()
+    except config_module.ConfigError as exc:
+        click.echo(f"btcfeed UNKNOWN: configuration error: {exc}")
+        sys.exit(UNKNOWN)
+    thresholds = Thresholds(trade_age_warn, trade_age_crit, backlog_warn, backlog_crit,
+                            failover_warn, failover_crit)
+    url = url or f"http://{_host_for_url(cfg.health_host)}:{cfg.health_port}/status"
+    document, note = obtain(cfg, url, cfg.health_token, timeout)
+    local_down = (document.get("redis") or {}).get("local", {}).get("reachable") is False
+    supervisor_down = "_supervisor" in (document.get("processes") or {})
+    if note and local_down and supervisor_down:
+        click.echo(f"btcfeed UNKNOWN: nothing answers (health API, local Redis, supervisor): "
+                   f"is the stack running? {note}")
+        sys.exit(UNKNOWN)
+    verdict = assess(document, thresholds,
+                     local_error=(document.get("redis") or {}).get("local", {}).get("error") if local_down else None)
+    code = exit_code(verdict["status"])
+    if as_json:
+        click.echo(json.dumps({**document, "health": verdict, "exit_code": code, "note": note}))
+    else:
+        click.echo(summary(document, verdict, code, note))
+    sys.exit(code)
+
+
+def _host_for_url(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def run() -> None:
+    """Usage errors exit 3 (UNKNOWN), not click's 2, which a monitoring system would read as CRITICAL."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(UNKNOWN)
+    except click.ClickException as exc:
+        click.echo(f"btcfeed UNKNOWN: {exc.format_message()}")
+        sys.exit(UNKNOWN)
+
+
+if __name__ == "__main__":
+    run()
