@@ -77,8 +77,10 @@ def status():
 
 def fetch_health(cfg, timeout_s: float = 2.0):
     url = f"http://{cfg.health_host}:{cfg.health_port}/health"
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {cfg.health_token}"} if cfg.health_token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read())
@@ -134,6 +136,13 @@ def bench_failover(seconds, rate):
     """Failover window, replay rate and hand-back, side by side with redis-py's MultiDBClient."""
     from common.failover_bench import run_failover_bench
     sys.exit(run_failover_bench(outage_s=seconds, rate=rate, echo=click.echo))
+
+
+@cli.command("bench-health")
+def bench_health():
+    """GET /status answer times under 100 requests/s while the feed runs, and the feed's slowdown."""
+    from common.health_bench import run_health_bench
+    sys.exit(run_health_bench(echo=click.echo))
 
 
 @cli.command()

@@ -79,6 +79,9 @@ class Process:
         self.local = connect_local(config.local_url)
         self._next_heartbeat = 0.0
 
+    def validate(self) -> None:
+        """Refuse a configuration this process cannot run with (raise ConfigError), before any wait."""
+
     def initialize(self) -> None:
         pass
 
@@ -107,6 +110,7 @@ class Process:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        self.validate()
         try:
             wait_for_local(self.local, LOCAL_WAIT_AT_START_S)
         except redis.RedisError as exc:

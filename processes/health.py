@@ -29,11 +29,14 @@ class Health(Process):
     name = "health"
     needs_local = False
 
-    def initialize(self) -> None:
-        host, port, token = self.config.health_host, self.config.health_port, self.config.health_token
-        if not is_loopback(host) and not token:
+    def validate(self) -> None:
+        host, port = self.config.health_host, self.config.health_port
+        if not is_loopback(host) and not self.config.health_token:
             raise ConfigError(f"BTCFEED_HEALTH_ADDR: {host}:{port} is reachable from other hosts; "
                               "set BTCFEED_HEALTH_TOKEN or BTCFEED_HEALTH_TOKEN_FILE (or bind to 127.0.0.1)")
+
+    def initialize(self) -> None:
+        host, port, token = self.config.health_host, self.config.health_port, self.config.health_token
         self.collector = StatusCollector(self.config, origin="health")
         self.latest = None                 # (document, JSON bytes, metrics bytes)
         self.refresh_status()
