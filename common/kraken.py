@@ -32,6 +32,8 @@ STALE_AFTER_S = 10.0
 # four times further each try, up to a month.
 SEARCH_FIRST_LOOKBACK_S = 60
 SEARCH_MAX_LOOKBACK_S = 31 * 86400
+# Pages read past in one call when they hold only trades before the one asked for.
+MAX_PAGES_BEFORE_START = 100
 NON_TRADE_CHANNELS = frozenset(("status", "book", "ticker", "ohlc", "instrument", "level3", "executions",
                                 "balances"))
 ACK_METHODS = frozenset(("subscribe", "unsubscribe", "pong"))
@@ -255,20 +257,29 @@ class KrakenAdapter:
         return self.pacer.pause_s()
 
     def fetch_page(self, from_id: int, after_ts_ms=None):
-        """(trades with id >= from_id ascending, whether the exchange had nothing newer). Pages go by time, so the start is the time of
-        trade from_id - 1 (one second early: the ids decide), or the previous page's `last`."""
+        """(trades with id >= from_id ascending, whether the exchange had nothing newer).
+
+        Pages go by time, so the start is the time of trade from_id - 1 (a millisecond early: the
+        ids decide what is kept), or the previous page's `last`. A full page that lies wholly
+        before from_id (many trades in that millisecond, or a searched start) is read past."""
         if self._resume is not None and self._resume[0] == from_id:
             since_ns = self._resume[1]
         elif after_ts_ms:
-            since_ns = max(0, after_ts_ms - 1000) * 1_000_000
+            since_ns = max(0, after_ts_ms - 1) * 1_000_000
         else:
             since_ns = self._search_since(from_id)
-        page = self._get(since_ns)
-        trades = [t for t in page.trades if t.id >= from_id]
+        for _ in range(MAX_PAGES_BEFORE_START):
+            page = self._get(since_ns)
+            trades = [t for t in page.trades if t.id >= from_id]
+            exhausted = page.rows < REST_PAGE_LIMIT
+            if trades or exhausted or page.last_ns <= since_ns:
+                break
+            since_ns = page.last_ns - 1
+            time.sleep(self.pacer.pause_s())
         if trades:
             # `last` less one: trades sharing its exact time come again and are dropped by id.
             self._resume = (trades[-1].id + 1, max(since_ns, page.last_ns - 1))
-        return trades, page.rows < REST_PAGE_LIMIT
+        return trades, exhausted
 
     def _search_since(self, from_id: int) -> int:
         """A start time at or before trade from_id when its time is unknown (after a restart)."""
