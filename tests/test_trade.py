@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest, parse_binance_ws,
-                          qty_units)
+from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest, parse_binance_rest_agg,
+                          parse_binance_ws, qty_units)
 
 SYMBOL = "BTCUSDT"
 RTS = 1_700_000_000_123
@@ -457,3 +457,112 @@ def test_values_the_apply_script_could_not_keep_exact_are_rejected(field, value,
 def test_largest_accepted_qty_still_encodes():
     trade = parse_binance_ws(raw(ws_trade(q="9999999.99999999")), SYMBOL, RTS)
     assert decode_batch(encode_batch([trade])) == [trade]
+
+
+# --- aggregate trades (the "aggTrade" record kind) ----------------------------------------------
+
+def ws_agg(**changes):
+    """An event of the /ws/btcusdt@aggTrade stream, with some fields changed or removed."""
+    message = {"e": "aggTrade", "E": 1700000000100, "s": SYMBOL, "a": 26129, "p": "43210.01000000",
+               "q": "4.70443515", "f": 27781, "l": 27783, "T": 1700000000099, "m": False, "M": True}
+    for key, value in changes.items():
+        if value is DROP:
+            del message[key]
+        else:
+            message[key] = value
+    return message
+
+
+def rest_agg(**changes):
+    """One element of GET /api/v3/aggTrades: the stream event's short keys without e, E and s."""
+    item = {k: v for k, v in ws_agg().items() if k not in ("e", "E", "s")}
+    item.update(changes)
+    return {k: v for k, v in item.items() if v is not DROP}
+
+
+def agg_bad_reason(text) -> str:
+    with pytest.raises(BadMessage) as caught:
+        parse_binance_ws(text, SYMBOL, RTS, kind="aggTrade")
+    return str(caught.value)
+
+
+def test_aggregate_trade_is_parsed_exactly_with_the_aggregate_id():
+    expected = Trade(26129, "43210.01000000", "4.70443515", "buy", 1700000000099, RTS)
+    assert parse_binance_ws(raw(ws_agg()), SYMBOL, RTS, kind="aggTrade") == expected
+    assert parse_binance_ws(combined(ws_agg(), "btcusdt@aggTrade"), SYMBOL, RTS, kind="aggTrade") == expected
+
+
+def test_the_default_kind_is_unchanged():
+    assert parse_binance_ws(raw(ws_agg()), SYMBOL, RTS) is None
+    assert parse_binance_ws(raw(ws_trade()), SYMBOL, RTS) == parse_binance_ws(raw(ws_trade()), SYMBOL, RTS, "trade")
+
+
+def test_plain_trades_are_noise_when_aggregates_are_followed():
+    assert parse_binance_ws(raw(ws_trade()), SYMBOL, RTS, kind="aggTrade") is None
+    assert parse_binance_ws(combined(ws_trade()), SYMBOL, RTS, kind="aggTrade") is None
+
+
+@pytest.mark.parametrize("name", sorted(NON_TRADES))
+def test_other_events_are_noise_for_aggregates_too(name):
+    if name == "aggTrade":
+        return
+    assert parse_binance_ws(raw(NON_TRADES[name]), SYMBOL, RTS, kind="aggTrade") is None
+
+
+def test_unknown_kind_is_a_programming_error():
+    with pytest.raises(ValueError, match="unknown Binance record kind"):
+        parse_binance_ws(raw(ws_trade()), SYMBOL, RTS, kind="trades")
+    with pytest.raises(ValueError, match="unknown Binance record kind"):
+        parse_binance_rest(rest_trade(), RTS, kind="agg")
+
+
+@pytest.mark.parametrize("field, value, name", [
+    ("a", True, "aggregate trade id"), ("a", -1, "aggregate trade id"), ("a", 1.0, "aggregate trade id"),
+    ("a", "26129", "aggregate trade id"), ("a", 2 ** 53, "aggregate trade id"), ("a", DROP, "aggregate trade id"),
+    ("f", False, "first trade id"), ("f", DROP, "first trade id"), ("l", None, "last trade id"),
+    ("l", 27780, "last trade id is before its first"), ("p", "1e5", "price"), ("p", "NaN", "price"),
+    ("p", 43210.01, "price"), ("q", "0", "qty"), ("q", "-4.7", "qty"), ("q", "Infinity", "qty"),
+    ("T", True, "trade time"), ("m", 0, "buyer-maker flag"), ("m", DROP, "buyer-maker flag"),
+])
+def test_bad_aggregate_fields_are_bad(field, value, name):
+    assert name in agg_bad_reason(raw(ws_agg(**{field: value})))
+    with pytest.raises(BadMessage, match=name):
+        parse_binance_rest(rest_agg(**{field: value}), RTS, kind="aggTrade")
+
+
+def test_aggregate_for_another_symbol_is_bad():
+    assert agg_bad_reason(raw(ws_agg(s="ETHUSDT"))) == "aggTrade for symbol 'ETHUSDT', expected BTCUSDT"
+
+
+def test_rest_aggregate_rows_are_parsed_like_the_stream():
+    assert parse_binance_rest_agg(rest_agg(), RTS) == parse_binance_ws(raw(ws_agg()), SYMBOL, RTS, kind="aggTrade")
+    assert parse_binance_rest(rest_agg(m=True), RTS, kind="aggTrade").side == "sell"
+    assert parse_binance_rest(rest_agg(f=5, l=5), RTS, kind="aggTrade").id == 26129
+
+
+@pytest.mark.parametrize("item", [[rest_agg()], "x", None])
+def test_rest_aggregate_row_that_is_not_an_object_is_bad(item):
+    with pytest.raises(BadMessage, match="not a JSON object"):
+        parse_binance_rest_agg(item, RTS)
+
+
+# --- hostile input: every reason short, nothing but BadMessage ----------------------------------
+
+HUGE = "9" * 1_000_000
+
+
+@pytest.mark.parametrize("message, reason", [
+    (ws_trade(s=HUGE), "symbol"), (ws_trade(e=HUGE), "unknown message shape"), (ws_trade(p=HUGE), "price"),
+    (ws_trade(q="0." + HUGE), "qty"), (ws_trade(t=int(HUGE[:30])), "trade id"), (ws_trade(m=HUGE), "buyer-maker"),
+    (ws_trade(t=2 ** 53 + 1), "trade id"), (ws_trade(t=9007199254740993.0), "trade id"),
+])
+def test_huge_values_are_bad_with_a_short_reason(message, reason):
+    text = raw(message)
+    found = bad_reason(text)
+    assert reason in found and len(found) < 120
+
+
+@pytest.mark.parametrize("text", ['{"e":"trade","p":NaN}', '{"e":"trade","p":Infinity}', '{"e":"trade","t":1e400}',
+                                  '{"e":"trade","s":"\\ud800"}'])
+def test_non_json_numbers_and_lone_surrogates_are_malformed(text):
+    assert "malformed JSON" in bad_reason(text)
