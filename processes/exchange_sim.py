@@ -1446,7 +1446,8 @@ def config_from_args(argv: Optional[list[str]]) -> SimConfig:
         (0 < args.rate <= MAX_RATE, f"--rate must be within (0, {MAX_RATE:.0f}]"),
         (0 <= args.port <= 65535, "--port must be within [0, 65535]"),
         (MODE_SYMBOL_PATTERNS[args.mode].match(args.symbol) is not None,
-         f"--symbol must be a {args.mode} symbol like {DEFAULT_SYMBOLS[args.mode]}"),
+         "--symbol must be upper case letters and digits" if args.mode == "binance"
+         else f"--symbol must be a {args.mode} symbol like {DEFAULT_SYMBOLS[args.mode]}"),
         (args.start_id >= 0, "--start-id must not be negative"),
         (args.ping_interval > 0, "--ping-interval must be positive"),
         (args.pong_timeout > 0, "--pong-timeout must be positive"),

@@ -612,3 +612,118 @@ def test_bad_command_line_is_one_readable_error_and_exit_2(args):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "error:" in result.stderr.strip().splitlines()[-1]
+
+
+# --- Coinbase Exchange and Kraken v2 modes ---------------------------------------------------------
+
+def subscribed(sim, mode):
+    """A websocket client subscribed to the mode's trade channel, and the replies to that."""
+    from common import coinbase, kraken
+    path, message = {"coinbase": ("/", coinbase.subscribe_message("BTC-USD")),
+                     "kraken": ("/v2", kraken.subscribe_message("BTC/USD"))}[mode]
+    ws = sim.connect(path)
+    ws.send(message.decode())
+    return ws
+
+
+def read_until(ws, predicate, limit=200):
+    for _ in range(limit):
+        message = json.loads(ws.recv())
+        if predicate(message):
+            return message
+    raise AssertionError("expected message never came")
+
+
+def test_coinbase_mode_feed_shapes_heartbeats_and_history(make_sim):
+    sim = make_sim(mode="coinbase", rate=200)
+    ws = subscribed(sim, "coinbase")
+    try:
+        reply = json.loads(ws.recv())
+        assert reply["type"] == "subscriptions"
+        assert {c["name"] for c in reply["channels"]} == {"matches", "heartbeat"}
+        first = read_until(ws, lambda m: m["type"] in ("last_match", "match"))
+        assert first["type"] == "last_match" and first["product_id"] == "BTC-USD"
+        match = read_until(ws, lambda m: m["type"] == "match")
+        assert match["trade_id"] > first["trade_id"] and match["side"] in ("buy", "sell")
+        assert re.fullmatch(r"[0-9]+\.[0-9]{2}", match["price"]) and DECIMAL_8.match(match["size"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", match["time"])
+        beat = read_until(ws, lambda m: m["type"] == "heartbeat")
+        assert beat["last_trade_id"] >= match["trade_id"] and beat["product_id"] == "BTC-USD"
+        (row,) = sim.control.history(match["trade_id"], match["trade_id"])
+        # The history row says isBuyerMaker; Coinbase's side is the maker's side.
+        assert row[:3] == [match["trade_id"], match["price"], match["size"]]
+        assert row[4] == (match["side"] == "buy")
+    finally:
+        ws.close()
+    status = sim.control.status()
+    assert (status["mode"], status["symbol"]) == ("coinbase", "BTC-USD")
+
+
+def test_coinbase_mode_rest_pages_cursors_and_429(make_sim):
+    sim = make_sim(mode="coinbase", rate=2000)
+    sim.wait_for(lambda s: s["last_id"] >= s["first_id"] + 50)
+    sim.control.pause()
+    last = sim.control.status()["last_id"]
+    code, headers, body = sim.get("/products/BTC-USD/trades?limit=3")
+    assert code == 200 and [row["trade_id"] for row in body] == [last, last - 1, last - 2]
+    assert set(body[0]) == {"time", "trade_id", "price", "size", "side"}
+    assert (headers["CB-BEFORE"], headers["CB-AFTER"]) == (str(last), str(last - 2))
+    code, _, body = sim.get(f"/products/BTC-USD/trades?after={last - 2}&limit=2")
+    assert [row["trade_id"] for row in body] == [last - 3, last - 4]
+    assert sim.get("/products/ETH-USD/trades")[0] == 404
+    assert sim.get("/products/BTC-USD/trades?limit=1001")[0] == 400
+    sim.control.fault("rest429", count=1)
+    assert sim.get("/products/BTC-USD/trades")[:1] == (429,)
+    assert sim.get("/products/BTC-USD/trades")[0] == 200
+
+
+def test_kraken_mode_feed_shapes_numbers_and_errors(make_sim):
+    sim = make_sim(mode="kraken", rate=500)
+    ws = subscribed(sim, "kraken")
+    try:
+        assert json.loads(ws.recv())["channel"] == "status"
+        ack = json.loads(ws.recv())
+        assert ack["method"] == "subscribe" and ack["success"] is True
+        raw = None
+        for _ in range(200):
+            raw = ws.recv()
+            if '"channel":"trade"' in raw:
+                break
+        message = json.loads(raw, parse_float=Decimal)
+        trade = message["data"][0]
+        assert message["type"] == "update" and trade["symbol"] == "BTC/USD"
+        assert isinstance(trade["price"], (Decimal, int)) and isinstance(trade["qty"], (Decimal, int))
+        read_until(ws, lambda m: m.get("channel") == "heartbeat")
+        (row,) = sim.control.history(trade["trade_id"], trade["trade_id"])
+        assert Decimal(row[1]) == trade["price"] and Decimal(row[2]) == trade["qty"]
+        assert row[4] == (trade["side"] == "sell")       # Kraken's side is the taker's
+        ws.send(json.dumps({"method": "subscribe", "params": {"channel": "trade", "symbol": ["BTC/EUR"]}}))
+        error = read_until(ws, lambda m: m.get("success") is False)
+        assert "BTC/EUR" in error["error"]
+    finally:
+        ws.close()
+
+
+def test_kraken_mode_rest_since_last_and_rate_limit_error(make_sim):
+    sim = make_sim(mode="kraken", rate=2000)
+    sim.wait_for(lambda s: s["last_id"] >= s["first_id"] + 50)
+    sim.control.pause()
+    status = sim.control.status()
+    code, _, body = sim.get("/0/public/Trades?pair=XBTUSD&count=5")
+    rows = body["result"]["XXBTZUSD"]
+    assert code == 200 and body["error"] == [] and [r[6] for r in rows] == list(range(status["last_id"] - 4,
+                                                                                   status["last_id"] + 1))
+    assert len(rows[0]) == 7 and rows[0][3] in ("b", "s")
+    since = body["result"]["last"]
+    code, _, body = sim.get(f"/0/public/Trades?pair=XBTUSD&since={since}")
+    assert body["result"]["XXBTZUSD"] == []       # nothing after the newest trade's time
+    sim.control.fault("rest429", count=1)
+    assert sim.get("/0/public/Trades?pair=XBTUSD")[2] == {"error": ["EGeneral:Too many requests"]}
+    assert sim.get("/0/public/Trades?pair=ETHUSD")[2]["error"] == ["EQuery:Unknown asset pair"]
+
+
+@pytest.mark.parametrize("mode, symbol", [("coinbase", "BTCUSD"), ("kraken", "BTC-USD"), ("binance", "BTC/USD")])
+def test_mode_rejects_another_exchanges_symbol(mode, symbol):
+    result = subprocess.run([sys.executable, "-m", "processes.exchange_sim", "--mode", mode, "--symbol", symbol],
+                            cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--symbol must be" in result.stderr
