@@ -5,7 +5,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 try:
     import tomllib
@@ -66,6 +66,12 @@ SETTINGS = {
     "state_dir": ("./var", _text),
     "primary_url": ("redis://127.0.0.1:6379/0", _text),
     "local_url": ("", _text),
+    "primary_username": ("", _text),
+    "primary_password": ("", _text),
+    "primary_password_file": ("", _text),
+    "primary_tls_ca_file": ("", _text),
+    "primary_tls_cert_file": ("", _text),
+    "primary_tls_key_file": ("", _text),
     "sources": ("binance:BTCUSDT", _text),
     "binance_ws_url": ("wss://stream.binance.com:9443", _text),
     "binance_rest_url": ("https://api.binance.com", _text),
@@ -98,6 +104,11 @@ class Config:
     state_dir: str
     primary_url: str
     local_url: str
+    primary_username: str
+    primary_password: str = field(repr=False)
+    primary_tls_ca_file: str
+    primary_tls_cert_file: str
+    primary_tls_key_file: str
     sources: Tuple[Source, ...]
     binance_ws_url: str
     binance_rest_url: str
@@ -176,6 +187,9 @@ def _read_file(path: str) -> dict:
 def _validate(values: dict) -> Config:
     state_dir = os.path.abspath(values["state_dir"])
     check_redis_url("BTCFEED_PRIMARY_URL", values["primary_url"])
+    values["primary_password"] = _primary_password(values["primary_url"], values["primary_password"],
+                                                   values.pop("primary_password_file"))
+    _check_primary_tls(values)
     # Quoted: a "#" or "?" in the state dir would otherwise end the URL's path (redis-py unquotes it).
     local_url = values["local_url"] or f"unix://{quote(os.path.join(state_dir, 'redis.sock'))}"
     check_redis_url("BTCFEED_LOCAL_URL", local_url)
@@ -272,6 +286,51 @@ def _check_base_url(variable: str, url: str, schemes, path_allowed: bool = False
         raise ConfigError(f"{variable}: {url!r} has an invalid port")
 
 
+def _primary_password(url: str, password: str, password_file: str) -> str:
+    """The primary's password from BTCFEED_PRIMARY_PASSWORD(_FILE), when not in the URL."""
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                password = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"BTCFEED_PRIMARY_PASSWORD_FILE: cannot read {password_file!r}: {exc.strerror}")
+        if not password:
+            raise ConfigError(f"BTCFEED_PRIMARY_PASSWORD_FILE: {password_file!r} is empty")
+    if password and (_url_has_password(url)):
+        # redis-py lets the URL win over a separate password: two sources would be a silent trap.
+        raise ConfigError("BTCFEED_PRIMARY_PASSWORD: the password is also in BTCFEED_PRIMARY_URL; give it in one place")
+    return password
+
+
+def _url_has_password(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return bool(parts.password) or "password=" in parts.query
+
+
+TLS_FILES = ("primary_tls_ca_file", "primary_tls_cert_file", "primary_tls_key_file")
+
+
+def _check_primary_tls(values: dict) -> None:
+    """TLS to the primary verifies its certificate, always; the files given must be readable."""
+    parts = urlsplit(values["primary_url"])
+    given = [name for name in TLS_FILES if values[name]]
+    if given and parts.scheme != "rediss":
+        raise ConfigError(f"BTCFEED_{given[0].upper()}: TLS files are given but BTCFEED_PRIMARY_URL is not "
+                          "rediss:// (use rediss://host:port for TLS)")
+    for name in given:
+        if not os.path.isfile(values[name]) or not os.access(values[name], os.R_OK):
+            raise ConfigError(f"BTCFEED_{name.upper()}: cannot read {values[name]!r}")
+    if bool(values["primary_tls_cert_file"]) != bool(values["primary_tls_key_file"]):
+        raise ConfigError("BTCFEED_PRIMARY_TLS_CERT_FILE and BTCFEED_PRIMARY_TLS_KEY_FILE: give both or neither")
+    query = parts.query.lower()
+    if "ssl_cert_reqs" in query and "ssl_cert_reqs=required" not in query:
+        raise ConfigError("BTCFEED_PRIMARY_URL: certificate verification cannot be turned off; give the "
+                          "primary's CA certificate with BTCFEED_PRIMARY_TLS_CA_FILE instead")
+
+
 def _health_token(token: str, token_file: str) -> str:
     """The bearer token the health API asks for (needed when it listens beyond loopback)."""
     if token_file:
@@ -308,3 +367,31 @@ def redact_url(url: str) -> str:
     # redis-py also takes the password as a query parameter (?password=...).
     rest, query, _ = rest.partition("?")
     return f"{head}{sep}{rest}{'?***' if query else ''}"
+
+
+# --- secrets: passwords and tokens never reach a log, a status document or a message ----------------
+def url_secrets(url: str) -> list:
+    """The password in a Redis URL (as written and unquoted), from the userinfo or ?password=."""
+    rest = url.partition("://")[2]
+    found = []
+    if "@" in rest:
+        userinfo = rest.rpartition("@")[0]
+        password = userinfo.partition(":")[2] or userinfo
+        found += [password, unquote(password)]
+    for value in parse_qs(rest.partition("?")[2]).get("password", []):
+        found.append(value)
+    # A one- or two-character "password" would garble every message it occurs in by chance.
+    return [s for s in found if len(s) >= 3]
+
+
+def secrets_of(config) -> list:
+    """Every secret in the configuration, longest first (so a longer one is never half-replaced)."""
+    found = url_secrets(config.primary_url) + url_secrets(config.local_url)
+    found += [getattr(config, "primary_password", ""), getattr(config, "health_token", "")]
+    return sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True)
+
+
+def scrub(text: str, secrets) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text

@@ -44,6 +44,8 @@ def obtain(cfg, url: str, token: str, timeout_s: float):
 def summary(document: dict, verdict: dict, code: int, note: str = None) -> str:
     lines = [f"btcfeed {LABELS[code]}: {verdict['status']}" +
              (f" - {verdict['reasons'][0]}" if verdict["reasons"] else "")]
+    if code == UNKNOWN:
+        return "\n".join(lines + ([f"  note: {note}"] if note else []))
     lines += [f"  also: {reason}" for reason in verdict["reasons"][1:]]
     if note:
         lines.append(f"  note: {note}")
@@ -104,12 +106,13 @@ def main(as_json, url, timeout, trade_age_warn, trade_age_crit, backlog_warn, ba
     local_down = (document.get("redis") or {}).get("local", {}).get("reachable") is False
     supervisor_down = "_supervisor" in (document.get("processes") or {})
     if note and local_down and supervisor_down:
-        click.echo(f"btcfeed UNKNOWN: nothing answers (health API, local Redis, supervisor): "
-                   f"is the stack running? {note}")
-        sys.exit(UNKNOWN)
-    verdict = assess(document, thresholds,
-                     local_error=(document.get("redis") or {}).get("local", {}).get("error") if local_down else None)
-    code = exit_code(verdict["status"])
+        verdict = {"status": "unknown", "reasons": ["nothing answers (health API, local Redis, supervisor): "
+                                                    "is the stack running?"]}
+        code = UNKNOWN
+    else:
+        local_error = (document.get("redis") or {}).get("local", {}).get("error") if local_down else None
+        verdict = assess(document, thresholds, local_error=local_error)
+        code = exit_code(verdict["status"])
     if as_json:
         click.echo(json.dumps({**document, "health": verdict, "exit_code": code, "note": note}))
     else:

@@ -12,7 +12,6 @@ import os
 import time
 import xmlrpc.client
 from dataclasses import dataclass, fields
-from urllib.parse import unquote, urlsplit
 
 import psutil
 import redis
@@ -22,9 +21,10 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from common import keys
 from common.bus import read_heartbeats
-from common.config import redact_url
+from common.config import redact_url, scrub, secrets_of
 from common.events import recent_events
 from common.latency import quantile_ms
+from common.primary import connect_primary
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
@@ -58,9 +58,9 @@ class StatusCollector:
     def __init__(self, config, origin: str = "health"):
         self.config = config
         self.origin = origin
-        self.secrets = _secrets_of(config)
+        self.secrets = secrets_of(config)
         self.local = _probe_client(config.local_url, REDIS_PROBE_TIMEOUT_S)
-        self.primary = _probe_client(config.primary_url, max(config.primary_timeout_ms / 1000, 0.2))
+        self.primary = connect_primary(config, max(config.primary_timeout_ms, 200))
         self.processes_seen = {}               # pid -> psutil.Process, so cpu_percent has a baseline
         self.previous_counts = {}              # source -> (monotonic time, trades)
         self.rates = {}
@@ -326,29 +326,6 @@ def _assess_sources(doc, thresholds, critical, degraded) -> None:
 
 
 # --- secrets ----------------------------------------------------------------------------------------
-def _secrets_of(config) -> list:
-    """Passwords and tokens that must never appear in the document, longest first."""
-    found = [config.health_token] if getattr(config, "health_token", "") else []
-    for url in (config.primary_url, config.local_url):
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            continue
-        if parts.password:
-            found += [parts.password, unquote(parts.password)]
-        for item in parts.query.split("&"):
-            name, _, value = item.partition("=")
-            if name == "password" and value:
-                found += [value, unquote(value)]
-    return sorted({s for s in found if s}, key=len, reverse=True)
-
-
-def scrub(text: str, secrets) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def _scrubbed(events: list, secrets) -> list:
     if not secrets:
         return events

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Dict, Iterator, List, Optional, Tuple
-from urllib.parse import parse_qs, unquote
 
 import redis
 
@@ -28,11 +27,12 @@ from common import config as config_module
 from common import keys
 from common.apply import BatchApplier, read_local_copy, read_mirror_since
 from common.bus import connect_local
-from common.config import redact_url
+from common.config import redact_url, scrub, secrets_of, url_secrets
 from common.events import record_event
 from common.lifecycle import EventLog
 from common.trade import encode_batch
-from processes.writer import PRIMARY, connect_primary, describe_error
+from common.primary import connect_primary
+from processes.writer import PRIMARY, describe_error
 
 PROCESS = "sync-check"
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -555,12 +555,12 @@ def main(argv=None) -> int:
         cfg = config_module.load()
     except config_module.ConfigError as exc:
         return emit(unknown_check(f"configuration error: {exc}"))
-    out.secret_urls = [cfg.primary_url, cfg.local_url]
+    out.secrets = secrets_of(cfg)
     primary_url, local_url = redact_url(cfg.primary_url), redact_url(cfg.local_url)
     try:
         local = connect_local(cfg.local_url, LOCAL_TIMEOUT_S)
-        probe = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
-        primary = connect_primary(cfg.primary_url, max(cfg.primary_timeout_ms, SCAN_TIMEOUT_MS))
+        probe = connect_primary(cfg, cfg.primary_timeout_ms)
+        primary = connect_primary(cfg, max(cfg.primary_timeout_ms, SCAN_TIMEOUT_MS))
     except ValueError as exc:
         reason = scrub_secrets(str(exc), cfg.primary_url)
         return emit(unknown_check(f"configuration error: {reason}", primary_url, local_url))
@@ -613,12 +613,10 @@ class Output:
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
-        self.secret_urls: List[str] = []
+        self.secrets: List[str] = []
 
     def write(self, text: str) -> None:
-        for url in self.secret_urls:
-            text = scrub_secrets(text, url)
-        print(text)
+        print(scrub(text, self.secrets))
 
     def emit(self, check: Check, notes=(), status: int = None) -> int:
         """Print one check (and notes); returns the exit code, the check's unless status overrides it."""
@@ -646,23 +644,7 @@ def _reason(exc: Exception) -> str:
 
 def scrub_secrets(text: str, url: str) -> str:
     """The text with the URL's password removed, should a library ever put it into an error message."""
-    for secret in _secrets(url):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _secrets(url: str) -> List[str]:
-    rest = url.partition("://")[2]
-    secrets = []
-    if "@" in rest:
-        userinfo = rest.rpartition("@")[0]
-        password = userinfo.partition(":")[2] or userinfo
-        secrets += [password, unquote(password)]
-    query = rest.partition("?")[2]
-    for value in parse_qs(query).get("password", []):
-        secrets.append(value)
-    # A one- or two-character "password" would garble every message it occurs in by chance.
-    return [s for s in secrets if len(s) >= 3]
+    return scrub(text, url_secrets(url))
 
 
 def _iso(ms: int) -> str:

@@ -12,7 +12,8 @@ from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
 from common.trade import encode_batch
-from processes.writer import DRAINING, FAILOVER, PRIMARY, connect_primary, describe_error, read_state, set_state
+from common.primary import connect_primary
+from processes.writer import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 WATCH_INTERVAL_S = 1.0          # identity check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)
@@ -45,8 +46,8 @@ class Sync(Process):
     def initialize(self) -> None:
         cfg = self.config
         compat = cfg.compat_source.name if cfg.compat_source else None
-        self.probe_client = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
-        self.replay_client = connect_primary(cfg.primary_url, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
+        self.probe_client = connect_primary(cfg, cfg.primary_timeout_ms)
+        self.replay_client = connect_primary(cfg, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
         self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len)
         self.hand_back_script = self.local.register_script(HAND_BACK_SCRIPT)
         self.replay_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay")

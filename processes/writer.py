@@ -12,8 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from common import keys
 from common.apply import BatchApplier, mirror_entry
@@ -21,6 +19,7 @@ from common.config import redact_url
 from common.events import record_event
 from common.latency import LatencyHistogram, newest_trade_ts
 from common.lifecycle import Process, run_process
+from common.primary import connect_primary
 
 PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
 CONSUMER = "writer"
@@ -46,21 +45,9 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 """
 
 
-def connect_primary(url: str, timeout_ms: int) -> redis.Redis:
-    """Short timeouts so a dead or black-holed primary is noticed in well under a second.
-
-    redis-py re-sends a command once when the connection broke (a stale pooled connection after a
-    primary restart); that is safe because this client only sends the idempotent apply script,
-    reads and the probe. A timeout is not retried: a frozen primary would cost a second timeout.
-    """
-    timeout_s = timeout_ms / 1000
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                                health_check_interval=0)
-
-
 # What an operator should check, by the kind of error the primary gave.
-CREDENTIALS_HINT = "the primary refused the credentials: check the user name and password in BTCFEED_PRIMARY_URL"
+CREDENTIALS_HINT = ("the primary refused the credentials: check the user name and password in BTCFEED_PRIMARY_URL "
+                    "(or BTCFEED_PRIMARY_USERNAME / BTCFEED_PRIMARY_PASSWORD[_FILE])")
 ERROR_HINTS = (
     (redis.AuthenticationError, "", CREDENTIALS_HINT),
     (redis.exceptions.NoPermissionError, "", "the primary's ACL does not allow btcfeed's commands or keys"),
@@ -82,6 +69,9 @@ def describe_error(exc: Exception, url: str = "") -> str:
     for kind, needle, hint in ERROR_HINTS:
         if isinstance(exc, kind) and needle in text:
             return f"{reason} — {hint}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (f"{reason} — the primary's TLS certificate was not accepted: give its CA certificate "
+                "with BTCFEED_PRIMARY_TLS_CA_FILE (and check the host name in BTCFEED_PRIMARY_URL)")
     if url.startswith("rediss://") and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return f"{reason} — TLS (rediss://) handshake did not complete: is that port serving TLS?"
     return reason
@@ -110,7 +100,7 @@ class Writer(Process):
     def initialize(self) -> None:
         cfg = self.config
         compat = cfg.compat_source.name if cfg.compat_source else None
-        self.primary = connect_primary(cfg.primary_url, cfg.primary_timeout_ms)
+        self.primary = connect_primary(cfg, cfg.primary_timeout_ms)
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
         self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")

@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.latency import BUCKETS_MS, LatencyHistogram, newest_trade_ts, quantile_ms
 from common.metrics import render_metrics
-from common.status import Thresholds, WATCHED, _failovers, _secrets_of, assess, exit_code, scrub
+from common.config import scrub, secrets_of
+from common.status import Thresholds, WATCHED, _failovers, assess, exit_code
 from common.trade import Trade, encode_batch
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "status-sample.json")
@@ -158,10 +159,13 @@ def test_failover_periods_from_events():
 # --- secrets ----------------------------------------------------------------------------------------
 def test_passwords_and_tokens_are_scrubbed():
     config = SimpleNamespace(primary_url="redis://user:p%40ss@primary:6379/0",
-                             local_url="unix:///tmp/x.sock?password=localpw", health_token="t" * 20)
-    secrets = _secrets_of(config)
+                             local_url="unix:///tmp/x.sock?password=localpw", health_token="t" * 20,
+                             primary_password="")
     text = "AuthenticationError p@ss p%40ss localpw " + "t" * 20
-    assert scrub(text, secrets) == "AuthenticationError *** *** *** ***"
+    assert scrub(text, secrets_of(config)) == "AuthenticationError *** *** *** ***"
+    separate = SimpleNamespace(primary_url="redis://primary:6379/0", local_url="unix:///x.sock",
+                               health_token="", primary_password="file-password")
+    assert scrub("WRONGPASS file-password", secrets_of(separate)) == "WRONGPASS ***"
 
 
 # --- metrics ----------------------------------------------------------------------------------------
