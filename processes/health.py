@@ -13,7 +13,6 @@ within a heartbeat of a failover.
 import hmac
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from common.config import ConfigError, is_loopback
