@@ -1,9 +1,11 @@
 """The normalized trade record and the Binance message parsers that produce it."""
 
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import orjson
+
+from common.wsframes import OP_BINARY, OP_TEXT
 
 # Quantities are summed into candles as integers of 1e-8 (the finest step Binance, Coinbase and
 # Kraken use for BTC), so volumes stay exact however a replay orders the trades.
@@ -24,6 +26,10 @@ BINANCE_BOOK_TICKER_KEYS = frozenset(("u", "s", "b", "B", "a", "A"))
 
 class BadMessage(ValueError):
     """A message that must not become a trade; the text is the dead-letter reason."""
+
+
+class MalformedJSON(BadMessage):
+    """The message is not one JSON document (it may hold several, or part of one: see MessageSplitter)."""
 
 
 class Trade(NamedTuple):
@@ -54,7 +60,15 @@ def check_decimal(name: str, value) -> str:
     return value
 
 
+# Quantities that pass every check of check_qty at once (at most 7 significant whole digits, any
+# digit past the eighth decimal a zero, at most 20 digits each side); anything else takes the slow
+# path, which finds the reason.
+PLAIN_QTY = re.compile(r"0{0,13}[0-9]{1,7}(\.[0-9]{1,8}0{0,12})?")
+
+
 def check_qty(value) -> str:
+    if value.__class__ is str and PLAIN_QTY.fullmatch(value) and value.strip("0."):
+        return value
     check_decimal("qty", value)
     dot = value.find(".")
     if (value[:dot] if dot >= 0 else value).lstrip("0").__len__() > MAX_QTY_WHOLE_DIGITS:
@@ -102,7 +116,7 @@ def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optiona
     try:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:   # also invalid UTF-8 and absurdly deep nesting
-        raise BadMessage(f"malformed JSON: {exc}")
+        raise MalformedJSON(f"malformed JSON: {exc}")
     if not isinstance(message, dict):
         raise BadMessage("message is not a JSON object")
     if "stream" in message and "data" in message:
@@ -114,13 +128,14 @@ def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optiona
         if message.get("s") != symbol:
             raise BadMessage(f"{kind} for symbol {message.get('s')!r:.20}, expected {symbol}")
         if kind == "trade":
-            return Trade(
+            # tuple.__new__ skips the Python-level __new__ of the named tuple: the same Trade, cheaper.
+            return tuple.__new__(Trade, (
                 check_int("trade id", message.get("t")),
                 check_decimal("price", message.get("p")),
                 check_qty(message.get("q")),
                 side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
                 check_int("trade time", message.get("T")),
-                rts)
+                rts))
         return binance_agg_trade(message, rts)
     # isinstance first: an "e" that is a JSON array or object is unhashable.
     if isinstance(event, str) and (event in BINANCE_NON_TRADE_EVENTS or event in BINANCE_KINDS):
@@ -190,3 +205,46 @@ def encode_batch(trades) -> bytes:
 
 def decode_batch(payload) -> list:
     return [Trade(*row[:6]) for row in orjson.loads(payload)]
+
+
+def parse_socket_read(reassembler, data: bytes, parse) -> Tuple[list, list, list]:
+    """One socket read through the reassembler and a parser: (trades, rejects, control frames).
+
+    parse(payload) returns a Trade or None, or raises BadMessage (MalformedJSON when the payload
+    is not one JSON document). rejects holds (reason, raw) for the dead letters; control frames are
+    (opcode, payload) in arrival order. A message holding one document is parsed without a scan;
+    only one that fails to decode is split into its documents (or kept, if cut, for the next read).
+    """
+    trades, rejects, controls = [], [], []
+    for opcode, payload, whole in reassembler.messages(data):
+        if opcode != OP_TEXT:
+            if opcode == OP_BINARY:
+                rejects.append(("binary frame", payload))
+            else:
+                controls.append((opcode, payload))
+            continue
+        try:
+            trade = parse(payload)
+        except MalformedJSON as exc:
+            if not whole:
+                rejects.append((str(exc), payload))
+                continue
+            _parse_documents(reassembler.split(payload), parse, trades, rejects)
+            continue
+        except BadMessage as exc:
+            rejects.append((str(exc), payload))
+            continue
+        if trade is not None:
+            trades.append(trade)
+    return trades, rejects, controls
+
+
+def _parse_documents(documents, parse, trades: list, rejects: list) -> None:
+    for document in documents:
+        try:
+            trade = parse(document)
+        except BadMessage as exc:
+            rejects.append((str(exc), document))
+            continue
+        if trade is not None:
+            trades.append(trade)

@@ -6,7 +6,7 @@ incomplete trailing frame across reads, and hands control frames (ping, pong, cl
 """
 
 import re
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import orjson
 
@@ -33,12 +33,42 @@ class FrameReader:
 
     def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
         """Every message and control frame completed by these bytes, in order, as (opcode, payload)."""
-        buf = self.buffer
-        buf += data
+        if self.buffer:
+            self.buffer += data
+            data = bytes(self.buffer)
         out = []
-        pos, end = 0, len(buf)
+        pos, end = 0, len(data)
+        max_bytes = self.max_message_bytes
+        fragmenting = self.fragment_opcode is not None
+        try:
+            pos = self._frames(data, pos, end, max_bytes, fragmenting, out)
+        except FrameError:
+            self.buffer = bytearray(data[pos:])     # kept for the dead letter (see dangling)
+            raise
+        self.buffer = bytearray(data[pos:]) if pos < end else bytearray()
+        return out
+
+    def _frames(self, data: bytes, pos: int, end: int, max_bytes: int, fragmenting: bool, out: list) -> int:
+        """Frames from data[pos:end] into out; returns where the first incomplete frame starts."""
         while end - pos >= 2:
-            first, second = buf[pos], buf[pos + 1]
+            first, second = data[pos], data[pos + 1]
+            # The common case first: a complete unfragmented text frame of up to 64 KiB, unmasked.
+            if first == 0x81 and not fragmenting and second <= 126:
+                if second < 126:
+                    start = pos + 2
+                    stop = start + second
+                elif end - pos < 4:
+                    break
+                else:
+                    start = pos + 4
+                    stop = start + (data[pos + 2] << 8 | data[pos + 3])
+                    if stop - start > max_bytes:
+                        raise FrameError(f"frame of {stop - start} bytes is over the {max_bytes}-byte bound")
+                if stop > end:
+                    break
+                out.append((OP_TEXT, data[start:stop]))
+                pos = stop
+                continue
             if second & 0x80:
                 raise FrameError("masked frame from the server")
             if first & 0x70:
@@ -48,22 +78,22 @@ class FrameReader:
             if length == 126:
                 if end - pos < 4:
                     break
-                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
                 header = 4
             elif length == 127:
                 if end - pos < 10:
                     break
-                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
                 header = 10
-            if length > self.max_message_bytes:
-                raise FrameError(f"frame of {length} bytes is over the {self.max_message_bytes}-byte bound")
+            if length > max_bytes:
+                raise FrameError(f"frame of {length} bytes is over the {max_bytes}-byte bound")
             if end - pos < header + length:
                 break
-            payload = bytes(buf[pos + header:pos + header + length])
+            payload = data[pos + header:pos + header + length]
             pos += header + length
             self._frame(first & 0x80, first & 0x0F, payload, out)
-        del buf[:pos]
-        return out
+            fragmenting = self.fragment_opcode is not None
+        return pos
 
     def _frame(self, fin: int, opcode: int, payload: bytes, out: list) -> None:
         if opcode >= 0x8:               # control frames may arrive between the fragments of a message
@@ -146,14 +176,14 @@ class MessageSplitter:
 
     def __init__(self, max_document_bytes: int):
         self.max_document_bytes = max_document_bytes
-        self.buf = bytearray()      # the pending document (or non-JSON run) from its first byte
+        self.buf = bytearray()      # the pending (incomplete) document from its first byte
         self.scan_pos = 0           # where scanning resumes inside buf
-        self.depth = 0              # brackets open at scan_pos; 0 while buf holds a non-JSON run
+        self.depth = 0              # brackets open at scan_pos
         self.in_string = False      # scan_pos is inside a string
 
     @property
     def pending(self) -> bytes:
-        """The incomplete trailing document (or non-JSON run) kept for the next message."""
+        """The incomplete trailing document kept for the next message."""
         return bytes(self.buf)
 
     def reset(self) -> None:
@@ -182,18 +212,11 @@ class MessageSplitter:
 
     def _resume(self, out: list) -> None:
         buf = self.buf
-        in_document = self.depth > 0
-        if in_document:
-            end = self._scan_document(buf, self.scan_pos)
-        else:                           # a non-JSON run lasts until the next document starts
-            end = _JUNK.match(buf, self.scan_pos).end()
-            if end == len(buf):
-                self.scan_pos, end = end, -1
+        end = self._scan_document(buf, self.scan_pos)
         if end < 0:
             self._check_bound()
             return
-        piece = bytes(buf[:end]) if in_document else bytes(buf[:end]).rstrip(_WHITESPACE_BYTES)
-        out.append(piece)
+        out.append(bytes(buf[:end]))
         rest = bytes(buf[end:])
         self.reset()
         self._scan(rest, 0, out)
@@ -219,19 +242,16 @@ class MessageSplitter:
                 out.append(bytes(data[pos:end]))
                 pos = end
             else:
-                # Bytes that are no JSON document: handed on whole (up to the next document) so
-                # that the parser rejects them with a reason instead of them vanishing here.
+                # Bytes that are no JSON document: handed on whole (up to the next document or the
+                # end of the message) so that the parser rejects them with a reason instead of them
+                # vanishing here.
                 end = _JUNK.match(data, pos).end()
-                if end == n:
-                    self.depth = 0
-                    self._keep(data, pos, scan_from=n)
-                    return
                 out.append(bytes(data[pos:end]).rstrip(_WHITESPACE_BYTES))
                 pos = end
 
-    def _keep(self, data, start: int, scan_from: int = None) -> None:
+    def _keep(self, data, start: int) -> None:
         self.buf = bytearray(data[start:])
-        self.scan_pos = (self.scan_pos if scan_from is None else scan_from) - start
+        self.scan_pos -= start
         self._check_bound()
 
     def _check_bound(self) -> None:
@@ -439,6 +459,29 @@ class Reassembler:
             else:
                 out.append((opcode, payload))
         return out
+
+    def messages(self, data: bytes) -> Iterator[Tuple[int, bytes, bool]]:
+        """The hot path: (opcode, payload, whole) for these bytes, without scanning a lone document.
+
+        While no document is pending, a text message comes out whole (whole=True) and unscanned: the
+        caller parses it and, only if it is not exactly one JSON document (a JSON decode error), calls
+        split(payload) before taking the next item, and uses the documents split returns. Otherwise
+        the payloads are the splitter's documents (whole=False). Same documents as feed(), but a
+        message holding one document costs no scan at all (the parser's decode checks it anyway).
+        """
+        documents = self.documents
+        for opcode, payload in self.frames.feed(data):
+            if opcode != OP_TEXT:
+                yield opcode, payload, False
+            elif not documents.buf:
+                yield OP_TEXT, payload, True
+            else:
+                for document in documents.feed(payload):
+                    yield OP_TEXT, document, False
+
+    def split(self, message: bytes) -> List[bytes]:
+        """The complete documents of a whole message that did not decode as one; a cut tail stays pending."""
+        return self.documents.feed(message)
 
     @property
     def dangling(self) -> bytes:

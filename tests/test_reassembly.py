@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import binance_cut_record_id
+from common.trade import BadMessage, binance_cut_record_id, parse_binance_ws, parse_socket_read
 from common.wsframes import (OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameReader,
                              MessageSplitter, Reassembler, sample_prefix)
 from test_wsframes import frame
@@ -126,7 +126,9 @@ def test_quotes_braces_and_escapes_inside_strings(doc):
 
 def test_text_that_is_no_document_is_handed_on_for_rejection():
     # Never dropped silently: the parser turns it into a dead letter with a reason.
-    assert MessageSplitter(MAX).feed(b'garbage {"a":1} 42 [1]') == [b"garbage", b'{"a":1}', b"42", b"[1]"]
+    splitter = MessageSplitter(MAX)
+    assert splitter.feed(b'garbage {"a":1} 42 [1] "x" ') == [b"garbage", b'{"a":1}', b"42", b"[1]", b'"x"']
+    assert splitter.feed(b"ab") + splitter.feed(b'c{"a":1}') == [b"ab", b"c", b'{"a":1}']
 
 
 def test_an_endless_document_is_over_the_bound():
@@ -361,3 +363,53 @@ def test_control_and_binary_frames_pass_through():
     reassembler = Reassembler(MAX)
     assert reassembler.feed(frame(OP_PING, b"x") + frame(OP_BINARY, b"{}{}")) == [(OP_PING, b"x"),
                                                                                    (OP_BINARY, b"{}{}")]
+
+
+# --- the hot path: parse first, split only what does not decode ---------------------------------
+
+def parse_or_reason(payload):
+    try:
+        return parse_binance_ws(payload, "BTCUSDT", 1)
+    except BadMessage as exc:
+        return str(exc)
+
+
+def reference_outcome(wire: bytes, reads) -> tuple:
+    """What feed() and a parse of every document give: (trades, reject reasons, control frames)."""
+    reassembler, trades, rejects, controls = Reassembler(MAX), [], [], []
+    for piece in split_at(wire, reads):
+        for opcode, payload in reassembler.feed(piece):
+            if opcode == OP_BINARY:
+                rejects.append(("binary frame", payload))
+            elif opcode != OP_TEXT:
+                controls.append((opcode, payload))
+            else:
+                result = parse_or_reason(payload)
+                if isinstance(result, str):
+                    rejects.append((result, payload))
+                elif result is not None:
+                    trades.append(result)
+    return trades, rejects, controls, reassembler.dangling
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from([TRADE, COMBINED, TRADE.replace(b"12345", b"12346"), b'{"result":null,"id":1}',
+                                 b'{"e":"trade"', b"junk", b"  ", b"\n", b'"s"', b"[1]"]), min_size=1, max_size=12),
+       st.lists(st.integers(0, 3000), max_size=6), st.lists(st.integers(0, 3000), max_size=6))
+def test_parse_first_gives_what_splitting_everything_gives(parts, message_cuts, reads):
+    stream = b"".join(parts)
+    wire = b"".join(frame(OP_TEXT, message) for message in split_at(stream, message_cuts))
+    wire += frame(OP_PING, b"hb") + frame(OP_BINARY, b"\x00")
+    expected = reference_outcome(wire, reads)
+    reassembler, trades, rejects, controls = Reassembler(MAX), [], [], []
+    parse = lambda payload: parse_binance_ws(payload, "BTCUSDT", 1)  # noqa: E731
+    for piece in split_at(wire, reads):
+        got = parse_socket_read(reassembler, piece, parse)
+        trades += got[0]
+        rejects += got[1]
+        controls += got[2]
+    assert trades == expected[0]
+    assert controls == expected[2]
+    assert reassembler.dangling == expected[3]
+    # The same rejects with the same reasons (a whole message may keep its surrounding whitespace).
+    assert [(reason, raw.strip()) for reason, raw in rejects] == expected[1]
