@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common import config as config_module
+from common.status import StatusCollector
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 TIMELINE_WINDOW_MS = 10 * 60 * 1000
@@ -404,6 +405,8 @@ def redis_line(status: dict, which: str) -> Text:
 
 def event_lines(status: dict, count: Optional[int]) -> List[Text]:
     events = [e for e in as_list(status.get("events")) if isinstance(e, dict)]
+    # The API lists the newest first; the screen shows them oldest to newest, the newest at the bottom.
+    events.sort(key=lambda e: e.get("ts") if isinstance(e.get("ts"), (int, float)) else 0)
     if count is not None:
         events = events[-count:] if count > 0 else []
     lines = []
@@ -586,23 +589,21 @@ def fetch_status(url: str, token: Optional[str], timeout_s: float = FETCH_TIMEOU
         raise FetchError(describe_network_error(exc))
 
 
+_direct_collector = None
+
+
 def collect_directly() -> dict:
-    """The same document read straight from Redis and supervisord (origin "direct")."""
+    """The same document read straight from Redis and supervisord (origin "direct"). One collector
+    is kept between frames, so trade rates, CPU and the price history fill in as in the API."""
+    global _direct_collector
     try:
-        from common.status import collect_status
-    except ImportError:
-        raise FetchError("reading Redis directly is not available in this installation")
-    try:
-        cfg = config_module.load()
+        if _direct_collector is None:
+            _direct_collector = StatusCollector(config_module.load(), origin="direct")
+        document = _direct_collector.collect()
     except config_module.ConfigError as exc:
         raise FetchError(f"configuration error: {exc}")
-    try:
-        document = collect_status(cfg)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the operator gets one line
         raise FetchError(f"{type(exc).__name__}: {one_line_message(exc)}")
-    if not isinstance(document, dict):
-        raise FetchError("the direct reading gave no status document")
-    document.setdefault("origin", "direct")
     return document
 
 

@@ -466,3 +466,17 @@ def test_a_second_stop_signal_does_not_interrupt_the_clean_up():
     assert stop.requested
     # No `except Exception` on the way can swallow the stop.
     assert not issubclass(monitor.StopRequested, Exception)
+
+
+def test_a_recorded_status_document_renders_the_newest_events():
+    """A document recorded from the real stack during its second failover (events newest first)."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "status-recorded.json")
+    with open(path) as handle:
+        recorded = json.load(handle)
+    text = render_text(recorded, width=80, height=24)
+    lines = text.splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+    assert "failover" in lines[0].lower() or "DEGRADED" in lines[0]
+    assert "2 failovers, 1 ongoing" in text and "510 entries" in text
+    # The newest events (the failover and sync's probe) are on screen, not the start-up noise.
+    assert "primary_unhealthy" in lines[-1] and "failover" in text.split("process")[-1]
