@@ -4,8 +4,10 @@ process that reached FATAL)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -264,3 +266,34 @@ def test_bin_health_unknown_when_nothing_runs(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 3 and "nothing answers" in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- logs -------------------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z proc=[a-z-]+ "
+                      r"level=(DEBUG|INFO|WARNING|ERROR) event=[a-z_]+( |$)")
+
+
+def test_every_log_line_is_one_key_value_event(stack):
+    """After all the faults above: one line per event, time/process/level/event first, no traceback."""
+    seen = 0
+    for name in ("ingest", "writer", "sync", "health", "listener"):
+        with open(stack.log_path(name), errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                assert LOG_LINE.match(line), f"{name}.log:{number}: {line!r}"
+                seen += 1
+    assert seen > 20
+
+
+def test_json_log_format(redis_server, tmp_path):
+    env = {**os.environ, "BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_LOG_FORMAT": "json",
+           "BTCFEED_LOCAL_URL": redis_server.url, "BTCFEED_HEALTH_ADDR": "127.0.0.1:0",
+           "BTCFEED_PRIMARY_URL": "redis://127.0.0.1:1/0"}
+    process = subprocess.Popen([sys.executable, "-m", "processes.health"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["event"] for r in records][:2] == ["listening", "started"] and records[-1]["event"] == "stopped"
+    assert all({"time", "proc", "level", "event"} <= set(r) and r["proc"] == "health" for r in records)
+    assert process.returncode == 0 and err == ""
