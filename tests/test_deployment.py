@@ -1,0 +1,358 @@
+"""The files under deployment/ are what a stranger installs: check that each one parses, names only
+files and settings that exist, and that the local Redis configuration really starts."""
+
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import redis
+
+from common import config
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+try:
+    import yaml
+except ImportError:
+    yaml = None
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPLOY = os.path.join(ROOT, "deployment")
+INSTALL_DIR = "/opt/btcfeed"          # where the unit, crontab and cloud-init expect the checkout
+STATE_DIR = "/var/lib/btcfeed"
+NO_YAML = "PyYAML is not installed in .venv (not a btcfeed dependency); the YAML structure check is skipped"
+
+
+def read(name: str) -> str:
+    with open(os.path.join(DEPLOY, name)) as handle:
+        return handle.read()
+
+
+def repo_path(installed: str) -> str:
+    """The file in this checkout that an /opt/btcfeed/... path names."""
+    assert installed.startswith(INSTALL_DIR + "/"), installed
+    return os.path.join(ROOT, installed[len(INSTALL_DIR) + 1:])
+
+
+def env_lines(text: str) -> dict:
+    """KEY=value lines of an environment file (comments and blank lines skipped)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Z][A-Z0-9_]*", name), f"not a KEY=value line: {line!r}"
+        values[name] = value
+    return values
+
+
+def setting_names() -> set:
+    return {"BTCFEED_" + name.upper() for name in config.SETTINGS}
+
+
+# --- systemd unit --------------------------------------------------------------------------------
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str          # systemd keys are case-sensitive
+    parser.read_string(read("btcfeed.service"))
+    return parser
+
+
+def supervisord_stop_budget_s() -> int:
+    """What supervisord may take to stop everything: the sum of every program's stopwaitsecs."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    parser.read(os.path.join(ROOT, "supervisord.conf"))
+    return sum(int(parser[s].get("stopwaitsecs", "10")) for s in parser.sections()
+               if s.startswith(("program:", "eventlistener:")))
+
+
+def test_systemd_unit_has_what_it_needs():
+    u = unit()
+    service = u["Service"]
+    assert service["ExecStart"] == f"{INSTALL_DIR}/.venv/bin/supervisord -n -c {INSTALL_DIR}/supervisord.conf"
+    assert service["Environment"] == f"BTCFEED_STATE_DIR={STATE_DIR}"
+    assert service["EnvironmentFile"] == "-/etc/btcfeed/env"
+    assert service["User"] not in ("", "root") and service["Group"] == service["User"]
+    assert service["Restart"] == "always"
+    assert service["StateDirectory"] == os.path.basename(STATE_DIR) and service["StateDirectoryMode"] == "0700"
+    # Hardening that must not be lost, and the one writable path is the state dir.
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
+                       "ProtectHome": "yes", "UMask": "0077"}.items():
+        assert service[key] == value, key
+    assert service["ReadWritePaths"] == STATE_DIR
+    # supervisord gets SIGTERM alone and time to stop every program in order.
+    assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) >= supervisord_stop_budget_s() + 10
+    assert f"{STATE_DIR}/logs" in service["ExecStartPre"] and f"{STATE_DIR}/redis" in service["ExecStartPre"]
+    assert u["Install"]["WantedBy"] == "multi-user.target"
+    assert "network-online.target" in u["Unit"]["After"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_verifies(tmp_path):
+    # The unit names /opt/btcfeed; verify a copy that names this checkout, so the executables exist.
+    copy = tmp_path / "btcfeed.service"
+    copy.write_text(read("btcfeed.service").replace(INSTALL_DIR, ROOT))
+    assert os.access(os.path.join(ROOT, ".venv", "bin", "supervisord"), os.X_OK)
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 0, output
+    problems = [line for line in output.splitlines()
+                if re.search(r"unknown|invalid|failed|not executable|ignoring|error", line, re.I)]
+    assert problems == [], output
+
+
+# --- Docker --------------------------------------------------------------------------------------
+def dockerignore_patterns() -> list:
+    return [line.strip() for line in read("Dockerfile.dockerignore").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_is_consistent_with_the_checkout():
+    text = read("Dockerfile")
+    instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines() if line and not line.startswith("#")]
+    assert instructions[0] == "FROM python:3.11-slim"
+    assert re.search(r"apt-get install [^\n]*redis-server", text)
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert any(line.startswith("VOLUME") and STATE_DIR in line for line in instructions)
+    assert any(line.startswith("HEALTHCHECK") and f"{INSTALL_DIR}/bin/health" in line for line in instructions)
+    cmd = [line for line in instructions if line.startswith("CMD ")][-1]
+    assert f"supervisord -n -c {INSTALL_DIR}/supervisord.conf" in cmd
+    assert f"WORKDIR {INSTALL_DIR}" in instructions
+    # Everything copied exists here and is not excluded from the build context.
+    ignored = dockerignore_patterns()
+    copied = []
+    for line in instructions:
+        if line.startswith("COPY "):
+            copied += line.split()[1:-1]
+    assert copied
+    for source in copied:
+        assert os.path.exists(os.path.join(ROOT, source)), source
+        assert source.rstrip("/") not in ignored, f"{source} is copied but excluded by Dockerfile.dockerignore"
+    # What supervisord.conf and bin/ need at run time is in the image.
+    for needed in ("supervisord.conf", "bin/", "common/", "processes/", "deployment/", "setup.cfg"):
+        assert needed in copied, needed
+    for excluded in (".venv", "var", ".git"):
+        assert excluded in ignored
+
+
+def test_compose_file():
+    text = read("docker-compose.yml")
+    # Text-level checks that do not need a YAML parser.
+    assert "bin/health" in text and "profiles: [sentinel]" in text
+    if yaml is None:
+        pytest.skip(NO_YAML)
+    doc = yaml.safe_load(text)
+    services = doc["services"]
+    assert {"btcfeed", "primary", "primary-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    app = services["btcfeed"]
+    assert app["build"]["dockerfile"] == "deployment/Dockerfile" and app["build"]["context"] == ".."
+    assert any("bin/health" in part for part in app["healthcheck"]["test"])
+    assert any(volume.endswith(":" + STATE_DIR) for volume in app["volumes"])
+    assert set(app["environment"]) <= setting_names()
+    primary = " ".join(services["primary"]["command"])
+    assert "--appendonly yes" in primary and "--maxmemory-policy noeviction" in primary
+    assert "profiles" not in services["primary"] and "profiles" not in app
+    for name in ("primary-replica", "sentinel-1", "sentinel-2", "sentinel-3"):
+        assert services[name]["profiles"] == ["sentinel"], name
+    assert "ports" not in services["primary"]       # the stand-in primary is not published
+
+
+# --- configuration examples -------------------------------------------------------------------------
+def test_toml_example_lists_every_setting_with_its_default(monkeypatch):
+    path = os.path.join(DEPLOY, "btcfeed.toml.example")
+    with open(path, "rb") as handle:
+        data = tomllib.load(handle)
+    assert set(data) - set(config.SETTINGS) == set(), "unknown keys in btcfeed.toml.example"
+    assert set(config.SETTINGS) - set(data) == set(), \
+        "settings missing from deployment/btcfeed.toml.example: add them with their default and a comment"
+    # Through BTCFEED_CONFIG, as the processes read it: the example changes nothing.
+    for name in list(os.environ):
+        if name.startswith("BTCFEED_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BTCFEED_CONFIG", path)
+    from_file = config.load()
+    monkeypatch.delenv("BTCFEED_CONFIG")
+    assert from_file == config.load()
+
+
+def test_env_example_names_known_settings_and_loads(tmp_path):
+    text = read("env.example")
+    active = env_lines(text)
+    mentioned = set(re.findall(r"^#?(BTCFEED_[A-Z0-9_]+)=", text, re.M))
+    assert mentioned <= setting_names() | {"BTCFEED_CONFIG"}, mentioned - setting_names()
+    assert "BTCFEED_STATE_DIR" not in mentioned        # the unit sets it (ReadWritePaths= must match)
+    for name, value in active.items():
+        assert not re.search(r"[\s'\"$&;<>`\\|]", value), f"{name}: value not plain for systemd and sh"
+    assert active["BTCFEED_PRIMARY_URL"].startswith("rediss://")
+    # Valid configuration once the secret file exists.
+    password = tmp_path / "primary-password"
+    password.write_text("example-password\n")
+    cfg = config.load({**active, "BTCFEED_PRIMARY_PASSWORD_FILE": str(password)})
+    assert cfg.primary_password == "example-password" and cfg.health_host == "127.0.0.1"
+
+
+def test_with_env_reads_the_env_file_like_systemd(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text(read("env.example"))
+    env = {"PATH": os.environ["PATH"], "BTCFEED_ENV_FILE": str(env_file),
+           "BTCFEED_SERVICE_STATE_DIR": str(tmp_path / "state")}
+    done = subprocess.run([os.path.join(DEPLOY, "with-env"), "env"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    for name, value in env_lines(read("env.example")).items():
+        assert seen.get(name) == value, name
+    assert seen["BTCFEED_STATE_DIR"] == str(tmp_path / "state")
+    # No env file: still runs, with the state dir set.
+    env["BTCFEED_ENV_FILE"] = str(tmp_path / "missing")
+    done = subprocess.run([os.path.join(DEPLOY, "with-env"), "sh", "-c", 'echo "$BTCFEED_STATE_DIR"'], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "state")
+
+
+def cloud_init_env_block(text: str) -> str:
+    match = re.search(r"- path: /etc/btcfeed/env\n(?:\s+\w+: .*\n)*?\s+content: \|\n((?:\s{6}.*\n)+)", text)
+    assert match, "no /etc/btcfeed/env in cloud-init.yaml"
+    return "\n".join(line.strip() for line in match.group(1).splitlines())
+
+
+def test_cloud_init_matches_the_other_files():
+    text = read("cloud-init.yaml")
+    assert text.startswith("#cloud-config\n")
+    assert "REPLACE-WITH-YOUR-REPOSITORY" in text       # the placeholder is there and clearly marked
+    assert env_lines(cloud_init_env_block(text)) == env_lines(read("env.example"))
+    for path in sorted(set(re.findall(INSTALL_DIR + r"/[\w./-]+", text))):
+        assert os.path.exists(repo_path(path)), path
+    for package in ("git", "python3-venv", "redis-server"):
+        assert re.search(rf"^  - {package}$", text, re.M), package
+    assert "crontab -u btcfeed /opt/btcfeed/deployment/crontab" in text
+    assert "/etc/systemd/system/btcfeed.service" in text and "systemctl enable btcfeed" in text
+    assert "primary-password" in text and "PASSWORD=" not in text.upper().replace("_FILE=", "")
+    if yaml is None:
+        pytest.skip(NO_YAML)
+    doc = yaml.safe_load(text)
+    assert {"packages", "users", "write_files", "runcmd"} <= set(doc)
+
+
+def test_crontab_lines_name_existing_files():
+    jobs = []
+    for line in read("crontab").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if re.fullmatch(r"[A-Z_]+=\S+", line):
+            continue
+        fields = line.split(None, 5)
+        assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5]), line
+        jobs.append(fields[5])
+    assert len(jobs) == 1
+    for path in re.findall(INSTALL_DIR + r"/[\w./-]+", jobs[0]):
+        assert os.access(repo_path(path), os.X_OK), path
+    assert "sync-check --repair" in jobs[0] and "flock -n" in jobs[0] and "%" not in jobs[0]
+
+
+# --- the local Redis ---------------------------------------------------------------------------------
+def redis_directives() -> dict:
+    out = {}
+    for line in read("redis-local.conf").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition(" ")
+            out[name.lower()] = value.strip()
+    return out
+
+
+def test_redis_local_conf_settings():
+    d = redis_directives()
+    assert d["appendonly"] == "yes" and d["appendfsync"] in ("everysec", "always")
+    assert d["maxmemory-policy"] == "noeviction" and d["maxmemory"]
+    assert d["port"] == "0" and d["unixsocketperm"] in ("700", "770")
+    assert d["save"] == '""'
+    assert "bind" not in d and "requirepass" not in d
+
+
+@pytest.mark.integration
+def test_redis_local_conf_starts_a_server(tmp_path):
+    directory = tmp_path / "r"
+    directory.mkdir()
+    sock = os.path.join("/tmp", f"bf-conf-{os.getpid()}.sock")      # short: unix socket paths are limited
+    process = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis-local.conf"), "--dir", str(directory),
+                                "--unixsocket", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = redis.Redis(unix_socket_path=sock, socket_timeout=5, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None, process.stdout.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "redis-server did not answer on its socket"
+                time.sleep(0.05)
+        assert client.config_get("port") == {"port": "0"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) > 0
+        assert os.stat(sock).st_mode & 0o777 == 0o700
+        client.set("k", "v")
+        assert os.listdir(directory), "no AOF written"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
+
+
+# --- the ACL recipe (its behaviour is tested in tests/test_acl.py) -----------------------------------
+def test_acl_recipe_ships_no_password():
+    users = [line for line in read("primary-acl.conf").splitlines() if line.startswith("user ")]
+    assert [line.split()[1] for line in users] == ["btcfeed", "reader"]
+    for line in users:
+        rules = line.split()[2:]
+        assert rules[:2] == ["reset", "on"], line            # re-applying replaces, never adds
+        assert [r for r in rules if r.startswith(("#", ">"))] in (["#BTCFEED_PASSWORD_SHA256"],
+                                                                 ["#READER_PASSWORD_SHA256"]), line
+        assert "nopass" not in rules and "allkeys" not in rules and "+@all" not in rules and "~*" not in rules
+
+
+# --- the image, when a Docker engine is reachable ---------------------------------------------------
+def docker_engine() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.slow
+def test_docker_image_runs_health():
+    if not docker_engine():
+        pytest.skip("no Docker engine reachable (`docker info` fails): the image is not built here")
+    tag = f"btcfeed-test:{os.getpid()}"
+    name = f"btcfeed-test-{os.getpid()}"
+    subprocess.run(["docker", "build", "-f", os.path.join(DEPLOY, "Dockerfile"), "-t", tag, ROOT], check=True,
+                   timeout=1800)
+    try:
+        # No primary: the stack runs and keeps trades locally; bin/health must still read a status.
+        subprocess.run(["docker", "run", "-d", "--name", name, "-e", "BTCFEED_PRIMARY_URL=redis://127.0.0.1:1/0",
+                        tag], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 90
+        while True:
+            done = subprocess.run(["docker", "exec", name, "/opt/btcfeed/bin/health"], capture_output=True,
+                                  text=True, timeout=60)
+            if done.returncode in (0, 1, 2) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert done.returncode in (0, 1, 2), done.stdout + done.stderr
+        assert done.stdout.startswith("btcfeed"), done.stdout
+        user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True, timeout=60)
+        assert user.stdout.strip() not in ("", "0")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)
