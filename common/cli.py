@@ -145,6 +145,17 @@ def bench_health():
     sys.exit(run_health_bench(echo=click.echo))
 
 
+@cli.command("bench-parse")
+@click.option("--messages", default=200_000, show_default=True, help="Trade messages per run.")
+@click.option("--runs", default=5, show_default=True, help="Runs per figure (the median is printed).")
+@click.option("--form", "forms", multiple=True, type=click.Choice(["raw", "combined", "ndjson"]),
+              help="Message forms to measure (default: all).")
+def bench_parse(messages, runs, forms):
+    """Frame reassembly and Binance parsing on one core, in messages/s against the 200,000/s target."""
+    from common.parse_bench import FORMS, run_parse_bench
+    sys.exit(run_parse_bench(n=messages, runs=runs, forms=forms or FORMS, echo=click.echo))
+
+
 @cli.command()
 @click.option("--minutes", default=5.0, show_default=True, help="How long to keep injecting faults.")
 @click.option("--seed", default=1, show_default=True, help="Seed of the fault schedule (same seed, same faults).")

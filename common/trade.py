@@ -128,14 +128,7 @@ def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optiona
         if message.get("s") != symbol:
             raise BadMessage(f"{kind} for symbol {message.get('s')!r:.20}, expected {symbol}")
         if kind == "trade":
-            # tuple.__new__ skips the Python-level __new__ of the named tuple: the same Trade, cheaper.
-            return tuple.__new__(Trade, (
-                check_int("trade id", message.get("t")),
-                check_decimal("price", message.get("p")),
-                check_qty(message.get("q")),
-                side_from_buyer_maker(check_bool("buyer-maker flag", message.get("m"))),
-                check_int("trade time", message.get("T")),
-                rts))
+            return _binance_trade(message, rts)
         return binance_agg_trade(message, rts)
     # isinstance first: an "e" that is a JSON array or object is unhashable.
     if isinstance(event, str) and (event in BINANCE_NON_TRADE_EVENTS or event in BINANCE_KINDS):
@@ -145,6 +138,26 @@ def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optiona
     if event is None and BINANCE_BOOK_TICKER_KEYS <= message.keys():
         return None
     raise BadMessage("unknown message shape")
+
+
+def _binance_trade(message: dict, rts: int) -> Trade:
+    trade_id, price, qty = message.get("t"), message.get("p"), message.get("q")
+    buyer_is_maker, trade_time = message.get("m"), message.get("T")
+    # The common case in one expression (the same checks as below, without a call per field);
+    # anything it does not accept goes through the field checks, which name the reason.
+    if (type(trade_id) is int and 0 <= trade_id < MAX_EXACT_INT and type(trade_time) is int
+            and 0 <= trade_time < MAX_EXACT_INT and (buyer_is_maker is True or buyer_is_maker is False)
+            and price.__class__ is str and DECIMAL.fullmatch(price) and price.strip("0.")
+            and qty.__class__ is str and PLAIN_QTY.fullmatch(qty) and qty.strip("0.")):
+        # tuple.__new__ skips the Python-level __new__ of the named tuple: the same Trade, cheaper.
+        return tuple.__new__(Trade, (trade_id, price, qty, "sell" if buyer_is_maker else "buy", trade_time, rts))
+    return Trade(
+        check_int("trade id", trade_id),
+        check_decimal("price", price),
+        check_qty(qty),
+        side_from_buyer_maker(check_bool("buyer-maker flag", buyer_is_maker)),
+        check_int("trade time", trade_time),
+        rts)
 
 
 def binance_agg_trade(item: dict, rts: int) -> Trade:
@@ -207,29 +220,31 @@ def decode_batch(payload) -> list:
     return [Trade(*row[:6]) for row in orjson.loads(payload)]
 
 
-def parse_socket_read(reassembler, data: bytes, parse) -> Tuple[list, list, list]:
+def parse_socket_read(reassembler, data: bytes, parse, *args) -> Tuple[list, list, list]:
     """One socket read through the reassembler and a parser: (trades, rejects, control frames).
 
-    parse(payload) returns a Trade or None, or raises BadMessage (MalformedJSON when the payload
-    is not one JSON document). rejects holds (reason, raw) for the dead letters; control frames are
-    (opcode, payload) in arrival order. A message holding one document is parsed without a scan;
-    only one that fails to decode is split into its documents (or kept, if cut, for the next read).
+    parse(payload, *args) returns a Trade or None, or raises BadMessage (MalformedJSON when the
+    payload is not one JSON document), e.g. parse_socket_read(r, data, parse_binance_ws, symbol, rts).
+    rejects holds (reason, raw) for the dead letters; control frames are (opcode, payload) in arrival
+    order. A message holding one document is parsed without a scan; only one that fails to decode
+    is split into its documents (a cut last one is kept for the next message).
     """
     trades, rejects, controls = [], [], []
-    for opcode, payload, whole in reassembler.messages(data):
+    documents = reassembler.documents
+    for opcode, payload in reassembler.frames.feed(data):
         if opcode != OP_TEXT:
             if opcode == OP_BINARY:
                 rejects.append(("binary frame", payload))
             else:
                 controls.append((opcode, payload))
             continue
+        if documents.buf:       # a document continues from an earlier message: split, then parse
+            _parse_documents(documents.feed(payload), parse, args, trades, rejects)
+            continue
         try:
-            trade = parse(payload)
-        except MalformedJSON as exc:
-            if not whole:
-                rejects.append((str(exc), payload))
-                continue
-            _parse_documents(reassembler.split(payload), parse, trades, rejects)
+            trade = parse(payload, *args)
+        except MalformedJSON:   # not one document: several, or one cut at the end of the message
+            _parse_documents(documents.feed(payload), parse, args, trades, rejects)
             continue
         except BadMessage as exc:
             rejects.append((str(exc), payload))
@@ -239,10 +254,10 @@ def parse_socket_read(reassembler, data: bytes, parse) -> Tuple[list, list, list
     return trades, rejects, controls
 
 
-def _parse_documents(documents, parse, trades: list, rejects: list) -> None:
+def _parse_documents(documents, parse, args, trades: list, rejects: list) -> None:
     for document in documents:
         try:
-            trade = parse(document)
+            trade = parse(document, *args)
         except BadMessage as exc:
             rejects.append((str(exc), document))
             continue

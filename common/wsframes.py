@@ -6,7 +6,7 @@ incomplete trailing frame across reads, and hands control frames (ping, pong, cl
 """
 
 import re
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import orjson
 
@@ -438,7 +438,9 @@ class Reassembler:
     """Socket bytes in; websocket control frames and the JSON documents of text messages out.
 
     Binary messages are handed on whole (the caller rejects them). When the connection dies,
-    connection_lost() samples what was received of the message that was cut.
+    connection_lost() samples what was received of the message that was cut. feed() scans every
+    message; common.trade.parse_socket_read() is the cheaper hot path over the same two parts
+    (frames, documents): it parses a lone message first and splits only what does not decode.
     """
 
     def __init__(self, max_message_bytes: int):
@@ -459,29 +461,6 @@ class Reassembler:
             else:
                 out.append((opcode, payload))
         return out
-
-    def messages(self, data: bytes) -> Iterator[Tuple[int, bytes, bool]]:
-        """The hot path: (opcode, payload, whole) for these bytes, without scanning a lone document.
-
-        While no document is pending, a text message comes out whole (whole=True) and unscanned: the
-        caller parses it and, only if it is not exactly one JSON document (a JSON decode error), calls
-        split(payload) before taking the next item, and uses the documents split returns. Otherwise
-        the payloads are the splitter's documents (whole=False). Same documents as feed(), but a
-        message holding one document costs no scan at all (the parser's decode checks it anyway).
-        """
-        documents = self.documents
-        for opcode, payload in self.frames.feed(data):
-            if opcode != OP_TEXT:
-                yield opcode, payload, False
-            elif not documents.buf:
-                yield OP_TEXT, payload, True
-            else:
-                for document in documents.feed(payload):
-                    yield OP_TEXT, document, False
-
-    def split(self, message: bytes) -> List[bytes]:
-        """The complete documents of a whole message that did not decode as one; a cut tail stays pending."""
-        return self.documents.feed(message)
 
     @property
     def dangling(self) -> bytes:

@@ -11,7 +11,8 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import BadMessage, Trade, check_decimal, check_qty, parse_binance_rest, parse_binance_ws
+from common.trade import (BadMessage, Trade, check_decimal, check_qty, parse_binance_rest, parse_binance_ws,
+                          parse_socket_read)
 from common.wsframes import OP_TEXT, FrameError, MessageSplitter, Reassembler, sample_prefix
 from test_wsframes import fragmented, frame
 
@@ -196,14 +197,18 @@ def test_reassembler_on_mutated_wire(messages, fragment_cuts, read_cuts, flip_at
     if noise and wire:
         at = (flip_at * 997) % len(wire)
         wire[at:at] = noise
-    reassembler, last = Reassembler(MAX), 0
+    reassembler, hot_path, last = Reassembler(MAX), Reassembler(MAX), 0
     points = sorted(set(c % (len(wire) + 1) for c in read_cuts)) + [len(wire)]
     try:
         for point in points:
-            for opcode, payload in reassembler.feed(bytes(wire[last:point])):
+            piece, expected = bytes(wire[last:point]), []
+            for opcode, payload in reassembler.feed(piece):
                 if opcode == OP_TEXT:
                     check_ws(payload, "trade")
                     check_ws(payload, "aggTrade")
+                    expected.append(parse_ws_or_bad(payload, "trade"))
+            trades, _, _ = parse_socket_read(hot_path, piece, parse_binance_ws, SYMBOL, RTS)
+            assert trades == [trade for trade in expected if trade is not None]
             last = point
     except FrameError:
         pass

@@ -402,9 +402,8 @@ def test_parse_first_gives_what_splitting_everything_gives(parts, message_cuts, 
     wire += frame(OP_PING, b"hb") + frame(OP_BINARY, b"\x00")
     expected = reference_outcome(wire, reads)
     reassembler, trades, rejects, controls = Reassembler(MAX), [], [], []
-    parse = lambda payload: parse_binance_ws(payload, "BTCUSDT", 1)  # noqa: E731
     for piece in split_at(wire, reads):
-        got = parse_socket_read(reassembler, piece, parse)
+        got = parse_socket_read(reassembler, piece, parse_binance_ws, "BTCUSDT", 1)
         trades += got[0]
         rejects += got[1]
         controls += got[2]
