@@ -171,6 +171,28 @@ _DOCUMENT = re.compile(_nested_document_pattern(4), re.S)
 _ONE_DOCUMENT = re.compile(rb'(' + _nested_document_pattern(4) + rb')[ \t\r\n]*', re.S)
 
 
+def _is_lone_trade_shaped_document(message) -> bool:
+    """True only if the scan would find exactly this message as one document; cheaper than the scan.
+
+    Covers the shapes of exchange trade events: one flat object, or one flat object inside another
+    ({"stream":..,"data":{..}}). Without a backslash every quote opens or closes a string, so with an
+    even number of quotes the last byte lies outside strings; with no other bracket bytes anywhere
+    (and, for the nested shape, an even number of quotes before the inner "{"), every bracket is
+    structural and the depth returns to zero exactly at the last byte. Anything else: False.
+    """
+    if not message or message[0] != 0x7B or message[-1] != 0x7D:
+        return False
+    # "int in bytes" is a plain memchr; a bytes needle would go through a costly conversion first.
+    if 0x5C in message or 0x5B in message or 0x5D in message or message.count(0x22) & 1:
+        return False
+    opened = message.count(0x7B)
+    if opened == 1:
+        return message.count(0x7D) == 1
+    if opened == 2 and message[-2] == 0x7D and message.count(0x7D) == 2:
+        return not message.count(0x22, 0, message.find(0x7B, 1)) & 1
+    return False
+
+
 class MessageSplitter:
     """Text messages in, complete JSON documents out; an incomplete trailing document waits for more."""
 
@@ -199,6 +221,9 @@ class MessageSplitter:
 
     def split_into(self, message, out: list) -> None:
         if not self.buf:
+            if _is_lone_trade_shaped_document(message):
+                out.append(message)
+                return
             whole = _ONE_DOCUMENT.fullmatch(message)
             if whole is not None:       # the common case: one message, one document
                 out.append(message if whole.end(1) == len(message) else bytes(message[:whole.end(1)]))

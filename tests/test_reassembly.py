@@ -412,3 +412,22 @@ def test_parse_first_gives_what_splitting_everything_gives(parts, message_cuts, 
     assert reassembler.dangling == expected[3]
     # The same rejects with the same reasons (a whole message may keep its surrounding whitespace).
     assert [(reason, raw.strip()) for reason, raw in rejects] == expected[1]
+
+
+trade_shaped = st.builds(lambda parts, nest: (b'{"stream":"x","data":' if nest else b"") + b"{" + b"".join(parts)
+                         + b"}" + (b"}" if nest else b""),
+                         st.lists(st.sampled_from([b'"', b"{", b"}", b"[", b"]", b"\\", b":", b",", b"a", b"1",
+                                                   b'"e":"trade"', b'"s"', b" "]), max_size=12),
+                         st.booleans())
+
+
+@settings(max_examples=400, deadline=None)
+@given(trade_shaped | st.binary(max_size=30))
+def test_the_lone_document_shortcut_agrees_with_the_scan(message):
+    # The shortcut must never claim a lone document where the bracket scan finds something else.
+    from common.wsframes import _is_lone_trade_shaped_document
+    if _is_lone_trade_shaped_document(message):
+        scanner = MessageSplitter(MAX)
+        documents = []
+        scanner._scan(message, 0, documents)
+        assert documents == [message] and scanner.pending == b""
