@@ -15,8 +15,8 @@ import redis
 
 from common import keys
 from common.redis_process import RedisProcess
-from harness import (Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack, verify_primary,
-                     wait_for)
+from harness import (Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
+                     verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,9 @@ files and settings that exist, and that the local Redis configuration really sta
 import configparser
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import time
 
@@ -12,6 +14,8 @@ import pytest
 import redis
 
 from common import config
+from common.redis_process import RedisProcess, free_port
+from common.stack import PROGRAMS, Stack
 
 try:
     import tomllib
@@ -82,7 +86,8 @@ def test_systemd_unit_has_what_it_needs():
     assert service["EnvironmentFile"] == "-/etc/btcfeed/env"
     assert service["User"] not in ("", "root") and service["Group"] == service["User"]
     assert service["Restart"] == "always"
-    assert service["StateDirectory"] == os.path.basename(STATE_DIR) and service["StateDirectoryMode"] == "0700"
+    assert service["StateDirectory"] == os.path.basename(STATE_DIR)
+    assert service["StateDirectoryMode"] == "0700"
     # Hardening that must not be lost, and the one writable path is the state dir.
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "ProtectHome": "yes", "UMask": "0077"}.items():
@@ -102,12 +107,89 @@ def test_systemd_unit_verifies(tmp_path):
     copy = tmp_path / "btcfeed.service"
     copy.write_text(read("btcfeed.service").replace(INSTALL_DIR, ROOT))
     assert os.access(os.path.join(ROOT, ".venv", "bin", "supervisord"), os.X_OK)
-    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True,
+                          timeout=60)
     output = (done.stdout + done.stderr).strip()
     assert done.returncode == 0, output
     problems = [line for line in output.splitlines()
                 if re.search(r"unknown|invalid|failed|not executable|ignoring|error", line, re.I)]
     assert problems == [], output
+
+
+@pytest.mark.integration
+def test_systemd_commands_run_and_stop_in_time():
+    """The unit's ExecStartPre and ExecStart, as systemd runs them (minus the sandbox, which needs
+    systemd): the whole stack comes up in the foreground, writes trades, and on SIGTERM to supervisord
+    alone (KillMode=mixed) stops every process well within TimeoutStopSec."""
+    from harness import Simulator, primary_last_id, short_tmpdir, wait_for
+
+    service = unit()["Service"]
+    state_dir = short_tmpdir("bf-unit-")
+
+    def as_here(command: str) -> list:
+        return shlex.split(command.replace(INSTALL_DIR, ROOT).replace(STATE_DIR, state_dir))
+
+    primary = RedisProcess(short_tmpdir("bf-unitprimary-")).start()
+    sim = Simulator(rate=200)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTCFEED_")}
+    env.update(sim.env, BTCFEED_PRIMARY_URL=primary.url, BTCFEED_SOURCES=sim.source,
+               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_STATE_DIR=state_dir)
+    supervisord = None
+    try:
+        subprocess.run(as_here(service["ExecStartPre"]), env=env, check=True, timeout=30)
+        supervisord = subprocess.Popen(as_here(service["ExecStart"]), env=env, cwd=ROOT,
+                                       start_new_session=True, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        stack = Stack(state_dir)
+        stack.wait_running(PROGRAMS, 30)
+        client = primary.client()
+        wait_for(lambda: primary_last_id(client, sim.source) >= 0, 30, "a trade in the primary")
+        client.close()
+        # The operator's commands of the guide, through with-env with an env file and an otherwise
+        # bare environment (as sudo leaves it).
+        env_file = os.path.join(state_dir, "env")
+        with open(env_file, "w") as handle:
+            handle.writelines(f"{k}={v}\n" for k, v in env.items()
+                              if k.startswith("BTCFEED_") and k != "BTCFEED_STATE_DIR")
+        bare = {"PATH": os.environ["PATH"], "BTCFEED_ENV_FILE": env_file,
+                "BTCFEED_SERVICE_STATE_DIR": state_dir}
+        for command, expected in (("bin/health", r"^btcfeed (OK|WARNING)"),
+                                  ("bin/btcfeed status", r"(?m)^writer +RUNNING"),
+                                  ("bin/sync-check", r"^SYNC-CHECK (OK|WARNING)")):
+            done = subprocess.run([os.path.join(DEPLOY, "with-env"), *as_here(f"{INSTALL_DIR}/{command}")],
+                                  env=bare, cwd="/", capture_output=True, text=True, timeout=60)
+            assert done.returncode in (0, 1) and re.search(expected, done.stdout), \
+                (command, done.stdout, done.stderr)
+        children = [p["pid"] for p in stack.processes()]
+        assert all(children)
+        started = time.monotonic()
+        supervisord.send_signal(signal.SIGTERM)
+        supervisord.wait(int(service["TimeoutStopSec"]))
+        took = time.monotonic() - started
+        assert took < int(service["TimeoutStopSec"]) / 2, f"stopping took {took:.1f}s"
+        for pid in children:
+            assert not _alive(pid), f"process {pid} outlived supervisord"
+        with open(os.path.join(state_dir, "logs", "supervisord.log")) as handle:
+            log = handle.read()
+        assert "SIGKILL" not in log, "a process had to be killed: it did not stop within its stopwaitsecs"
+        assert "stopped: redis-local" in log
+        assert os.listdir(os.path.join(state_dir, "redis")), "the local Redis wrote no AOF"
+    finally:
+        if supervisord is not None and supervisord.poll() is None:
+            os.killpg(supervisord.pid, signal.SIGKILL)
+            supervisord.wait(10)
+        sim.stop()
+        primary.stop()
+        shutil.rmtree(primary.directory, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # --- Docker --------------------------------------------------------------------------------------
@@ -118,13 +200,15 @@ def dockerignore_patterns() -> list:
 
 def test_dockerfile_is_consistent_with_the_checkout():
     text = read("Dockerfile")
-    instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines() if line and not line.startswith("#")]
+    instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines()
+                    if line and not line.startswith("#")]
     assert instructions[0] == "FROM python:3.11-slim"
     assert re.search(r"apt-get install [^\n]*redis-server", text)
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert any(line.startswith("VOLUME") and STATE_DIR in line for line in instructions)
-    assert any(line.startswith("HEALTHCHECK") and f"{INSTALL_DIR}/bin/health" in line for line in instructions)
+    assert any(line.startswith("HEALTHCHECK") and f"{INSTALL_DIR}/bin/health" in line
+               for line in instructions)
     cmd = [line for line in instructions if line.startswith("CMD ")][-1]
     assert f"supervisord -n -c {INSTALL_DIR}/supervisord.conf" in cmd
     assert f"WORKDIR {INSTALL_DIR}" in instructions
@@ -137,7 +221,8 @@ def test_dockerfile_is_consistent_with_the_checkout():
     assert copied
     for source in copied:
         assert os.path.exists(os.path.join(ROOT, source)), source
-        assert source.rstrip("/") not in ignored, f"{source} is copied but excluded by Dockerfile.dockerignore"
+        assert source.rstrip("/") not in ignored, \
+            f"{source} is copied but excluded by Dockerfile.dockerignore"
     # What supervisord.conf and bin/ need at run time is in the image.
     for needed in ("supervisord.conf", "bin/", "common/", "processes/", "deployment/", "setup.cfg"):
         assert needed in copied, needed
@@ -153,7 +238,8 @@ def test_compose_file():
         pytest.skip(NO_YAML)
     doc = yaml.safe_load(text)
     services = doc["services"]
-    assert {"btcfeed", "primary", "primary-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    assert {"btcfeed", "primary", "primary-replica", "sentinel-1", "sentinel-2",
+            "sentinel-3"} <= set(services)
     app = services["btcfeed"]
     assert app["build"]["dockerfile"] == "deployment/Dockerfile" and app["build"]["context"] == ".."
     assert any("bin/health" in part for part in app["healthcheck"]["test"])
@@ -215,8 +301,8 @@ def test_with_env_reads_the_env_file_like_systemd(tmp_path):
     assert seen["BTCFEED_STATE_DIR"] == str(tmp_path / "state")
     # No env file: still runs, with the state dir set.
     env["BTCFEED_ENV_FILE"] = str(tmp_path / "missing")
-    done = subprocess.run([os.path.join(DEPLOY, "with-env"), "sh", "-c", 'echo "$BTCFEED_STATE_DIR"'], env=env,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run([os.path.join(DEPLOY, "with-env"), "sh", "-c", 'echo "$BTCFEED_STATE_DIR"'],
+                          env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "state")
 
 
@@ -285,8 +371,9 @@ def test_redis_local_conf_starts_a_server(tmp_path):
     directory = tmp_path / "r"
     directory.mkdir()
     sock = os.path.join("/tmp", f"bf-conf-{os.getpid()}.sock")      # short: unix socket paths are limited
-    process = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis-local.conf"), "--dir", str(directory),
-                                "--unixsocket", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis-local.conf"),
+                                "--dir", str(directory), "--unixsocket", sock],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = redis.Redis(unix_socket_path=sock, socket_timeout=5, decode_responses=True)
     try:
         deadline = time.monotonic() + 10
@@ -340,8 +427,9 @@ def test_docker_image_runs_health():
                    timeout=1800)
     try:
         # No primary: the stack runs and keeps trades locally; bin/health must still read a status.
-        subprocess.run(["docker", "run", "-d", "--name", name, "-e", "BTCFEED_PRIMARY_URL=redis://127.0.0.1:1/0",
-                        tag], check=True, capture_output=True, timeout=120)
+        subprocess.run(["docker", "run", "-d", "--name", name,
+                        "-e", "BTCFEED_PRIMARY_URL=redis://127.0.0.1:1/0", tag],
+                       check=True, capture_output=True, timeout=120)
         deadline = time.monotonic() + 90
         while True:
             done = subprocess.run(["docker", "exec", name, "/opt/btcfeed/bin/health"], capture_output=True,
@@ -351,7 +439,8 @@ def test_docker_image_runs_health():
             time.sleep(2)
         assert done.returncode in (0, 1, 2), done.stdout + done.stderr
         assert done.stdout.startswith("btcfeed"), done.stdout
-        user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True, timeout=60)
+        user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True,
+                              timeout=60)
         assert user.stdout.strip() not in ("", "0")
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
