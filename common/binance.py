@@ -108,6 +108,7 @@ class BinanceAdapter:
 
     exchange = "binance"
     page_limit = REST_PAGE_LIMIT
+    pages_by_time = False
     stale_after_s = STALE_AFTER_S
 
     def __init__(self, symbol: str, ws_base_url: str, rest_base_url: str, stream_form: str = "combined"):

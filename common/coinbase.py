@@ -95,6 +95,7 @@ def parse_rest_page(body, rts: int) -> list:
 class CoinbaseAdapter:
     exchange = "coinbase"
     page_limit = REST_PAGE_LIMIT
+    pages_by_time = False
     stale_after_s = STALE_AFTER_S
 
     def __init__(self, product_id: str, ws_url: str = DEFAULT_WS_URL, rest_url: str = DEFAULT_REST_URL):

@@ -11,6 +11,8 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
                                   from_id - 1 when known (Kraken pages by time); raises RateLimited,
                                   RestError or BadMessage
   rest_pause_s()                  how long to wait before the next REST call to stay under its limits
+  pages_by_time                   True when REST pages start at a time (Kraken): ingest then keeps the
+                                  time of the cursor's trade in the local Redis for backfills
 """
 
 import calendar
@@ -118,12 +120,6 @@ def iso_to_ms(name: str, value) -> int:
         raise BadMessage(f"{name} is not a valid date: {value!r:.40}")
     millis = int((fraction or "0")[:3].ljust(3, "0"))
     return seconds * 1000 + millis
-
-
-def ms_to_iso(ms: int) -> str:
-    """The inverse for tests and the simulator: microsecond precision, as Coinbase prints it."""
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}000Z"
 
 
 def strictly_ascending(trades) -> bool:

@@ -237,6 +237,7 @@ def parse_rest_answer(body, rts: int) -> RestPage:
 class KrakenAdapter:
     exchange = "kraken"
     page_limit = REST_PAGE_LIMIT
+    pages_by_time = True           # REST pages start at a time, not an id
     stale_after_s = STALE_AFTER_S
 
     def __init__(self, symbol: str, ws_url: str = DEFAULT_WS_URL, rest_url: str = DEFAULT_REST_URL):

@@ -167,8 +167,8 @@ class SourceFeed(threading.Thread):
         self.symbol = source.symbol
         self.adapter = adapter_for(source, cfg)
         self.ws_url = self.adapter.ws_url
-        # Kraken's REST pages go by time: the backfill needs the time of the cursor's trade.
-        self.keeps_cursor_time = source.exchange == "kraken"
+        # An exchange whose REST pages go by time (Kraken) needs the time of the cursor's trade.
+        self.keeps_cursor_time = self.adapter.pages_by_time
         self.max_conn_s = cfg.max_conn_hours * 3600
         self.bus = bus
         self.log = log

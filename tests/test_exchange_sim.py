@@ -626,8 +626,9 @@ def subscribed(sim, mode):
     return ws
 
 
-def read_until(ws, predicate, limit=200):
-    for _ in range(limit):
+def read_until(ws, predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         message = json.loads(ws.recv())
         if predicate(message):
             return message

@@ -73,11 +73,17 @@ def assert_exact(primary_client, sim) -> None:
 
 
 def ingest_stats(stack) -> dict:
+    """Per-source stats from ingest's heartbeat in the local Redis (what the health API reads)."""
     local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock")
     try:
-        return json.loads(local.get(keys.heartbeat("ingest")))["sources"]
+        beat = local.get(keys.heartbeat("ingest"))
+        return json.loads(beat)["sources"] if beat else {}
     finally:
         local.close()
+
+
+def coinbase_stats(stack) -> dict:
+    return (ingest_stats(stack) or {}).get("coinbase:BTC-USD", {})
 
 
 def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing(primary, primary_client, sims):
@@ -95,8 +101,11 @@ def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing
         control.fault("rest429", count=4)
         control.fault("drop")
         assert_others_flow(primary_client, sims, "coinbase", 1.5)
+        wait_for(lambda: coinbase_stats(stack).get("connected") and coinbase_stats(stack).get("reconnects"), 20,
+                 "coinbase to reconnect")
         control.fault("garbage")
         assert_others_flow(primary_client, sims, "coinbase", 1.5)
+        wait_for(lambda: coinbase_stats(stack).get("deadlettered", 0) >= 5, 10, "the garbage to be dead-lettered")
         wait_all_flowing(primary_client, sims)
         for sim in sims.values():
             assert_exact(primary_client, sim)
@@ -108,6 +117,9 @@ def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing
         assert stats["binance:BTCUSDT"]["deadlettered"] == stats["kraken:BTC/USD"]["deadlettered"] == 0
         log = open(stack.log_path("ingest")).read()
         assert "event=rest_rate_limited source=coinbase:BTC-USD" in log
+    except AssertionError:
+        print(open(stack.log_path("ingest")).read()[-6000:])
+        raise
     finally:
         remove_stack(stack)
 
