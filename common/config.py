@@ -14,7 +14,7 @@ except ImportError:  # Python 3.10
 
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME := "redis+sentinel")
 BINANCE_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
 # Each exchange's own symbol form (DESIGN section 3): BTCUSDT, BTC-USD, BTC/USD.
 SYMBOL_FORMS = {
@@ -254,7 +254,11 @@ def check_redis_url(variable: str, url: str) -> None:
         raise ConfigError(f"{variable}: {redact_url(url)!r} cannot be parsed (IPv6 host not in [ ]?)")
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(f"{variable}: {redact_url(url)!r} is not a Redis URL "
-                          f"(use redis://host:port/db, rediss:// for TLS, or unix:///path/to.sock)")
+                          f"(use redis://host:port/db, rediss:// for TLS, unix:///path/to.sock, "
+                          f"or redis+sentinel://host:port,host:port/master-name/db)")
+    if parts.scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(url, variable)
+        return
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"{variable}: unix URL needs a socket path, like unix:///var/run/redis.sock")
@@ -269,6 +273,32 @@ def check_redis_url(variable: str, url: str) -> None:
     if db and not db.isdigit():
         # Not the index itself: with an unescaped "/" in the password it holds part of the password.
         raise ConfigError(f"{variable}: {redact_url(url)!r} has a database index that is not a number")
+
+
+def parse_sentinel_url(url: str, variable: str = "BTCFEED_PRIMARY_URL") -> dict:
+    """redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db]: the sentinels to
+    ask, the name of the master they watch, and the database; the credentials are the master's."""
+    rest = url.partition("://")[2]
+    userinfo, at, rest = rest.rpartition("@")
+    hosts_part, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    sentinels = []
+    for item in hosts_part.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, "26379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{variable}: sentinel {item.strip()!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    service, _, db = path.partition("/")
+    if not service:
+        raise ConfigError(f"{variable}: give the master name after the sentinels, like "
+                          "redis+sentinel://host:26379,host:26380/mymaster/0")
+    if db and not db.isdigit():
+        raise ConfigError(f"{variable}: the database index {db!r} is not a number")
+    username, _, password = userinfo.partition(":") if at else ("", "", "")
+    return {"sentinels": sentinels, "service": service, "db": int(db or 0),
+            "username": unquote(username), "password": unquote(password)}
 
 
 def _check_base_url(variable: str, url: str, schemes, path_allowed: bool = False) -> None:

@@ -60,7 +60,9 @@ def summary(document: dict, verdict: dict, code: int, note: str = None) -> str:
                      f"last id {source.get('last_id')}, price {source.get('last_price') or '-'}")
     for role, info in (document.get("redis") or {}).items():
         lines.append(f"  {role} redis {info.get('url')}: " +
-                     (f"up, {info.get('latency_ms')} ms, {info.get('role')}" if info.get("reachable")
+                     (f"up, {info.get('latency_ms')} ms, {info.get('role')}"
+                      + (f", sentinels name {info['master']} as master" if info.get("master") else "")
+                      if info.get("reachable")
                       else f"DOWN ({info.get('error')})"))
     down = [f"{name} {info.get('state')}" for name, info in (document.get("processes") or {}).items()
             if not name.startswith("_") and info.get("state") != "RUNNING"]

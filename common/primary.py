@@ -6,6 +6,9 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from common.config import SENTINEL_SCHEME, parse_sentinel_url
 
 
 def connect_primary(config, timeout_ms: int) -> redis.Redis:
@@ -19,8 +22,37 @@ def connect_primary(config, timeout_ms: int) -> redis.Redis:
     options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0,
                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
     options.update(credentials(config))
+    if urlsplit(config.primary_url).scheme == SENTINEL_SCHEME:
+        return _sentinel_master(config, options)
     options.update(tls_options(config))
     return redis.Redis.from_url(config.primary_url, **options)
+
+
+def _sentinel_master(config, options: dict) -> redis.Redis:
+    """A client that asks the sentinels for the master on every new connection, and drops its
+    connection when the node it talks to was demoted (READONLY): after a Sentinel failover the
+    writer's next error makes it fail over locally, and sync's probe finds the new master."""
+    parsed = parse_sentinel_url(config.primary_url)
+    timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout")}
+    master_options = {"username": parsed["username"] or None, "password": parsed["password"] or None,
+                      **options, "db": parsed["db"]}
+    sentinel = Sentinel(parsed["sentinels"], sentinel_kwargs=timeouts)
+    return sentinel.master_for(parsed["service"], **master_options)
+
+
+def master_address(config, timeout_ms: int):
+    """(host, port) of the master the sentinels name now, or None for a plain primary URL."""
+    if urlsplit(config.primary_url).scheme != SENTINEL_SCHEME:
+        return None
+    parsed = parse_sentinel_url(config.primary_url)
+    timeout_s = timeout_ms / 1000
+    sentinel = Sentinel(parsed["sentinels"], sentinel_kwargs={"socket_timeout": timeout_s,
+                                                              "socket_connect_timeout": timeout_s})
+    try:
+        return sentinel.discover_master(parsed["service"])
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
 
 
 def credentials(config) -> dict:

@@ -21,10 +21,10 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from common import keys
 from common.bus import read_heartbeats
-from common.config import redact_url, scrub, secrets_of
+from common.config import SENTINEL_SCHEME, redact_url, scrub, secrets_of
 from common.events import recent_events
 from common.latency import quantile_ms
-from common.primary import connect_primary
+from common.primary import connect_primary, master_address
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
@@ -65,6 +65,7 @@ class StatusCollector:
         self.previous_counts = {}              # source -> (monotonic time, trades)
         self.rates = {}
         self.price_history = collections.deque(maxlen=PRICE_HISTORY_POINTS)
+        self.sentinel = config.primary_url.startswith(SENTINEL_SCHEME + "://")
 
     # --- the whole document ----------------------------------------------------------------------
     def collect(self, thresholds: Thresholds = Thresholds()) -> dict:
@@ -84,6 +85,8 @@ class StatusCollector:
             "events": local_state["events"],
             "failovers": _failovers(local_state["failover_events"]),
         }
+        if self.sentinel:
+            doc["redis"]["primary"]["master"] = self._sentinel_master()
         doc["price"] = self._price(doc["sources"])
         doc["health"] = assess(doc, thresholds, local_error=local_state["error"])
         return doc
@@ -215,8 +218,18 @@ class StatusCollector:
                         "history": [price for _, price in self.price_history]}
         return {"source": None, "last": None, "history": []}
 
+    def _sentinel_master(self):
+        """host:port of the master the sentinels name now (which node the feed writes to)."""
+        try:
+            host, port = master_address(self.config, max(self.config.primary_timeout_ms, 200))
+            return f"{host}:{port}"
+        except redis.RedisError as exc:
+            return f"unknown ({self._describe(exc)})"
+
     def _describe(self, exc: Exception) -> str:
-        return scrub(f"{type(exc).__name__}: {exc}", self.secrets)
+        # First line only, and not the client reprs some errors append after " : ".
+        text = (str(exc).splitlines() or [""])[0].split(" : ")[0][:300]
+        return scrub(f"{type(exc).__name__}: {text}", self.secrets)
 
 
 # --- pieces of the document (pure functions of what was read) -------------------------------------

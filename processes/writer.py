@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from common import keys
 from common.apply import BatchApplier, mirror_entry
@@ -55,6 +56,8 @@ ERROR_HINTS = (
     (redis.exceptions.OutOfMemoryError, "", "the primary is out of memory (maxmemory reached)"),
     (redis.BusyLoadingError, "", "the primary is loading its data set"),
     (redis.exceptions.MasterDownError, "", "the primary's link to its master is down"),
+    (MasterNotFoundError, "", "no sentinel named a reachable master: check the sentinels and the "
+                              "master name in BTCFEED_PRIMARY_URL (a Sentinel failover may be under way)"),
     (redis.ResponseError, "WRONGPASS", CREDENTIALS_HINT),
     (redis.ResponseError, "NOAUTH", CREDENTIALS_HINT),
     (redis.ResponseError, "DB index is out of range", "the database index in BTCFEED_PRIMARY_URL does not exist"),
@@ -65,6 +68,8 @@ PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: 
 def describe_error(exc: Exception, url: str = "") -> str:
     """A one-line reason for a primary failure with what to check, never containing credentials."""
     text = PIPELINE_PREFIX.sub("", str(exc).splitlines()[0] if str(exc) else "")
+    if isinstance(exc, MasterNotFoundError):
+        text = text.split(" : ")[0]          # the rest is the repr of every sentinel client
     reason = f"{type(exc).__name__}: {text[:160]}"
     for kind, needle, hint in ERROR_HINTS:
         if isinstance(exc, kind) and needle in text:
