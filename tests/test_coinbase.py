@@ -2,6 +2,7 @@
 simulator, and the whole stack against the simulator in coinbase mode with real faults."""
 
 import json
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from common import coinbase, keys
-from common.config import ConfigError, load
+from common.config import ConfigError, Source, load
 from common.exchange import Heartbeat, iso_to_ms
 from common.trade import BadMessage, Trade
 from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
                      verify_primary, wait_for)
 from processes.exchange_sim import stop_simulator
+from processes.ingest import SourceFeed
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "coinbase-exchange-feed.jsonl"
 SHARED_CAPTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures"
@@ -280,3 +282,65 @@ def test_heartbeat_reveals_trades_missed_in_a_quiet_market(primary, primary_clie
         assert_exact(primary_client, coinbase_sim)
     finally:
         remove_stack(stack)
+
+
+# --- the sequencer with this exchange's messages (no network, a stand-in bus) ----------------------
+
+class RecordingBus:
+    """Stands in for the local bus: records published batches and dead letters."""
+
+    max_entries = 1000
+
+    def __init__(self):
+        self.batches, self.dead = [], []
+
+    def publish(self, source, trades):
+        self.batches.append([t.id for t in trades])
+        return 1
+
+    def cursor(self, source):
+        return None
+
+    def dead_letter(self, source, reason, raw):
+        self.dead.append(reason)
+
+
+class SilentLog:
+    def __getattr__(self, name):
+        return lambda *args, **fields: None
+
+
+def live_feed(bus):
+    return SourceFeed(Source("coinbase", PRODUCT), load({}), bus, SilentLog(), threading.Event())
+
+
+def test_backwards_and_repeated_live_ids_never_publish_a_trade_twice():
+    bus = RecordingBus()
+    feed = live_feed(bus)
+    for trade_id in (5, 6, 6, 4, 7, 5, 8):
+        item = feed.parse_frame(0x1, raw(MATCH, trade_id=trade_id))
+        feed.handle("trades", None, [item], 0.0)
+    feed.parse_frame(0x1, raw(MATCH, trade_id=9, price="NaN"))
+    feed.flush()
+    published = [i for batch in bus.batches for i in batch]
+    assert published == [5, 6, 7, 8]
+    assert feed.counts["duplicates"] == 3 and feed.counts["deadlettered"] == 1 and len(bus.dead) == 1
+
+
+def test_heartbeat_ahead_of_the_stream_backfills_up_to_its_id():
+    bus = RecordingBus()
+    feed = live_feed(bus)
+    asked = []
+
+    def fetch_page(from_id, after_ts_ms=None):
+        asked.append(from_id)
+        return [Trade(i, "1.00", "0.10000000", "buy", 1, 1) for i in range(from_id, 13)], True
+
+    feed.adapter.fetch_page = fetch_page
+    feed.adapter.rest_pause_s = lambda: 0.0
+    feed.handle("trades", None, [feed.parse_frame(0x1, raw(MATCH, trade_id=7))], 0.0)
+    feed.handle("heartbeat", None, 12, 0.0)
+    feed.handle("heartbeat", None, 12, 0.0)          # nothing missing any more: no second backfill
+    feed.flush()
+    assert [i for batch in bus.batches for i in batch] == [7, 8, 9, 10, 11, 12]
+    assert asked == [8] and feed.counts["gaps"] == 1 and feed.counts["backfilled"] == 5
