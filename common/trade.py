@@ -238,7 +238,8 @@ def parse_socket_read(reassembler, data: bytes, parse, *args) -> Tuple[list, lis
             else:
                 controls.append((opcode, payload))
             continue
-        if documents.buf:       # a document continues from an earlier message: split, then parse
+        if documents.buf or 0x0A in payload:
+            # A document continues from an earlier message, or newline-delimited documents: split.
             _parse_documents(documents.feed(payload), parse, args, trades, rejects)
             continue
         try:

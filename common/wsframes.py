@@ -154,6 +154,7 @@ _STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 _WHITESPACE = re.compile(rb'[ \t\r\n]*')
 _WHITESPACE_BYTES = b" \t\r\n"
 _JUNK = re.compile(rb'[^{\[]*')
+_LINE_WINDOW = 4096
 
 
 def _nested_document_pattern(depth: int) -> bytes:
@@ -168,7 +169,6 @@ def _nested_document_pattern(depth: int) -> bytes:
 # One regex call finds a whole document of up to four levels (a combined-stream depth update has
 # four); deeper or incomplete documents fall back to the bracket-by-bracket loop.
 _DOCUMENT = re.compile(_nested_document_pattern(4), re.S)
-_ONE_DOCUMENT = re.compile(rb'(' + _nested_document_pattern(4) + rb')[ \t\r\n]*', re.S)
 
 
 def _is_lone_trade_shaped_document(message) -> bool:
@@ -221,14 +221,8 @@ class MessageSplitter:
 
     def split_into(self, message, out: list) -> None:
         if not self.buf:
-            if _is_lone_trade_shaped_document(message):
+            if _is_lone_trade_shaped_document(message):     # the common case: one message, one document
                 out.append(message)
-                return
-            whole = _ONE_DOCUMENT.fullmatch(message)
-            if whole is not None:       # the common case: one message, one document
-                out.append(message if whole.end(1) == len(message) else bytes(message[:whole.end(1)]))
-                return
-            if not message:
                 return
             self._scan(message, 0, out)
         else:
@@ -254,6 +248,15 @@ class MessageSplitter:
             if pos == n:
                 return
             if data[pos] in _OPENERS:
+                # Newline-delimited documents: a line that is a lone trade-shaped document is exactly
+                # what the scan would find from here (the window bounds the search on long lines).
+                line_end = data.find(b"\n", pos, pos + _LINE_WINDOW)
+                if line_end > pos:
+                    line = bytes(data[pos:line_end]).rstrip(_WHITESPACE_BYTES)
+                    if _is_lone_trade_shaped_document(line):
+                        out.append(line)
+                        pos += len(line)
+                        continue
                 found = _DOCUMENT.match(data, pos)
                 if found is not None:
                     out.append(bytes(data[pos:found.end()]))

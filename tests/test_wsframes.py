@@ -88,3 +88,28 @@ def test_protocol_violations_are_errors(data, reason):
 
 def test_close_frame_is_handed_over():
     assert FrameReader(MAX).feed(frame(OP_CLOSE, b"\x03\xe8bye")) == [(OP_CLOSE, b"\x03\xe8bye")]
+
+
+def test_medium_text_frames_take_the_same_bound():
+    # The one-frame fast path (2-byte extended length) checks the bound like every other frame.
+    with pytest.raises(FrameError, match="bound"):
+        FrameReader(100).feed(frame(OP_TEXT, b"x" * 200))
+    assert FrameReader(200).feed(frame(OP_TEXT, b"x" * 200)) == [(OP_TEXT, b"x" * 200)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536])
+def test_every_length_encoding_byte_by_byte(size):
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    data = frame(OP_TEXT, payload) + frame(OP_BINARY, payload[:7])
+    reader, got = FrameReader(MAX), []
+    step = 1 if size < 300 else 4099
+    for start in range(0, len(data), step):
+        got += reader.feed(data[start:start + step])
+    assert got == [(OP_TEXT, payload), (OP_BINARY, payload[:7])]
+
+
+def test_bytes_of_a_violation_stay_visible_for_the_dead_letter():
+    reader = FrameReader(MAX)
+    with pytest.raises(FrameError):
+        reader.feed(frame(OP_TEXT, b'{"a":1}') + frame(OP_TEXT, b"x", masked=True))
+    assert reader.dangling.endswith(frame(OP_TEXT, b"x", masked=True))
