@@ -168,11 +168,12 @@ def test_stack_runs_under_the_recipe_user(acl_primary):
         report = json.loads(done.stdout)
         assert report["status"] == "ok" and report["sources"][0]["missing"] == 0
 
-        # The fault really took the failover path: failover, drain and hand-back under the ACL user.
+        # The fault really took the failover path: failover, re-seed (new run_id), drain and hand-back,
+        # all under the ACL user.
         local = redis.Redis(unix_socket_path=os.path.join(stack.state_dir, "redis.sock"), socket_timeout=5)
         events = [fields[b"event"].decode() for _, fields in local.xrange(keys.EVENTS)]
         local.close()
-        assert {"failover", "drain_start", "hand_back"} <= set(events), events
+        assert {"failover", "reseed_done", "drain_start", "hand_back"} <= set(events), events
 
         denials = acl_denials(admin)
         assert denials == [], denials[:3]
