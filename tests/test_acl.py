@@ -168,6 +168,18 @@ def test_stack_runs_under_the_recipe_user(acl_primary):
         report = json.loads(done.stdout)
         assert report["status"] == "ok" and report["sources"][0]["missing"] == 0
 
+        # bin/sync-check --repair under the same user: a trade removed from the primary (entry and
+        # seen bit, by the administrator) is put back through the apply script.
+        entry_id, fields = admin.xrange(keys.trades(SOURCE), count=1)[0]
+        hole = int(fields[b"id"])
+        admin.xdel(keys.trades(SOURCE), entry_id)
+        admin.setbit(keys.seen_segment(SOURCE, hole), hole % 65536, 0)
+        done = subprocess.run([os.path.join(ROOT, "bin", "sync-check"), "--repair", "--json"], cwd=ROOT,
+                              env=stack.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-1000:]
+        assert json.loads(done.stdout)["repair"]["added"] == 1
+        assert verify_primary(admin, sim).exact()
+
         # The fault really took the failover path: failover, re-seed (new run_id), drain and hand-back,
         # all under the ACL user.
         local = redis.Redis(unix_socket_path=os.path.join(stack.state_dir, "redis.sock"), socket_timeout=5)
