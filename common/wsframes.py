@@ -323,6 +323,7 @@ class MessageSplitter:
 # aggregate trade's ids ("a" first-to-last "f".."l"), and the combined stream's name.
 SAMPLE_STRING_FIELDS = frozenset(("e", "s", "stream"))
 SAMPLE_ID_FIELDS = frozenset(("t", "a", "f", "l"))
+SAMPLE_MAX_BYTES = 1 << 16
 _TOKEN = re.compile(
     rb'[ \t\r\n]*(?:'
     rb'("[^"\\]*(?:\\.[^"\\]*)*")'                          # 1: a string, closing quote included
@@ -372,7 +373,9 @@ def sample_prefix(prefix: bytes) -> dict:
     last = splitter.pending or (documents[-1] if documents else b"")
     if not last or last[0] != 0x7B:   # only an object carries named fields
         return {}
-    return _sample_document(last)
+    # Exchanges put the identifying fields first; a bounded prefix keeps a hostile giant cheap, and
+    # a prefix of a prefix is still safe to sample.
+    return _sample_document(last[:SAMPLE_MAX_BYTES])
 
 
 # What an open container expects next; any other token ends the sample (the rest is not JSON).
