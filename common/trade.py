@@ -221,15 +221,17 @@ def decode_batch(payload) -> list:
 
 
 def parse_socket_read(reassembler, data: bytes, parse, *args) -> Tuple[list, list, list]:
-    """One socket read through the reassembler and a parser: (trades, rejects, control frames).
+    """One socket read through the reassembler and a parser: (results, rejects, control frames).
 
-    parse(payload, *args) returns a Trade or None, or raises BadMessage (MalformedJSON when the
-    payload is not one JSON document), e.g. parse_socket_read(r, data, parse_binance_ws, symbol, rts).
-    rejects holds (reason, raw) for the dead letters; control frames are (opcode, payload) in arrival
-    order. A message holding one document is parsed without a scan; only one that fails to decode
-    is split into its documents (a cut last one is kept for the next message).
+    parse(payload, *args) returns a result (a Trade, or whatever an exchange adapter returns) or
+    None, or raises BadMessage; e.g. parse_socket_read(r, data, parse_binance_ws, symbol, rts).
+    results are the non-None results in arrival order; rejects are (reason, raw) for dead letters;
+    control frames are (opcode, payload) in arrival order. A message holding one document is parsed
+    without a scan; one on which parse raises MalformedJSON (the decode failed: several documents,
+    or one cut at the end of the message) is split into its documents, a cut last one kept for the
+    next message. A parser that raises plain BadMessage on a decode error gets no splitting.
     """
-    trades, rejects, controls = [], [], []
+    results, rejects, controls = [], [], []
     documents = reassembler.documents
     for opcode, payload in reassembler.frames.feed(data):
         if opcode != OP_TEXT:
@@ -240,27 +242,27 @@ def parse_socket_read(reassembler, data: bytes, parse, *args) -> Tuple[list, lis
             continue
         if documents.buf or 0x0A in payload:
             # A document continues from an earlier message, or newline-delimited documents: split.
-            _parse_documents(documents.feed(payload), parse, args, trades, rejects)
+            _parse_documents(documents.feed(payload), parse, args, results, rejects)
             continue
         try:
-            trade = parse(payload, *args)
+            result = parse(payload, *args)
         except MalformedJSON:   # not one document: several, or one cut at the end of the message
-            _parse_documents(documents.feed(payload), parse, args, trades, rejects)
+            _parse_documents(documents.feed(payload), parse, args, results, rejects)
             continue
         except BadMessage as exc:
             rejects.append((str(exc), payload))
             continue
-        if trade is not None:
-            trades.append(trade)
-    return trades, rejects, controls
+        if result is not None:
+            results.append(result)
+    return results, rejects, controls
 
 
-def _parse_documents(documents, parse, args, trades: list, rejects: list) -> None:
+def _parse_documents(documents, parse, args, results: list, rejects: list) -> None:
     for document in documents:
         try:
-            trade = parse(document, *args)
+            result = parse(document, *args)
         except BadMessage as exc:
             rejects.append((str(exc), document))
             continue
-        if trade is not None:
-            trades.append(trade)
+        if result is not None:
+            results.append(result)
