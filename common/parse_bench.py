@@ -158,9 +158,11 @@ def pin_to_one_core() -> str:
 def run_parse_bench(n: int = 200_000, runs: int = 5, forms=FORMS, echo=print) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     echo(f"bench-parse: {n:,} Binance trade messages per run, median of {runs} runs, "
-         f"{READ_BYTES // 1024} KiB reads; {pin_to_one_core()}; load average {load:.1f} on {os.cpu_count()} cores")
+         f"{READ_BYTES // 1024} KiB reads; {pin_to_one_core()}; "
+         f"load average {load:.1f} on {os.cpu_count()} cores")
     echo(f"target: {TARGET_MSGS_PER_S:,} messages/s on one core")
-    echo("messages/s per CPU second of this process (the figure compared with the target), and per wall second")
+    echo("messages/s per CPU second of this process (the figure compared with the target), "
+         "and per wall second")
     echo(f"{'form':<9} {'stage':<34} {'msgs/CPU-s':>12} {'vs target':>10} {'µs/msg':>8} {'msgs/wall-s':>12}")
     below = []
     for form in forms:

@@ -150,7 +150,8 @@ def _binance_trade(message: dict, rts: int) -> Trade:
             and price.__class__ is str and DECIMAL.fullmatch(price) and price.strip("0.")
             and qty.__class__ is str and PLAIN_QTY.fullmatch(qty) and qty.strip("0.")):
         # tuple.__new__ skips the Python-level __new__ of the named tuple: the same Trade, cheaper.
-        return tuple.__new__(Trade, (trade_id, price, qty, "sell" if buyer_is_maker else "buy", trade_time, rts))
+        side = "sell" if buyer_is_maker else "buy"
+        return tuple.__new__(Trade, (trade_id, price, qty, side, trade_time, rts))
     return Trade(
         check_int("trade id", trade_id),
         check_decimal("price", price),

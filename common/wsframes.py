@@ -286,7 +286,8 @@ class MessageSplitter:
         if len(self.buf) > self.max_document_bytes:
             size = len(self.buf)
             self.reset()
-            raise FrameError(f"JSON document of over {size} bytes is over the {self.max_document_bytes}-byte bound")
+            raise FrameError(f"JSON document of over {size} bytes is over the "
+                             f"{self.max_document_bytes}-byte bound")
 
     def _scan_document(self, data, pos: int) -> int:
         """The end of the document being scanned, or -1 with scan_pos/depth/in_string saved."""

@@ -26,7 +26,8 @@ SUBSCRIPTION_REPLIES = [b'{"result":null,"id":1}', b'{"result":["btcusdt@trade",
 def shared_capture() -> Path:
     path = SHARED_CAPTURES / "binance-spot-combined.jsonl"
     if not path.exists():
-        pytest.skip(f"shared exchange captures not found at {SHARED_CAPTURES} (the repository copy is tested)")
+        pytest.skip(f"shared exchange captures not found at {SHARED_CAPTURES} "
+                    "(the repository copy is tested)")
     return path
 
 
@@ -109,8 +110,8 @@ def with_trades(lines, symbol: str) -> tuple:
         if index % 5 == 0:
             trade_id = 5_000_000 + len(trades)
             price, qty = f"{43000 + index}.{index:02d}000000", f"0.{index + 1:08d}"
-            data = {"e": "trade", "E": 1633998512068 + index, "s": symbol, "t": trade_id, "p": price, "q": qty,
-                    "T": 1633998512067 + index, "m": bool(index % 2), "M": True}
+            data = {"e": "trade", "E": 1633998512068 + index, "s": symbol, "t": trade_id, "p": price,
+                    "q": qty, "T": 1633998512067 + index, "m": bool(index % 2), "M": True}
             mixed.append(json.dumps({"stream": f"{symbol.lower()}@trade", "data": data},
                                     separators=(",", ":")).encode())
             trades.append(Trade(trade_id, price, qty, "sell" if index % 2 else "buy", data["T"], RTS))

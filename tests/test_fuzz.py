@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from common.trade import (BadMessage, Trade, check_decimal, check_qty, parse_binance_rest, parse_binance_ws,
                           parse_socket_read)
 from common.wsframes import OP_TEXT, FrameError, MessageSplitter, Reassembler, sample_prefix
-from test_wsframes import fragmented, frame
+from test_wsframes import fragmented
 
 SYMBOL = "BTCUSDT"
 RTS = 1_700_000_000_123
@@ -42,18 +42,20 @@ REST_ROWS = [
     b'{"a":26129,"p":"0.01633102","q":"4.70443515","f":27781,"l":27781,"T":1498793709153,"m":true,"M":true}',
 ]
 # Bytes and fragments that make a value hostile: exponents, NaN, signs, booleans, huge numbers.
-INTERESTING = [b"{", b"}", b"[", b"]", b'"', b"\\", b",", b":", b"0", b"9", b".", b"-", b"+", b"e", b"E", b" ",
-               b"\n", b"\x00", b"\xff", b"NaN", b"Infinity", b"true", b"null", b"1e5", b"-0", b"9007199254740993",
-               b"18446744073709551616", b'"p":"1e5",', b'"t":true,', b'"s":"ETHUSDT",', b'"q":"0",',
-               b'"e":"trade",', b"\\u0000", b'"' + b"9" * 5000 + b'"']
-
-
+INTERESTING = [
+    b"{", b"}", b"[", b"]", b'"', b"\\", b",", b":", b"0", b"9", b".", b"-", b"+", b"e", b"E", b" ", b"\n",
+    b"\x00", b"\xff", b"NaN", b"Infinity", b"true", b"null", b"1e5", b"-0", b"9007199254740993",
+    b"18446744073709551616", b'"p":"1e5",', b'"t":true,', b'"s":"ETHUSDT",', b'"q":"0",', b'"e":"trade",',
+    b"\\u0000", b'"' + b"9" * 5000 + b'"',
+]
 # Values that keep the message valid JSON, so that the field checks (not the decoder) must catch them.
-HOSTILE_VALUES = [b'"1e5"', b'"NaN"', b'"Infinity"', b'"-1.0"', b'"0.00000000"', b'" 1"', b'"1\\n"', b'"+1"',
-                  b'"0x10"', b'"1.2.3"', b'"' + b"9" * 25 + b'"', b'"43210.01"', b'"0.5"', b'"7"', b"1e5", b"NaN",
-                  b"43210.01", b"-1", b"0", b"1.0", b"true", b"false", b"null", b"[]", b"{}", b"9007199254740992",
-                  b"9007199254740991", b"18446744073709551616", b'"BTCUSDT"', b'"ETHUSDT"', b'"trade"', b'"aggTrade"',
-                  b'"\\u0034\\u0033"', b'"' + b"x" * 100_000 + b'"']
+HOSTILE_VALUES = [
+    b'"1e5"', b'"NaN"', b'"Infinity"', b'"-1.0"', b'"0.00000000"', b'" 1"', b'"1\\n"', b'"+1"', b'"0x10"',
+    b'"1.2.3"', b'"' + b"9" * 25 + b'"', b'"43210.01"', b'"0.5"', b'"7"', b"1e5", b"NaN", b"43210.01", b"-1",
+    b"0", b"1.0", b"true", b"false", b"null", b"[]", b"{}", b"9007199254740992", b"9007199254740991",
+    b"18446744073709551616", b'"BTCUSDT"', b'"ETHUSDT"', b'"trade"', b'"aggTrade"', b'"\\u0034\\u0033"',
+    b'"' + b"x" * 100_000 + b'"',
+]
 FIELD = re.compile(rb'"(e|s|t|a|f|l|p|q|T|m|id|price|qty|time|isBuyerMaker)":("[^"]*"|[^,}]*)')
 
 
@@ -61,8 +63,8 @@ FIELD = re.compile(rb'"(e|s|t|a|f|l|p|q|T|m|id|price|qty|time|isBuyerMaker)":("[
 def mutated(draw, bases=VALID):
     data = bytearray(draw(st.sampled_from(bases)))
     for _ in range(draw(st.integers(1, 3))):
-        action = draw(st.sampled_from(["value", "value", "value", "flip", "set", "insert", "delete", "truncate",
-                                       "duplicate"]))
+        action = draw(st.sampled_from(["value", "value", "value", "flip", "set", "insert", "delete",
+                                       "truncate", "duplicate"]))
         at = draw(st.integers(0, max(0, len(data) - 1)))
         fields = list(FIELD.finditer(data))
         if action == "value" and fields:
@@ -103,7 +105,7 @@ def assert_exact_trade(trade: Trade, raw: bytes, fields: dict) -> None:
     if isinstance(reference, dict) and "stream" in reference and "data" in reference:
         reference = reference["data"]
     expected = {name: reference[key] for name, key in fields.items()}
-    assert (trade.id, trade.p, trade.q, trade.ts) == (expected["id"], expected["p"], expected["q"], expected["ts"])
+    assert (trade.id, trade.p, trade.q, trade.ts) == tuple(expected[name] for name in ("id", "p", "q", "ts"))
     assert type(expected["id"]) is int and type(expected["ts"]) is int
     assert 0 <= trade.id < 2 ** 53 and 0 <= trade.ts < 2 ** 53
     assert trade.side == ("sell" if expected["m"] is True else "buy") and type(expected["m"]) is bool
@@ -131,7 +133,8 @@ def check_ws(raw: bytes, kind: str) -> None:
         reference = reference.get("data", reference) if "stream" in reference else reference
         assert reference["e"] == kind and reference["s"] == SYMBOL
         if kind == "aggTrade":
-            assert type(reference["f"]) is int and type(reference["l"]) is int and reference["f"] <= reference["l"]
+            first, last = reference["f"], reference["l"]
+            assert type(first) is int and type(last) is int and first <= last
 
 
 @FUZZ
@@ -189,8 +192,9 @@ def test_splitter_on_hostile_streams(pieces, cuts):
 
 
 @FUZZ
-@given(st.lists(mutated() | st.sampled_from(VALID), min_size=1, max_size=6), st.lists(st.integers(0, 400), max_size=3),
-       st.lists(st.integers(0, 5000), max_size=8), st.integers(0, 10), st.binary(max_size=6))
+@given(st.lists(mutated() | st.sampled_from(VALID), min_size=1, max_size=6),
+       st.lists(st.integers(0, 400), max_size=3), st.lists(st.integers(0, 5000), max_size=8),
+       st.integers(0, 10), st.binary(max_size=6))
 def test_reassembler_on_mutated_wire(messages, fragment_cuts, read_cuts, flip_at, noise):
     """Frames of mutated messages, the wire itself damaged: FrameError or exact trades, and a safe sample."""
     wire = bytearray(b"".join(fragmented(OP_TEXT, m, fragment_cuts) for m in messages))

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest, parse_binance_rest_agg,
-                          parse_binance_ws, qty_units)
+from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest,
+                          parse_binance_rest_agg, parse_binance_ws, qty_units)
 
 SYMBOL = "BTCUSDT"
 RTS = 1_700_000_000_123
@@ -494,7 +494,8 @@ def test_aggregate_trade_is_parsed_exactly_with_the_aggregate_id():
 
 def test_the_default_kind_is_unchanged():
     assert parse_binance_ws(raw(ws_agg()), SYMBOL, RTS) is None
-    assert parse_binance_ws(raw(ws_trade()), SYMBOL, RTS) == parse_binance_ws(raw(ws_trade()), SYMBOL, RTS, "trade")
+    text = raw(ws_trade())
+    assert parse_binance_ws(text, SYMBOL, RTS) == parse_binance_ws(text, SYMBOL, RTS, "trade")
 
 
 def test_plain_trades_are_noise_when_aggregates_are_followed():
@@ -518,7 +519,8 @@ def test_unknown_kind_is_a_programming_error():
 
 @pytest.mark.parametrize("field, value, name", [
     ("a", True, "aggregate trade id"), ("a", -1, "aggregate trade id"), ("a", 1.0, "aggregate trade id"),
-    ("a", "26129", "aggregate trade id"), ("a", 2 ** 53, "aggregate trade id"), ("a", DROP, "aggregate trade id"),
+    ("a", "26129", "aggregate trade id"), ("a", 2 ** 53, "aggregate trade id"),
+    ("a", DROP, "aggregate trade id"),
     ("f", False, "first trade id"), ("f", DROP, "first trade id"), ("l", None, "last trade id"),
     ("l", 27780, "last trade id is before its first"), ("p", "1e5", "price"), ("p", "NaN", "price"),
     ("p", 43210.01, "price"), ("q", "0", "qty"), ("q", "-4.7", "qty"), ("q", "Infinity", "qty"),
@@ -535,7 +537,8 @@ def test_aggregate_for_another_symbol_is_bad():
 
 
 def test_rest_aggregate_rows_are_parsed_like_the_stream():
-    assert parse_binance_rest_agg(rest_agg(), RTS) == parse_binance_ws(raw(ws_agg()), SYMBOL, RTS, kind="aggTrade")
+    from_stream = parse_binance_ws(raw(ws_agg()), SYMBOL, RTS, kind="aggTrade")
+    assert parse_binance_rest_agg(rest_agg(), RTS) == from_stream
     assert parse_binance_rest(rest_agg(m=True), RTS, kind="aggTrade").side == "sell"
     assert parse_binance_rest(rest_agg(f=5, l=5), RTS, kind="aggTrade").id == 26129
 
@@ -553,7 +556,8 @@ HUGE = "9" * 1_000_000
 
 @pytest.mark.parametrize("message, reason", [
     (ws_trade(s=HUGE), "symbol"), (ws_trade(e=HUGE), "unknown message shape"), (ws_trade(p=HUGE), "price"),
-    (ws_trade(q="0." + HUGE), "qty"), (ws_trade(t=int(HUGE[:30])), "trade id"), (ws_trade(m=HUGE), "buyer-maker"),
+    (ws_trade(q="0." + HUGE), "qty"), (ws_trade(t=int(HUGE[:30])), "trade id"),
+    (ws_trade(m=HUGE), "buyer-maker"),
     (ws_trade(t=2 ** 53 + 1), "trade id"), (ws_trade(t=9007199254740993.0), "trade id"),
 ])
 def test_huge_values_are_bad_with_a_short_reason(message, reason):
@@ -562,7 +566,7 @@ def test_huge_values_are_bad_with_a_short_reason(message, reason):
     assert reason in found and len(found) < 120
 
 
-@pytest.mark.parametrize("text", ['{"e":"trade","p":NaN}', '{"e":"trade","p":Infinity}', '{"e":"trade","t":1e400}',
-                                  '{"e":"trade","s":"\\ud800"}'])
+@pytest.mark.parametrize("text", ['{"e":"trade","p":NaN}', '{"e":"trade","p":Infinity}',
+                                  '{"e":"trade","t":1e400}', '{"e":"trade","s":"\\ud800"}'])
 def test_non_json_numbers_and_lone_surrogates_are_malformed(text):
     assert "malformed JSON" in bad_reason(text)
