@@ -320,10 +320,14 @@ class MessageSplitter:
 
 # --- what can still be read from a document cut off by a lost connection ------------------------
 
-# Fields worth knowing about a cut document: the event type, the symbol, the trade id ("t") or the
-# aggregate trade's ids ("a" first-to-last "f".."l"), and the combined stream's name.
+# Fields worth knowing about a cut Binance document: the event type, the symbol, the trade id ("t")
+# or the aggregate trade's ids ("a", first to last trade "f".."l"), and the combined stream's name.
+# Other exchanges pass their own names (e.g. Coinbase: "type", "product_id" and "trade_id").
 SAMPLE_STRING_FIELDS = frozenset(("e", "s", "stream"))
 SAMPLE_ID_FIELDS = frozenset(("t", "a", "f", "l"))
+# Which field holds the record id, by event type: what makes a sample "recovered".
+SAMPLE_EVENT_FIELD = "e"
+SAMPLE_RECORD_ID_FIELDS = {"trade": "t", "aggTrade": "a"}
 SAMPLE_MAX_BYTES = 1 << 16
 _TOKEN = re.compile(
     rb'[ \t\r\n]*(?:'
@@ -359,12 +363,14 @@ class _FieldCollector:
         return fields
 
 
-def sample_prefix(prefix: bytes) -> dict:
+def sample_prefix(prefix: bytes, string_fields=SAMPLE_STRING_FIELDS, id_fields=SAMPLE_ID_FIELDS) -> dict:
     """Fields that are complete in a cut-off message: of its last document (the one that was cut).
 
     Only key/value pairs whose value ended inside the prefix count: a string with its closing
     quote, a plain non-negative integer followed by "," "}" or "]" (a number at the very end may
-    have lost digits). Never a value that the full document would not have; {} when nothing is safe.
+    have lost digits). Only string_fields (as strings) and id_fields (as integers) of the trade
+    object: the top level, or "data" of a Binance combined-stream envelope ("stream" first). Never
+    a value that the full document would not have; {} when nothing is safe.
     """
     splitter = MessageSplitter(len(prefix) + 1)
     try:
@@ -376,14 +382,14 @@ def sample_prefix(prefix: bytes) -> dict:
         return {}
     # Exchanges put the identifying fields first; a bounded prefix keeps a hostile giant cheap, and
     # a prefix of a prefix is still safe to sample.
-    return _sample_document(last[:SAMPLE_MAX_BYTES])
+    return _sample_document(last[:SAMPLE_MAX_BYTES], string_fields, id_fields)
 
 
 # What an open container expects next; any other token ends the sample (the rest is not JSON).
 _KEY, _COLON, _VALUE, _COMMA = range(4)
 
 
-def _sample_document(doc: bytes) -> dict:
+def _sample_document(doc: bytes, string_fields, id_fields) -> dict:
     collected = _FieldCollector()
     stack = []                  # per open container: [is_object, expecting, key]
     data_depth = None
@@ -437,7 +443,7 @@ def _sample_document(doc: bytes) -> dict:
             frame[1] = _COMMA
             key = frame[2] if is_object else None
             target = _sample_target(collected, len(stack), data_depth)
-            wanted = target is not None and (key in SAMPLE_ID_FIELDS or key in SAMPLE_STRING_FIELDS)
+            wanted = target is not None and (key in id_fields or key in string_fields)
             if punct is not None:
                 if wanted:
                     collected.put(target, key, _AMBIGUOUS)      # a container where a value belongs
@@ -446,12 +452,12 @@ def _sample_document(doc: bytes) -> dict:
                 stack.append([punct == b"{", _KEY if punct == b"{" else _VALUE, None])
             elif not wanted:
                 continue
-            elif string is not None and key in SAMPLE_STRING_FIELDS:
+            elif string is not None and key in string_fields:
                 try:
                     collected.put(target, key, orjson.loads(string))
                 except orjson.JSONDecodeError:
                     break
-            elif number is not None and key in SAMPLE_ID_FIELDS and _PLAIN_UINT.fullmatch(number):
+            elif number is not None and key in id_fields and _PLAIN_UINT.fullmatch(number):
                 pending_number = (target, key, int(number))
             else:
                 collected.put(target, key, _AMBIGUOUS)          # present but not usable: never guess
@@ -475,11 +481,15 @@ class Reassembler:
     (frames, documents): it parses a lone message first and splits only what does not decode.
     """
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, string_fields=SAMPLE_STRING_FIELDS, id_fields=SAMPLE_ID_FIELDS,
+                 event_field: str = SAMPLE_EVENT_FIELD, record_id_fields: dict = None):
         self.frames = FrameReader(max_message_bytes)
         self.documents = MessageSplitter(max_message_bytes)
+        self.sample_fields = (string_fields, id_fields)
+        self.event_field = event_field
+        self.record_id_fields = SAMPLE_RECORD_ID_FIELDS if record_id_fields is None else record_id_fields
         self.partial_seen = 0       # connections lost with part of a message received
-        self.recovered = 0          # ... of which the sample gave a trade or aggregate id
+        self.recovered = 0          # ... of which the sample named the cut record's id
 
     def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
         """Every (opcode, payload) completed by these bytes; a text payload is one JSON document."""
@@ -507,7 +517,12 @@ class Reassembler:
         if not prefix.strip(_WHITESPACE_BYTES):
             return None
         self.partial_seen += 1
-        sample = sample_prefix(prefix)
-        if "t" in sample or "a" in sample:
+        sample = sample_prefix(prefix, *self.sample_fields)
+        if self.record_id_field(sample) in sample:
             self.recovered += 1
         return sample
+
+    def record_id_field(self, sample: dict) -> Optional[str]:
+        """The field of the sample that holds the cut record's id, by its event type (None if unknown)."""
+        event = sample.get(self.event_field)
+        return self.record_id_fields.get(event) if isinstance(event, str) else None

@@ -337,7 +337,8 @@ def test_a_connection_cut_anywhere_yields_complete_documents_and_a_faithful_samp
         assert reassembler.partial_seen == 0
         return
     assert reassembler.partial_seen == 1
-    assert reassembler.recovered == int("t" in sample or "a" in sample)
+    id_field = {"trade": "t", "aggTrade": "a"}.get(sample.get("e"))
+    assert reassembler.recovered == int(id_field in sample)
     message, body = shaped[len(got)]
     for key, value in sample.items():
         assert value == (message.get(key) if key == "stream" else body.get(key))
@@ -440,3 +441,24 @@ def test_the_lone_document_shortcut_agrees_with_the_scan(message):
         documents = []
         scanner._scan(message, 0, documents)
         assert documents == [message] and scanner.pending == b""
+
+
+def test_recovered_only_when_the_id_of_the_events_own_kind_was_read():
+    reassembler = Reassembler(MAX)
+    # An older trade event carries the seller's order id as "a": not the record id of a trade.
+    reassembler.feed(frame(OP_TEXT, b'{"e":"trade","s":"BTCUSDT","a":50,"t":1234')[:-1])
+    assert reassembler.connection_lost() == {"e": "trade", "s": "BTCUSDT", "a": 50}
+    reassembler.feed(frame(OP_TEXT, b'{"e":"aggTrade","s":"BTCUSDT","a":26129,"p":"1"}')[:-3])
+    assert reassembler.connection_lost()["a"] == 26129
+    assert (reassembler.partial_seen, reassembler.recovered) == (2, 1)
+
+
+def test_other_exchanges_name_their_own_fields():
+    message = b'{"type":"match","trade_id":8,"maker_order_id":"x","product_id":"BTC-USD","price":"4'
+    sample = sample_prefix(message, string_fields={"type", "product_id"}, id_fields={"trade_id"})
+    assert sample == {"type": "match", "trade_id": 8, "product_id": "BTC-USD"}
+    reassembler = Reassembler(MAX, {"type", "product_id"}, {"trade_id"}, event_field="type",
+                              record_id_fields={"match": "trade_id"})
+    reassembler.feed(frame(OP_TEXT, message + b'0"}')[:-3])
+    assert reassembler.connection_lost() == sample
+    assert reassembler.recovered == 1
