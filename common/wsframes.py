@@ -18,10 +18,24 @@ class FrameError(Exception):
     """The stream broke the protocol (or a bound); the connection must be closed and replaced."""
 
 
+def _frame_bytes_needed(partial) -> int:
+    """How many bytes the incomplete frame at the start of partial needs at least (its header first)."""
+    if len(partial) < 2:
+        return 2
+    length = partial[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    header = 4 if length == 126 else 10
+    if len(partial) < header:
+        return header
+    return header + int.from_bytes(partial[2:header], "big")
+
+
 class FrameReader:
     def __init__(self, max_message_bytes: int):
         self.max_message_bytes = max_message_bytes
         self.buffer = bytearray()
+        self.buffer_needs = 0       # bytes the buffered incomplete frame needs before it can complete
         self.fragments: List[bytes] = []
         self.fragment_opcode = None
         self.fragment_bytes = 0
@@ -35,6 +49,8 @@ class FrameReader:
         """Every message and control frame completed by these bytes, in order, as (opcode, payload)."""
         if self.buffer:
             self.buffer += data
+            if len(self.buffer) < self.buffer_needs:
+                return []           # a large frame arriving in small reads: no copy until it is whole
             data = bytes(self.buffer)
         out = []
         pos, end = 0, len(data)
@@ -45,7 +61,11 @@ class FrameReader:
         except FrameError:
             self.buffer = bytearray(data[pos:])     # kept for the dead letter (see dangling)
             raise
-        self.buffer = bytearray(data[pos:]) if pos < end else bytearray()
+        if pos < end:
+            self.buffer = bytearray(data[pos:])
+            self.buffer_needs = _frame_bytes_needed(self.buffer)
+        else:
+            self.buffer = bytearray()
         return out
 
     def _frames(self, data: bytes, pos: int, end: int, max_bytes: int, fragmenting: bool, out: list) -> int:

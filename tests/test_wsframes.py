@@ -113,3 +113,15 @@ def test_bytes_of_a_violation_stay_visible_for_the_dead_letter():
     with pytest.raises(FrameError):
         reader.feed(frame(OP_TEXT, b'{"a":1}') + frame(OP_TEXT, b"x", masked=True))
     assert reader.dangling.endswith(frame(OP_TEXT, b"x", masked=True))
+
+
+def test_a_large_frame_in_tiny_reads_waits_without_reparsing():
+    payload = b"y" * 70_000
+    data = frame(OP_TEXT, payload)
+    reader = FrameReader(MAX)
+    assert reader.feed(data[:3]) == [] and reader.buffer_needs == 4
+    assert reader.feed(data[3:5]) == [] and reader.buffer_needs == len(data)
+    got = []
+    for index in range(5, len(data)):
+        got += reader.feed(data[index:index + 1])
+    assert got == [(OP_TEXT, payload)] and reader.dangling == b""
