@@ -53,7 +53,9 @@ class BatchApplier:
             pipe = client.pipeline(transaction=False)
             for source, payload in batches:
                 script_keys, args = self.script_arguments(source, payload, now_ms)
-                pipe.evalsha(self.script.sha, len(script_keys), *script_keys, *args)
+                # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
+                # but routes the former by its first key (a source's keys share one slot).
+                pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
             try:
                 return pipe.execute()
             except NoScriptError:

@@ -14,7 +14,7 @@ except ImportError:  # Python 3.10
 
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
-REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME := "redis+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME := "redis+sentinel", CLUSTER_SCHEME := "redis+cluster")
 BINANCE_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
 # Each exchange's own symbol form (DESIGN section 3): BTCUSDT, BTC-USD, BTC/USD.
 SYMBOL_FORMS = {
@@ -187,6 +187,10 @@ def _read_file(path: str) -> dict:
 def _validate(values: dict) -> Config:
     state_dir = os.path.abspath(values["state_dir"])
     check_redis_url("BTCFEED_PRIMARY_URL", values["primary_url"])
+    if urlsplit(values["primary_url"]).scheme == CLUSTER_SCHEME and values["compat_keys"]:
+        # They have no hash tag: the apply script could not update them with a source's keys.
+        raise ConfigError("BTCFEED_COMPAT_KEYS: the omega_ai compatibility keys cannot be kept on a Redis "
+                          "Cluster (they are outside the sources' hash slots); set BTCFEED_COMPAT_KEYS=false")
     values["primary_password"] = _primary_password(values["primary_url"], values["primary_password"],
                                                    values.pop("primary_password_file"))
     _check_primary_tls(values)
@@ -259,6 +263,9 @@ def check_redis_url(variable: str, url: str) -> None:
     if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url, variable)
         return
+    if parts.scheme == CLUSTER_SCHEME:
+        parse_cluster_url(url, variable)
+        return
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"{variable}: unix URL needs a socket path, like unix:///var/run/redis.sock")
@@ -275,6 +282,28 @@ def check_redis_url(variable: str, url: str) -> None:
         raise ConfigError(f"{variable}: {redact_url(url)!r} has a database index that is not a number")
 
 
+def parse_cluster_url(url: str, variable: str = "BTCFEED_PRIMARY_URL") -> dict:
+    """redis+cluster://[user:password@]host:port[,host:port...]: any nodes of the cluster (the
+    client learns the rest); a cluster has only database 0."""
+    rest = url.partition("://")[2]
+    userinfo, at, rest = rest.rpartition("@")
+    hosts_part, _, path = rest.partition("/")
+    if path.partition("?")[0] not in ("", "0"):
+        raise ConfigError(f"{variable}: a Redis Cluster has only database 0")
+    nodes = [_host_port(item, variable, "cluster node", None) for item in hosts_part.split(",")]
+    username, _, password = userinfo.partition(":") if at else ("", "", "")
+    return {"nodes": nodes, "username": unquote(username), "password": unquote(password)}
+
+
+def _host_port(item: str, variable: str, what: str, default_port):
+    host, colon, port = item.strip().rpartition(":")
+    if not colon and default_port:
+        host, port = port, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{variable}: {what} {item.strip()!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 def parse_sentinel_url(url: str, variable: str = "BTCFEED_PRIMARY_URL") -> dict:
     """redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db]: the sentinels to
     ask, the name of the master they watch, and the database; the credentials are the master's."""
@@ -282,14 +311,7 @@ def parse_sentinel_url(url: str, variable: str = "BTCFEED_PRIMARY_URL") -> dict:
     userinfo, at, rest = rest.rpartition("@")
     hosts_part, _, path = rest.partition("/")
     path = path.partition("?")[0]
-    sentinels = []
-    for item in hosts_part.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        if not colon:
-            host, port = port, "26379"
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{variable}: sentinel {item.strip()!r} is not host:port")
-        sentinels.append((host.strip("[]"), int(port)))
+    sentinels = [_host_port(item, variable, "sentinel", 26379) for item in hosts_part.split(",")]
     service, _, db = path.partition("/")
     if not service:
         raise ConfigError(f"{variable}: give the master name after the sentinels, like "

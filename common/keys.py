@@ -93,6 +93,11 @@ SYNC_PRIMARY = f"{PREFIX}:sync:primary"
 # A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
 PROBE = f"{PREFIX}:probe"
 
+
+def source_probe(source: str) -> str:
+    """On a Redis Cluster: the probe key in a source's own slot, so its master is the one tested."""
+    return f"{PREFIX}:{source_tag(source)}:probe"
+
 # --- local Redis only: observability ---------------------------------------------------------------
 # Hash process name -> restarts after a crash, counted by the supervisord event listener.
 PROCESS_RESTARTS = f"{PREFIX}:process:restarts"

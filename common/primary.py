@@ -1,14 +1,17 @@
 """The one way every process connects to the primary: URL, credentials and TLS from the
 configuration, short timeouts, and the retry policy that keeps replays safe."""
 
+import time
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from common.config import SENTINEL_SCHEME, parse_sentinel_url
+from common import keys
+from common.config import CLUSTER_SCHEME, SENTINEL_SCHEME, parse_cluster_url, parse_sentinel_url
 
 
 def connect_primary(config, timeout_ms: int) -> redis.Redis:
@@ -22,8 +25,11 @@ def connect_primary(config, timeout_ms: int) -> redis.Redis:
     options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0,
                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
     options.update(credentials(config))
-    if urlsplit(config.primary_url).scheme == SENTINEL_SCHEME:
+    scheme = urlsplit(config.primary_url).scheme
+    if scheme == SENTINEL_SCHEME:
         return _sentinel_master(config, options)
+    if scheme == CLUSTER_SCHEME:
+        return _cluster(config, options)
     options.update(tls_options(config))
     return redis.Redis.from_url(config.primary_url, **options)
 
@@ -38,6 +44,43 @@ def _sentinel_master(config, options: dict) -> redis.Redis:
                       **options, "db": parsed["db"]}
     sentinel = Sentinel(parsed["sentinels"], sentinel_kwargs=timeouts)
     return sentinel.master_for(parsed["service"], **master_options)
+
+
+def is_cluster(config) -> bool:
+    return urlsplit(config.primary_url).scheme == CLUSTER_SCHEME
+
+
+def _cluster(config, options: dict) -> RedisCluster:
+    """A cluster client: commands go to the master of their key's slot (every key of a source
+    shares one hash tag, so one apply script touches one slot). It does not cover for a slot
+    whose master is down: the writer fails over locally, sync waits for the cluster to promote a
+    replica, and the replay goes to the new master."""
+    parsed = parse_cluster_url(config.primary_url)
+    options = {**options, "retry": Retry(NoBackoff(), 1)}
+    options.pop("health_check_interval")
+    if parsed["username"] and "username" not in options:
+        options["username"] = parsed["username"]
+    if parsed["password"] and "password" not in options:
+        options["password"] = parsed["password"]
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in parsed["nodes"]],
+                        require_full_coverage=False, **options)
+
+
+def cluster_probe(client: RedisCluster, sources) -> dict:
+    """The cluster's health for the feed: the state is ok and the master of every source's slot
+    takes a write. The identity is the set of masters' run ids, so a slot failover or a restart
+    reads as a new primary (and the last writes before it are re-sent, see sync's re-seed)."""
+    state = client.cluster_info().get("cluster_state")
+    if state != "ok":
+        raise redis.exceptions.ClusterDownError(f"cluster_state is {state}")
+    now_ms = int(time.time() * 1000)
+    pipe = client.pipeline(transaction=False)
+    for source in sources:
+        pipe.set(keys.source_probe(source), now_ms, px=10_000)
+    pipe.execute()
+    servers = client.info("server", target_nodes=RedisCluster.PRIMARIES)
+    run_ids = sorted(info.get("run_id", "") for info in servers.values()) if isinstance(servers, dict) else []
+    return {"run_id": ",".join(run_ids) or None}
 
 
 def master_address(config, timeout_ms: int):

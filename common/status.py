@@ -24,7 +24,7 @@ from common.bus import read_heartbeats
 from common.config import SENTINEL_SCHEME, redact_url, scrub, secrets_of
 from common.events import recent_events
 from common.latency import quantile_ms
-from common.primary import connect_primary, master_address
+from common.primary import connect_primary, is_cluster, master_address
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
@@ -66,6 +66,7 @@ class StatusCollector:
         self.rates = {}
         self.price_history = collections.deque(maxlen=PRICE_HISTORY_POINTS)
         self.sentinel = config.primary_url.startswith(SENTINEL_SCHEME + "://")
+        self.cluster = is_cluster(config)
 
     # --- the whole document ----------------------------------------------------------------------
     def collect(self, thresholds: Thresholds = Thresholds()) -> dict:
@@ -76,7 +77,8 @@ class StatusCollector:
             "generated_ms": now_ms,
             "origin": self.origin,
             "processes": self._processes(local_state["heartbeats"], local_state["restarts"], now_ms),
-            "redis": {"primary": self._redis_info(self.primary, self.config.primary_url),
+            "redis": {"primary": (self._cluster_info() if self.cluster else
+                                  self._redis_info(self.primary, self.config.primary_url)),
                       "local": self._redis_info(self.local, self.config.local_url)},
             "writer": _writer(local_state, now_ms),
             "backlog": _backlog(local_state),
@@ -217,6 +219,22 @@ class StatusCollector:
                 return {"source": name, "last": source["last_price"],
                         "history": [price for _, price in self.price_history]}
         return {"source": None, "last": None, "history": []}
+
+    def _cluster_info(self) -> dict:
+        """A Redis Cluster primary: its state, its masters and their memory together."""
+        out = {"url": redact_url(self.config.primary_url), "reachable": False, "latency_ms": None,
+               "role": None, "run_id": None, "used_memory_mb": None, "masters": None, "error": None}
+        try:
+            started = time.perf_counter()
+            state = self.primary.cluster_info().get("cluster_state")
+            out["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            memory = self.primary.info("memory", target_nodes=self.primary.PRIMARIES)
+            out.update(reachable=True, role=f"cluster ({state})",
+                       masters=sorted(memory), used_memory_mb=round(
+                           sum(info.get("used_memory", 0) for info in memory.values()) / 2**20, 1))
+        except redis.RedisError as exc:
+            out["error"] = self._describe(exc)
+        return out
 
     def _sentinel_master(self):
         """host:port of the master the sentinels name now (which node the feed writes to)."""

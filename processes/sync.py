@@ -12,7 +12,7 @@ from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
 from common.trade import encode_batch
-from common.primary import connect_primary
+from common.primary import cluster_probe, connect_primary, is_cluster
 from processes.writer import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 WATCH_INTERVAL_S = 1.0          # identity check of a healthy primary
@@ -46,6 +46,7 @@ class Sync(Process):
     def initialize(self) -> None:
         cfg = self.config
         compat = cfg.compat_source.name if cfg.compat_source else None
+        self.cluster = is_cluster(cfg)
         self.probe_client = connect_primary(cfg, cfg.primary_timeout_ms)
         self.replay_client = connect_primary(cfg, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
         self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len)
@@ -73,6 +74,11 @@ class Sync(Process):
     # --- probing -------------------------------------------------------------------------------
     def probe(self) -> dict:
         """One health check: answers, is a master, accepts a write. Returns the server's identity."""
+        if self.cluster:
+            try:
+                return cluster_probe(self.probe_client, [source.name for source in self.config.sources])
+            except redis.RedisError as exc:
+                raise PrimaryUnhealthy(describe_error(exc, self.config.primary_url))
         pipe = self.probe_client.pipeline(transaction=False)
         pipe.info("server")
         pipe.info("replication")

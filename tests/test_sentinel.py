@@ -5,7 +5,6 @@ are found and refilled by bin/sync-check --repair."""
 
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error

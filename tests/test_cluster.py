@@ -1,0 +1,153 @@
+"""A Redis Cluster primary: three masters with a replica each, real redis-server processes on
+loopback joined by `redis-cli --cluster create`. Every key of a source shares its hash tag, so the
+apply script runs in one slot; the stack stays exact while that slot's master fails over."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from common import config as config_module
+from common import keys
+from common.redis_process import RedisProcess
+from harness import SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_derived, verify_primary, wait_for
+
+pytestmark = pytest.mark.integration
+RATE = 1000
+SEED = 29
+NODE_TIMEOUT_MS = 1000
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too and below 65536."""
+    import random
+    import socket
+    while True:
+        port = random.randint(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class Cluster:
+    def __init__(self, masters: int = 3, replicas: int = 1):
+        self.root = short_tmpdir("bf-cluster-")
+        self.nodes = []
+        for index in range(masters * (1 + replicas)):
+            directory = os.path.join(self.root, f"n{index}")
+            self.nodes.append(RedisProcess(directory, port=cluster_port(), extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(directory, "nodes.conf"),
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS)]).start())
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self.ok, 30, "cluster_state:ok on every node")
+        wait_for(self.replicas_in_sync, 30, "every replica in sync with its master")
+
+    def replicas_in_sync(self) -> bool:
+        infos = [node.client().info("replication") for node in self.nodes]
+        return all(info.get("master_link_status") == "up" for info in infos if info.get("role") == "slave")
+
+    def ok(self) -> bool:
+        try:
+            return all(node.client().cluster("info")["cluster_state"] == "ok" for node in self.nodes
+                       if node.process.poll() is None)
+        except redis.RedisError:
+            return False
+
+    def client(self) -> RedisCluster:
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in self.nodes
+                                           if n.process.poll() is None], socket_timeout=5)
+
+    def master_of(self, key: str) -> RedisProcess:
+        port = self.client().get_node_from_key(key).port
+        return next(node for node in self.nodes if node.port == port)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    servers = Cluster()
+    yield servers
+    servers.close()
+
+
+def last_id(client) -> int:
+    value = client.hget(keys.last(SOURCE), "id")
+    return int(value) if value is not None else -1
+
+
+def writer_state(stack) -> str:
+    local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
+    value = local.hget(keys.WRITER_STATE, "state")
+    return value.decode() if value else "primary"
+
+
+def test_a_source_keys_share_one_slot():
+    slots = {key_slot(name.encode()) for name in (
+        keys.trades(SOURCE), keys.last(SOURCE), keys.candles_index(SOURCE), keys.candle(SOURCE, 60_000),
+        keys.seen_segment(SOURCE, 123_456_789), keys.live_channel(SOURCE), keys.source_probe(SOURCE))}
+    assert len(slots) == 1
+
+
+def test_compat_keys_are_refused_on_a_cluster():
+    with pytest.raises(config_module.ConfigError, match="BTCFEED_COMPAT_KEYS"):
+        config_module.load({"BTCFEED_PRIMARY_URL": "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"})
+    cfg = config_module.load({"BTCFEED_PRIMARY_URL": "redis+cluster://127.0.0.1:7000", "BTCFEED_COMPAT_KEYS": "false"})
+    assert cfg.compat_source is None
+
+
+def test_exactly_once_on_a_cluster_while_the_slot_master_fails_over(cluster, sim):
+    stack = start_stack(cluster.nodes[0], sim, BTCFEED_PRIMARY_URL=cluster.url, BTCFEED_COMPAT_KEYS="false")
+    try:
+        client = cluster.client()
+        wait_for(lambda: last_id(client) > RATE, 30, "trades in the cluster")
+        master = cluster.master_of(keys.trades(SOURCE))
+        master.kill()
+        killed = time.monotonic()
+        wait_for(lambda: writer_state(stack) != "primary", 10, "the writer to fail over")
+        wait_for(lambda: cluster.master_of(keys.trades(SOURCE)).port != master.port, 30,
+                 "a replica to take the slot")
+        promoted = time.monotonic()
+        wait_for(lambda: writer_state(stack) == "primary", 60, "the hand-back to the new slot master")
+        print(f"slot master replaced {promoted - killed:.2f}s after the kill; "
+              f"stack handed back {time.monotonic() - promoted:.2f}s later")
+        client = cluster.client()
+        last = drain(client, sim)
+        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        verdict = verify_primary(client, sim, from_id=first)
+        assert verdict.exact(), str(verdict)
+        verify_derived(client, sim, first, last)
+        document = status(stack)
+        assert document["redis"]["primary"]["role"] == "cluster (ok)"
+        assert len(document["redis"]["primary"]["masters"]) == 3
+    finally:
+        remove_stack(stack)
+
+
+def status(stack) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status", timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.URLError:
+        return {}
