@@ -138,6 +138,14 @@ def bench_failover(seconds, rate):
     sys.exit(run_failover_bench(outage_s=seconds, rate=rate, echo=click.echo))
 
 
+@cli.command("bench-primary")
+def bench_primary():
+    """The write path into a primary over plain TCP and TLS, and into a Redis Cluster (sources on one
+    master or spread over three), in one run."""
+    from common.primary_bench import run_primary_bench
+    sys.exit(run_primary_bench(echo=click.echo))
+
+
 @cli.command("bench-health")
 def bench_health():
     """GET /status answer times under 100 requests/s while the feed runs, and the feed's slowdown."""

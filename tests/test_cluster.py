@@ -45,6 +45,13 @@ class Cluster:
     def __init__(self, masters: int = 3, replicas: int = 1):
         self.root = short_tmpdir("bf-cluster-")
         self.nodes = []
+        try:
+            self._create(masters, replicas)
+        except BaseException:
+            self.close()         # leave no server behind when the set-up fails
+            raise
+
+    def _create(self, masters: int, replicas: int) -> None:
         for index in range(masters * (1 + replicas)):
             directory = os.path.join(self.root, f"n{index}")
             self.nodes.append(RedisProcess(directory, port=cluster_port(), extra_args=[

@@ -32,14 +32,21 @@ class SentinelSet:
 
     def __init__(self):
         self.root = short_tmpdir("bf-sentinel-")
-        self.master = RedisProcess(os.path.join(self.root, "a")).start()
+        self.master = RedisProcess(os.path.join(self.root, "a"))
         self.replica = RedisProcess(os.path.join(self.root, "b"), extra_args=[
-            "--replicaof", "127.0.0.1", str(self.master.port)]).start()
-        wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
-                 20, "the replica to sync")
-        self.sentinels = [self._start_sentinel(i) for i in range(3)]
-        self.ports = [port for port, _ in self.sentinels]
-        wait_for(self._all_know_everyone, 30, "the sentinels to find each other and the replica")
+            "--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinels = []
+        try:
+            self.master.start()
+            self.replica.start()
+            wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
+                     20, "the replica to sync")
+            self.sentinels = [self._start_sentinel(i) for i in range(3)]
+            self.ports = [port for port, _ in self.sentinels]
+            wait_for(self._all_know_everyone, 30, "the sentinels to find each other and the replica")
+        except BaseException:
+            self.close()         # leave no server behind when the set-up fails
+            raise
 
     def _start_sentinel(self, index: int):
         port = free_port()

@@ -12,6 +12,7 @@ import pytest
 from common import config as config_module
 from common import keys
 from common.redis_process import RedisProcess, free_port
+from common.tlscerts import make_test_pki, tls_server_args
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_primary, wait_for)
 
@@ -23,32 +24,9 @@ SEED = 13
 ACL_PASSWORD = "acl-Tls-Password-0042"
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(directory: str, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt",
-            "-days", "2", "-subj", f"/CN=btcfeed test {name}", cwd=directory)
-
-
-def make_signed(directory: str, name: str, ca: str, extensions: str) -> None:
-    with open(os.path.join(directory, f"{name}.ext"), "w") as handle:
-        handle.write(extensions + "\n")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}", cwd=directory)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=directory)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("certs"))
-    make_ca(directory, "ca")
-    make_ca(directory, "other-ca")
-    make_signed(directory, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost")
-    make_signed(directory, "client", "ca", "extendedKeyUsage=clientAuth")
-    return directory
+    return make_test_pki(str(tmp_path_factory.mktemp("certs")))
 
 
 def tls_primary(certs: str, auth_clients: str = "optional") -> RedisProcess:
@@ -56,9 +34,7 @@ def tls_primary(certs: str, auth_clients: str = "optional") -> RedisProcess:
     and an ACL user btcfeed with a password."""
     tls_port = free_port()
     server = RedisProcess(short_tmpdir("bf-tls-"), extra_args=[
-        "--tls-port", str(tls_port), "--tls-cert-file", f"{certs}/server.crt",
-        "--tls-key-file", f"{certs}/server.key", "--tls-ca-cert-file", f"{certs}/ca.crt",
-        "--tls-auth-clients", auth_clients,
+        *tls_server_args(certs, tls_port, auth_clients),
         "--user", "btcfeed", "on", f">{ACL_PASSWORD}", "~*", "&*", "+@all"])
     server.tls_port = tls_port
     return server.start()
