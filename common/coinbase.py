@@ -8,11 +8,13 @@ market is quiet. REST pages are newest first; `after=X` gives the trades with id
 
 import time
 import urllib.parse
+from typing import Optional
 
 import orjson
 
 from common.exchange import Heartbeat, RequestPacer, RestError, http_get_json, iso_to_ms, strictly_ascending
-from common.trade import BadMessage, Trade, check_decimal, check_int, check_qty
+from common.trade import MAX_EXACT_INT, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
+from common.wsframes import Reassembler
 
 DEFAULT_WS_URL = "wss://ws-feed.exchange.coinbase.com"
 DEFAULT_REST_URL = "https://api.exchange.coinbase.com"
@@ -27,6 +29,11 @@ TRADE_TYPES = ("match", "last_match")
 NON_TRADE_TYPES = frozenset(("subscriptions", "ticker", "ticker_batch", "snapshot", "l2update", "level2",
                              "status", "received", "open", "done", "change", "activate"))
 TAKER_SIDE = {"sell": "buy", "buy": "sell"}   # maker side -> taker side
+# What a message cut by a lost connection can tell: its type, its product and the trade id (a match
+# names its trade_id second, its product_id only after the order ids, side, size and price).
+SAMPLE_STRING_FIELDS = frozenset(("type", "product_id"))
+SAMPLE_ID_FIELDS = frozenset(("trade_id",))
+SAMPLE_RECORD_ID_FIELDS = {kind: "trade_id" for kind in TRADE_TYPES}
 
 
 def subscribe_message(product_id: str) -> bytes:
@@ -55,8 +62,8 @@ def parse_ws(raw, product_id: str, rts: int):
     """A Trade, a Heartbeat or None from one feed message; BadMessage for anything else."""
     try:
         message = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"malformed JSON: {exc}")
+    except orjson.JSONDecodeError as exc:   # several documents in one message, or a cut one: split them
+        raise MalformedJSON(f"malformed JSON: {exc}")
     if not isinstance(message, dict):
         raise BadMessage("message is not a JSON object")
     kind = message.get("type")
@@ -123,9 +130,29 @@ class CoinbaseAdapter:
     def rest_pause_s(self) -> float:
         return self.pacer.pause_s()
 
+    def make_reassembler(self, max_message_bytes: int) -> Reassembler:
+        return Reassembler(max_message_bytes, SAMPLE_STRING_FIELDS, SAMPLE_ID_FIELDS, event_field="type",
+                           record_id_fields=SAMPLE_RECORD_ID_FIELDS)
+
+    def cut_record_id(self, sample: Optional[dict]) -> Optional[int]:
+        return cut_record_id(sample, self.symbol)
+
+
+def cut_record_id(sample: Optional[dict], product_id: str) -> Optional[int]:
+    """The trade id of the match a lost connection cut, from a sample_prefix() result; None unless
+    the sample names a match (or last_match) of this product: a cut heartbeat, ticker or another
+    product's match never steers a backfill."""
+    if not sample or sample.get("type") not in TRADE_TYPES or sample.get("product_id") != product_id:
+        return None
+    trade_id = sample.get("trade_id")
+    if type(trade_id) is not int or not 0 <= trade_id < MAX_EXACT_INT:
+        return None
+    return trade_id
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-__all__ = ["CoinbaseAdapter", "parse_ws", "parse_rest_page", "subscribe_message", "RestError"]
+__all__ = ["CoinbaseAdapter", "parse_ws", "parse_rest_page", "subscribe_message", "cut_record_id",
+           "RestError"]

@@ -15,6 +15,9 @@ except ImportError:  # Python 3.10
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
 REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME := "redis+sentinel", CLUSTER_SCHEME := "redis+cluster")
+# The Binance record kinds a source can follow (common.trade.BINANCE_KINDS; not imported, so that
+# loading the configuration stays free of the parsers' dependencies).
+BINANCE_TRADE_KINDS = ("trade", "aggTrade")
 BINANCE_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
 # Each exchange's own symbol form (DESIGN section 3): BTCUSDT, BTC-USD, BTC/USD.
 SYMBOL_FORMS = {
@@ -76,6 +79,7 @@ SETTINGS = {
     "binance_ws_url": ("wss://stream.binance.com:9443", _text),
     "binance_rest_url": ("https://api.binance.com", _text),
     "binance_stream_form": ("combined", _text),
+    "binance_trade_kind": ("trade", _text),
     "coinbase_ws_url": ("wss://ws-feed.exchange.coinbase.com", _text),
     "coinbase_rest_url": ("https://api.exchange.coinbase.com", _text),
     "kraken_ws_url": ("wss://ws.kraken.com/v2", _text),
@@ -113,6 +117,7 @@ class Config:
     binance_ws_url: str
     binance_rest_url: str
     binance_stream_form: str
+    binance_trade_kind: str
     coinbase_ws_url: str
     coinbase_rest_url: str
     kraken_ws_url: str
@@ -204,6 +209,9 @@ def _validate(values: dict) -> Config:
                         path_allowed=name == "kraken_ws_url")
     if values["binance_stream_form"] not in ("raw", "combined"):
         raise ConfigError("BTCFEED_BINANCE_STREAM_FORM: must be 'raw' (/ws/...) or 'combined' (/stream?streams=...)")
+    if values["binance_trade_kind"] not in BINANCE_TRADE_KINDS:
+        raise ConfigError("BTCFEED_BINANCE_TRADE_KIND: must be 'trade' (every trade, ids t) or 'aggTrade' "
+                          f"(aggregate trades, ids a), got {values['binance_trade_kind'][:40]!r}")
     if values["log_format"] not in ("kv", "json"):
         raise ConfigError("BTCFEED_LOG_FORMAT: must be 'kv' or 'json'")
     host, port = parse_addr("BTCFEED_HEALTH_ADDR", values["health_addr"])

@@ -5,7 +5,10 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
   ws_url, stale_after_s           where to connect; how long silence means a dead connection
   subscribe_messages()            text messages to send once connected (empty when the URL says it all)
   parse(raw, rts)                 None (not a trade), a Trade, a list of Trades (ids ascending) or a
-                                  Heartbeat(last_id); raises BadMessage for anything that must not pass
+                                  Heartbeat(last_id); raises BadMessage for anything that must not pass,
+                                  and its subclass MalformedJSON when the text does not decode as one
+                                  JSON document (parse_socket_read then splits the message into its
+                                  documents, keeping a cut last one for the next message)
   fetch_page(from_id, after_ts)   (trades with id >= from_id ascending, exhausted): exhausted says the
                                   exchange had nothing newer; after_ts is the time (ms) of trade
                                   from_id - 1 when known (Kraken pages by time); raises RateLimited,
@@ -13,6 +16,14 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
   rest_pause_s()                  how long to wait before the next REST call to stay under its limits
   pages_by_time                   True when REST pages start at a time (Kraken): ingest then keeps the
                                   time of the cursor's trade in the local Redis for backfills
+  make_reassembler(max_bytes)     a common.wsframes.Reassembler for one connection (frames in, JSON
+                                  documents out, max_bytes per message), sampling the fields this
+                                  exchange names its records by; its connection_lost() returns the
+                                  sample of the message a lost connection cut
+  cut_record_id(sample)           the id (int) of the trade record that cut message held, or None:
+                                  only when the sample names this adapter's trade event and symbol
+                                  (Binance: e/s with t or a; Coinbase: type/product_id with trade_id;
+                                  Kraken v2: always None, its ids sit in an array that is not sampled)
 """
 
 import calendar

@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional
 
 from common.exchange import (Heartbeat, RateLimited, RequestPacer, RestError, http_get_json, iso_to_ms,
                              strictly_ascending)
-from common.trade import DECIMAL, BadMessage, Trade, check_decimal, check_int, check_qty
+from common.trade import DECIMAL, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
+from common.wsframes import Reassembler
 
 DEFAULT_WS_URL = "wss://ws.kraken.com/v2"
 DEFAULT_REST_URL = "https://api.kraken.com"
@@ -56,8 +57,9 @@ def loads_exact(raw):
     """JSON with every number as its RawNumber text: no float ever touches a price or quantity."""
     try:
         return json.loads(raw, parse_float=RawNumber, parse_int=RawNumber, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:   # also invalid UTF-8
-        raise BadMessage(f"malformed JSON: {str(exc)[:80]}")
+    except (ValueError, RecursionError) as exc:   # also invalid UTF-8, NaN and Infinity
+        # MalformedJSON: the message may hold several documents (or a cut one) that can be split.
+        raise MalformedJSON(f"malformed JSON: {str(exc)[:80]}")
 
 
 def normalized_decimal(text: str) -> str:
@@ -256,6 +258,18 @@ class KrakenAdapter:
 
     def rest_pause_s(self) -> float:
         return self.pacer.pause_s()
+
+    def make_reassembler(self, max_message_bytes: int) -> Reassembler:
+        # v2 trades sit inside the "data" array, where sample_prefix does not look (only the top
+        # object or a Binance combined stream's "data" object is read safely): sample nothing, so a
+        # cut message is counted but never read.
+        return Reassembler(max_message_bytes, frozenset(), frozenset(), event_field="channel",
+                           record_id_fields={})
+
+    def cut_record_id(self, sample: Optional[dict]) -> Optional[int]:
+        """Always None: a cut v2 message cannot name its trades' ids safely (see make_reassembler);
+        the reconnect's backfill from the cursor finds them."""
+        return None
 
     def fetch_page(self, from_id: int, after_ts_ms=None):
         """(trades with id >= from_id ascending, whether the exchange had nothing newer).

@@ -2,7 +2,9 @@
 
 Run as `python -m processes.exchange_sim --port 0 --port-file PATH [--mode binance|coinbase|kraken]`.
 Binance mode (the default) serves the websocket upgrade (`/ws/btcusdt@trade`,
-`/stream?streams=btcusdt@trade`) and REST (`/api/v3/...`); Coinbase mode the Exchange feed (`/`,
+`/stream?streams=btcusdt@trade`, and `@aggTrade` likewise) and REST (`/api/v3/historicalTrades`,
+`/api/v3/aggTrades`, ...); each simulated trade is its own aggregate trade (aggregate id = trade id,
+first = last = that trade), so one history answers for both kinds. Coinbase mode the Exchange feed (`/`,
 `matches` and `heartbeat` channels) and `/products/{id}/trades`; Kraken mode the v2 websocket
 (`/v2`, `trade` channel) and `/0/public/Trades`. Every mode has the same seeded trade history, the
 same faults and a control API under `/_sim/` for tests, the demo and benchmarks.
@@ -15,6 +17,7 @@ import array
 import asyncio
 import base64
 import bisect
+import collections
 import hashlib
 import itertools
 import json
@@ -77,7 +80,7 @@ UNITS_PER_COIN = 100_000_000
 REST_DEFAULT_LIMIT = 500
 REST_MAX_LIMIT = 1000
 # The market-data endpoints (the ones rest429 faults refuse); everything else weighs 1.
-REST_WEIGHTS = {"/api/v3/historicalTrades": 25, "/api/v3/trades": 25}
+REST_WEIGHTS = {"/api/v3/historicalTrades": 25, "/api/v3/trades": 25, "/api/v3/aggTrades": 4}
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
 TOO_MANY_REQUESTS_MSG = ("Too many requests; current limit of IP(127.0.0.1) is 6000 request weight per "
                          "1 MINUTE. Please use the websocket for live updates to avoid polling the API.")
@@ -334,6 +337,15 @@ def trade_payloads(symbol: str, first_id: int, prices: array.array, qty_index: a
     time_and_side = f',"T":{time_ms},"m":'
     return [f'{head}{trade_id},"p":"{price_text(cents)}","q":"{qty_text[qty]}"{time_and_side}'
             f'{BOOL_TEXT[side]},"M":true}}'.encode()
+            for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
+
+
+def agg_trade_payloads(symbol: str, first_id: int, prices: array.array, qty_index: array.array,
+                       sides: bytearray, time_ms: int, qty_text: tuple[str, ...]) -> list[bytes]:
+    """Binance `aggTrade` events, one per trade: aggregate id, first and last trade id all equal it."""
+    head = f'{{"e":"aggTrade","E":{time_ms},"s":"{symbol}","a":'
+    return [f'{head}{trade_id},"p":"{price_text(cents)}","q":"{qty_text[qty]}","f":{trade_id},"l":{trade_id},'
+            f'"T":{time_ms},"m":{BOOL_TEXT[side]},"M":true}}'.encode()
             for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
 
 
@@ -930,12 +942,15 @@ class ExchangeSimulator:
         self.config = config
         self.symbol = config.symbol
         self.trade_stream = f"{config.symbol.lower()}@trade"
+        # Binance mode also serves aggregate trades; the other modes have one trade channel.
+        self.agg_stream: Optional[str] = f"{config.symbol.lower()}@aggTrade"
         self.generator = TradeGenerator(config.seed)
         self.history = TradeHistory(config.start_id, config.history_max)
         # None in Binance mode, whose wire shapes are the simulator's own code below.
         self.protocol = PROTOCOLS[config.mode](self) if config.mode in PROTOCOLS else None
         if self.protocol is not None:
             self.trade_stream = self.protocol.trade_stream
+            self.agg_stream = None
         self._next_heartbeat = 0.0
         self.connections: set[WsConnection] = set()
         self._client_writers: dict[asyncio.Task, asyncio.StreamWriter] = {}   # every open TCP client
@@ -944,6 +959,7 @@ class ExchangeSimulator:
         self.generated = 0
         self.fragmented = False
         self.rest429_remaining = 0
+        self.rest_calls: collections.Counter = collections.Counter()   # REST requests by path
         self._weight_minute = -1
         self._weight_used = 0
         self._schedule_start = time.monotonic()
@@ -954,6 +970,7 @@ class ExchangeSimulator:
             "/api/v3/ping": ("GET", self.rest_ping),
             "/api/v3/time": ("GET", self.rest_time),
             "/api/v3/historicalTrades": ("GET", self.rest_historical_trades),
+            "/api/v3/aggTrades": ("GET", self.rest_agg_trades),
             "/api/v3/trades": ("GET", self.rest_recent_trades),
             "/_sim/status": ("GET", self.control_status),
             "/_sim/pause": ("POST", self.control_pause),
@@ -961,6 +978,7 @@ class ExchangeSimulator:
             "/_sim/rate": ("POST", self.control_rate),
             "/_sim/history": ("GET", self.control_history),
             "/_sim/fault": ("POST", self.control_fault),
+            "/_sim/traffic": ("GET", self.control_traffic),
         }
 
     # -- the trade clock ------------------------------------------------------------------------
@@ -1001,20 +1019,32 @@ class ExchangeSimulator:
         first_id = self.history.next_id
         self.history.append(prices, qty_index, sides, time_ms)
         self.generated += count
-        listeners = [conn for conn in self.connections if self.trade_stream in conn.streams]
+        tick = (first_id, prices, qty_index, sides, time_ms)
+        self.deliver_tick(self.trade_stream, self.trade_payloads, tick)
+        if self.agg_stream is not None:
+            self.deliver_tick(self.agg_stream, self.agg_trade_payloads, tick)
+
+    def deliver_tick(self, stream: str, make_payloads: Callable[..., list[bytes]], tick: tuple) -> None:
+        """One tick's trades to the connections on this stream (encoded only when someone listens)."""
+        listeners = [conn for conn in self.connections if stream in conn.streams]
         if not listeners:
             return
-        if self.protocol is None:
-            payloads = trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
-                                      self.generator.qty_text)
-        else:
-            payloads = self.protocol.tick_payloads(first_id, prices, qty_index, sides, time_ms)
-        feed = TickFeed(payloads, self.trade_stream)
+        feed = TickFeed(make_payloads(*tick), stream)
         now = time.monotonic()
         for conn in listeners:
             conn.deliver(feed, self.fragmented, now)
             if conn.closing:
                 self.connections.discard(conn)
+
+    def trade_payloads(self, first_id: int, prices, qty_index, sides, time_ms: int) -> list[bytes]:
+        if self.protocol is not None:
+            return self.protocol.tick_payloads(first_id, prices, qty_index, sides, time_ms)
+        return trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
+                              self.generator.qty_text)
+
+    def agg_trade_payloads(self, first_id: int, prices, qty_index, sides, time_ms: int) -> list[bytes]:
+        return agg_trade_payloads(self.symbol, first_id, prices, qty_index, sides, time_ms,
+                                  self.generator.qty_text)
 
     def housekeep(self, now: float) -> None:
         config = self.config
@@ -1235,6 +1265,7 @@ class ExchangeSimulator:
         if minute != self._weight_minute:
             self._weight_minute, self._weight_used = minute, 0
         self._weight_used += REST_WEIGHTS.get(path, 1)
+        self.rest_calls[path] += 1
         return {"X-MBX-USED-WEIGHT-1M": str(self._weight_used)}
 
     def market_data_gate(self, request: HttpRequest) -> tuple[dict[str, str], Optional[HttpResponse]]:
@@ -1275,6 +1306,20 @@ class ExchangeSimulator:
         if from_id is None:
             return self.recent_trades_response(limit, headers)
         return self.trades_response(max(from_id, self.history.first_id), limit, headers)
+
+    async def rest_agg_trades(self, request: HttpRequest) -> HttpResponse:
+        """GET /api/v3/aggTrades: by fromId (inclusive), else the most recent; one aggregate per trade."""
+        headers, refusal = self.market_data_gate(request)
+        if refusal:
+            return refusal
+        try:
+            limit = self.rest_limit(request.query)
+            from_id = self.rest_from_id(request.query)
+        except ParamError as exc:
+            return binance_error(400, -1100, str(exc), headers)
+        if from_id is None:
+            from_id = self.history.next_id - limit
+        return self.agg_trades_response(max(from_id, self.history.first_id), limit, headers)
 
     async def rest_recent_trades(self, request: HttpRequest) -> HttpResponse:
         headers, refusal = self.market_data_gate(request)
@@ -1321,6 +1366,14 @@ class ExchangeSimulator:
             zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides)]
         return json_response(200, trades, headers)
 
+    def agg_trades_response(self, from_id: int, limit: int, headers: dict[str, str]) -> HttpResponse:
+        qty_text = self.generator.qty_text
+        rows = [{"a": trade_id, "p": price_text(cents), "q": qty_text[qty], "f": trade_id, "l": trade_id,
+                 "T": ms, "m": bool(side), "M": True}
+                for trade_id, cents, qty, ms, side in
+                trade_rows(list(self.history.slices(from_id, from_id + limit - 1)))]
+        return json_response(200, rows, headers)
+
     # -- control API ---------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -1361,6 +1414,16 @@ class ExchangeSimulator:
             body = await asyncio.to_thread(history_rows_json, slices, self.protocol.history_qty_texts(),
                                            self.protocol.history_price)
         return HttpResponse(200, body)
+
+    def traffic(self) -> dict:
+        """Open connections per stream name and REST requests per path, for tests to see what a client
+        used."""
+        streams = collections.Counter(name for conn in self.connections if not conn.closing
+                                      for name in conn.streams)
+        return {"streams": dict(streams), "rest_calls": dict(self.rest_calls)}
+
+    async def control_traffic(self, request: HttpRequest) -> HttpResponse:
+        return json_response(200, self.traffic())
 
     async def control_fault(self, request: HttpRequest) -> HttpResponse:
         self.inject_fault(request.query.get("kind", ""), request.query)
@@ -1531,8 +1594,13 @@ class SimulatorClient:
         params = {name: int(value) if isinstance(value, bool) else value for name, value in params.items()}
         return self._call("POST", "/_sim/fault", kind=kind, **params)
 
+    def traffic(self) -> dict:
+        """{"streams": {name: open connections}, "rest_calls": {path: requests so far}}."""
+        return self._call("GET", "/_sim/traffic")
+
     def history(self, from_id: Optional[int] = None, to_id: Optional[int] = None) -> list[list]:
-        """Retained trades as `[id, price, qty, time, isBuyerMaker]`, ids from_id..to_id inclusive."""
+        """Retained trades as `[id, price, qty, time, isBuyerMaker]`, ids from_id..to_id inclusive.
+        In Binance mode the ids are also the aggregate ids of the `aggTrade` records."""
         return self._call("GET", "/_sim/history", fromId=from_id, toId=to_id)
 
 

@@ -12,10 +12,10 @@ import pytest
 from common import coinbase, keys
 from common.config import ConfigError, Source, load
 from common.exchange import Heartbeat, iso_to_ms
-from common.trade import BadMessage, Trade
+from common.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
 from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
                      verify_primary, wait_for)
-from processes.exchange_sim import stop_simulator
+from processes.exchange_sim import encode_message, stop_simulator
 from processes.ingest import SourceFeed
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "coinbase-exchange-feed.jsonl"
@@ -344,3 +344,71 @@ def test_heartbeat_ahead_of_the_stream_backfills_up_to_its_id():
     feed.flush()
     assert [i for batch in bus.batches for i in batch] == [7, 8, 9, 10, 11, 12]
     assert asked == [8] and feed.counts["gaps"] == 1 and feed.counts["backfilled"] == 5
+
+
+# --- the reassembler hooks: a match cut by a lost connection ------------------------------------
+
+def capture_match() -> bytes:
+    """The first match of the recorded feed (SKL-BTC), as the exchange sent it."""
+    lines = LOCAL_CAPTURE.read_bytes().splitlines()
+    return next(line for line in lines if line.startswith(b'{"type":"match"'))
+
+
+def cut_match(message: bytes, keep: int, product: str = "SKL-BTC"):
+    """One frame holding message, received up to its byte keep, then the connection is lost:
+    (the adapter's cut record id, the sample, the reassembler's recovered count)."""
+    adapter = coinbase.CoinbaseAdapter(product)
+    reassembler = adapter.make_reassembler(1 << 20)
+    frame = encode_message(message)
+    assert reassembler.feed(frame[:len(frame) - len(message) + keep]) == []
+    sample = reassembler.connection_lost()
+    return adapter.cut_record_id(sample), sample, reassembler.recovered
+
+
+def test_match_cut_after_its_trade_id_is_sampled_but_needs_its_product():
+    message = capture_match()
+    after_id = message.index(b'"trade_id":280232,') + len(b'"trade_id":280232,')
+    record_id, sample, recovered = cut_match(message, after_id)
+    # The id is read (and counted as recovered), but product_id comes later in a match: until it
+    # has arrived the match could be any product's, so it names no record.
+    assert sample == {"type": "match", "trade_id": 280232} and recovered == 1
+    assert record_id is None
+
+
+def test_match_cut_after_its_product_names_its_trade_id():
+    message = capture_match()
+    keep = message.index(b'"sequence"')
+    assert cut_match(message, keep)[0] == 280232
+    assert cut_match(message, keep, product="BTC-USD")[0] is None, "another product's match"
+    last_match = message.replace(b'"type":"match"', b'"type":"last_match"')
+    assert cut_match(last_match, keep + 5)[0] == 280232
+
+
+def test_cut_heartbeat_or_cut_inside_the_id_names_nothing():
+    beat = (b'{"type":"heartbeat","sequence":90,"last_trade_id":1234,"product_id":"SKL-BTC",'
+            b'"time":"2021-04-17T16:43:30.244075Z"}')
+    record_id, _, recovered = cut_match(beat, len(beat) - 3)
+    assert (record_id, recovered) == (None, 0)
+    message = capture_match()
+    inside_id = message.index(b'280232') + 4
+    assert cut_match(message, inside_id)[0] is None
+
+
+def test_cut_record_id_refuses_what_is_not_a_usable_id():
+    assert coinbase.cut_record_id(None, PRODUCT) is None
+    assert coinbase.cut_record_id({"type": "match", "product_id": PRODUCT}, PRODUCT) is None
+    match = {"type": "match", "product_id": PRODUCT}
+    assert coinbase.cut_record_id({**match, "trade_id": 2 ** 53}, PRODUCT) is None
+    assert coinbase.cut_record_id({**match, "type": "ticker", "trade_id": 5}, PRODUCT) is None
+    assert coinbase.cut_record_id({**match, "trade_id": 5}, PRODUCT) == 5
+
+
+def test_two_matches_in_one_message_are_malformed_json_then_split():
+    first = raw(MATCH)
+    second = raw(MATCH, trade_id=881614)
+    with pytest.raises(MalformedJSON):
+        coinbase.parse_ws(first + second, PRODUCT, 1)
+    adapter = coinbase.CoinbaseAdapter(PRODUCT)
+    results, rejects, _ = parse_socket_read(adapter.make_reassembler(1 << 20), encode_message(first + second),
+                                            adapter.parse, 1)
+    assert [trade.id for trade in results] == [881613, 881614] and rejects == []

@@ -380,3 +380,28 @@ def test_two_state_dirs_give_two_local_sockets(in_tmp):
 def test_explicit_local_url_is_kept():
     url = "unix:///run/redis/redis.sock"
     assert load({"BTCFEED_LOCAL_URL": url}).local_url == url
+
+
+# --- the Binance record kind --------------------------------------------------------------------
+
+def test_binance_trade_kind_defaults_to_every_trade():
+    assert load({}).binance_trade_kind == "trade"
+
+
+@pytest.mark.parametrize("kind", ["trade", "aggTrade"])
+def test_binance_trade_kinds(kind, in_tmp):
+    assert load({"BTCFEED_BINANCE_TRADE_KIND": kind}).binance_trade_kind == kind
+    path = write_toml(in_tmp, f'binance_trade_kind = "{kind}"\n')
+    assert load({"BTCFEED_CONFIG": path}).binance_trade_kind == kind
+
+
+def test_environment_kind_beats_the_file(in_tmp):
+    path = write_toml(in_tmp, 'binance_trade_kind = "aggTrade"\n')
+    assert load({"BTCFEED_CONFIG": path, "BTCFEED_BINANCE_TRADE_KIND": "trade"}).binance_trade_kind == "trade"
+
+
+@pytest.mark.parametrize("kind", ["aggtrade", "AGGTRADE", "trades", "aggTrades", "", "depth", "x" * 500])
+def test_bad_binance_trade_kind_is_one_readable_line(kind):
+    message = config_error({"BTCFEED_BINANCE_TRADE_KIND": kind})
+    assert message.startswith("BTCFEED_BINANCE_TRADE_KIND: must be 'trade'")
+    assert "'aggTrade'" in message and "\n" not in message and len(message) < 200

@@ -10,10 +10,10 @@ import pytest
 from common import keys, kraken
 from common.config import ConfigError, load
 from common.exchange import Heartbeat, RateLimited, RestError
-from common.trade import BadMessage, Trade
+from common.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
 from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
                      verify_primary, wait_for)
-from processes.exchange_sim import stop_simulator
+from processes.exchange_sim import encode_message, stop_simulator
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "kraken-v1-trade.jsonl"
 SHARED_CAPTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures"
@@ -292,3 +292,40 @@ def test_ingest_restart_backfills_by_the_stored_cursor_time(primary, primary_cli
         assert "event=backfilled" in open(stack.log_path("ingest")).read()
     finally:
         remove_stack(stack)
+
+
+# --- the reassembler hooks: a v2 message cut by a lost connection -------------------------------
+
+def test_cut_update_is_counted_but_names_no_trade_id():
+    adapter = kraken.KrakenAdapter(SYMBOL)
+    reassembler = adapter.make_reassembler(1 << 20)
+    message = update(item(trade_id="7"), item(trade_id="8"))
+    frame = encode_message(message)
+    keep = message.index(b'"trade_id":8') + len(b'"trade_id":8,')
+    assert reassembler.feed(frame[:len(frame) - len(message) + keep]) == []
+    sample = reassembler.connection_lost()
+    # The ids sit inside the "data" array, which is not sampled: nothing is read, nothing guessed.
+    assert sample == {} and adapter.cut_record_id(sample) is None
+    assert (reassembler.partial_seen, reassembler.recovered) == (1, 0)
+    assert adapter.cut_record_id({"channel": "trade", "trade_id": 8}) is None
+    assert adapter.make_reassembler(4096).frames.max_message_bytes == 4096
+
+
+def test_two_updates_in_one_message_are_malformed_json_then_split():
+    first, second = update(item(trade_id="7")), update(item(trade_id="8"), item(trade_id="9"))
+    with pytest.raises(MalformedJSON):
+        kraken.parse_ws(first + second, SYMBOL, 1)
+    adapter = kraken.KrakenAdapter(SYMBOL)
+    results, rejects, _ = parse_socket_read(adapter.make_reassembler(1 << 20), encode_message(first + second),
+                                            adapter.parse, 1)
+    assert [[trade.id for trade in batch] for batch in results] == [[7], [8, 9]] and rejects == []
+
+
+def test_an_update_split_across_two_messages_is_joined():
+    adapter = kraken.KrakenAdapter(SYMBOL)
+    reassembler = adapter.make_reassembler(1 << 20)
+    message = update(item(trade_id="7"))
+    half = len(message) // 2
+    assert parse_socket_read(reassembler, encode_message(message[:half]), adapter.parse, 1)[:2] == ([], [])
+    results, rejects, _ = parse_socket_read(reassembler, encode_message(message[half:]), adapter.parse, 1)
+    assert [[trade.id for trade in batch] for batch in results] == [[7]] and rejects == []
