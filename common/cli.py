@@ -146,6 +146,14 @@ def bench_primary():
     sys.exit(run_primary_bench(echo=click.echo))
 
 
+@cli.command("bench-backfill")
+def bench_backfill():
+    """Backfill rate after a long ingest outage (live trades flowing beside it) and the time from a
+    dropped connection to the gap being filled."""
+    from common.backfill_bench import run_backfill_bench
+    sys.exit(run_backfill_bench(echo=click.echo))
+
+
 @cli.command("bench-health")
 def bench_health():
     """GET /status answer times under 100 requests/s while the feed runs, and the feed's slowdown."""

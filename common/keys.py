@@ -70,6 +70,11 @@ def cursor(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:cursor"
 
 
+def gaps(source: str) -> str:
+    """Hash of the source's missing id ranges (and the open catch-up) that the backfill fills."""
+    return f"{PREFIX}:{source_tag(source)}:gaps"
+
+
 def source_stats(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:stats"
 

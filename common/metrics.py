@@ -116,6 +116,9 @@ SOURCE_COUNTERS = (
     ("deadlettered", "btcfeed_source_deadlettered_total", "Messages rejected to the dead-letter stream."),
     ("reconnects", "btcfeed_source_reconnects_total", "Websocket reconnections."),
     ("duplicates", "btcfeed_source_duplicates_total", "Trades received twice and dropped."),
+    ("cut_messages", "btcfeed_source_cut_messages_total", "Connections that ended inside a message."),
+    ("cut_ids_recovered", "btcfeed_source_cut_ids_recovered_total",
+     "Cut messages whose received part named the trade id (fetched over REST)."),
 )
 
 
@@ -127,6 +130,8 @@ def _sources(out, sources: dict) -> None:
             out.add(metric, "counter", help_text, source.get(field), source=name)
         out.add("btcfeed_source_trades_per_second", "gauge", "Trades per second (between samples).",
                 source.get("trades_per_s"), source=name)
+        out.add("btcfeed_source_missing_trades", "gauge", "Trade ids recorded as missing, waiting for the backfill.",
+                source.get("missing"), source=name)
         age = source.get("last_trade_age_ms")
         out.add("btcfeed_source_last_trade_age_seconds", "gauge", "Age of the newest trade received.",
                 None if age is None else age / 1000, source=name)

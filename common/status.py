@@ -190,26 +190,32 @@ class StatusCollector:
 
     # --- sources and price -----------------------------------------------------------------------
     def _sources(self, heartbeats: dict, now_ms: int, update_rates: bool = True) -> dict:
-        feeds = ((heartbeats.get("ingest") or {}).get("sources") or {})
-        now = time.monotonic()
+        beat = heartbeats.get("ingest") or {}
+        feeds = beat.get("sources") or {}
         out = {}
         for name, feed in feeds.items():
-            if update_rates:
-                self._update_rate(name, now, feed.get("trades") or 0)
+            if update_rates and beat.get("ts"):
+                self._update_rate(name, beat["ts"] / 1000, feed.get("trades") or 0)
             last_ts = feed.get("last_trade_ts") or None
             out[name] = {"connected": bool(feed.get("connected")), "last_id": feed.get("last_id"),
                          "last_trade_ts": last_ts,
                          "last_trade_age_ms": max(0, now_ms - last_ts) if last_ts else None,
                          "last_price": feed.get("last_price"), "trades_per_s": self.rates.get(name),
                          **{k: feed.get(k, 0) for k in ("trades", "gaps", "backfilled", "deadlettered",
-                                                         "reconnects", "duplicates")}}
+                                                         "reconnects", "duplicates", "missing", "gaps_open",
+                                                         "cut_messages", "cut_ids_recovered")},
+                         "catching_up": bool(feed.get("catching_up"))}
         return out
 
-    def _update_rate(self, source: str, now: float, trades: int) -> None:
+    def _update_rate(self, source: str, beat_s: float, trades: int) -> None:
+        """Trades/s between two heartbeats of ingest (once a second); samples taken more often
+        than that see the same heartbeat twice and keep the last rate."""
         before = self.previous_counts.get(source)
-        self.previous_counts[source] = (now, trades)
-        if before and now > before[0] and trades >= before[1]:
-            self.rates[source] = round((trades - before[1]) / (now - before[0]), 1)
+        if before and beat_s == before[0]:
+            return
+        self.previous_counts[source] = (beat_s, trades)
+        if before and beat_s > before[0] and trades >= before[1]:
+            self.rates[source] = round((trades - before[1]) / (beat_s - before[0]), 1)
 
     def _price(self, sources: dict) -> dict:
         for name, source in sources.items():

@@ -243,12 +243,12 @@ def parse_socket_read(reassembler, data: bytes, parse, *args) -> Tuple[list, lis
             continue
         if documents.buf or 0x0A in payload:
             # A document continues from an earlier message, or newline-delimited documents: split.
-            _parse_documents(documents.feed(payload), parse, args, results, rejects)
+            _parse_documents(documents.feed_message(payload), parse, args, results, rejects)
             continue
         try:
             result = parse(payload, *args)
         except MalformedJSON:   # not one document: several, or one cut at the end of the message
-            _parse_documents(documents.feed(payload), parse, args, results, rejects)
+            _parse_documents(documents.feed_message(payload), parse, args, results, rejects)
             continue
         except BadMessage as exc:
             rejects.append((str(exc), payload))

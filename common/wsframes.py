@@ -213,6 +213,14 @@ def _is_lone_trade_shaped_document(message) -> bool:
     return False
 
 
+def _is_whole_document(message) -> bool:
+    """Whether the message is exactly one complete JSON object or array (whitespace aside)."""
+    stripped = bytes(message).strip(_WHITESPACE_BYTES)
+    if stripped[:1] not in (b"{", b"["):
+        return False
+    return MessageSplitter(len(stripped) + 1)._scan_document(stripped, 0) == len(stripped)
+
+
 class MessageSplitter:
     """Text messages in, complete JSON documents out; an incomplete trailing document waits for more."""
 
@@ -238,6 +246,21 @@ class MessageSplitter:
         out = []
         self.split_into(message, out)
         return out
+
+    def feed_message(self, message) -> List[bytes]:
+        """One websocket message: as feed(), except that a message which is a whole JSON document
+        by itself ends a pending incomplete one. That one was a malformed message, not a document
+        split across messages; it is handed on as it is (the parser rejects it), so one bad
+        message never swallows the live messages after it."""
+        out = []
+        self.split_message(message, out)
+        return out
+
+    def split_message(self, message, out: list) -> None:
+        if self.buf and _is_whole_document(message):
+            out.append(bytes(self.buf))
+            self.reset()
+        self.split_into(message, out)
 
     def split_into(self, message, out: list) -> None:
         if not self.buf:
@@ -514,7 +537,7 @@ class Reassembler:
     def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
         """Every (opcode, payload) completed by these bytes; a text payload is one JSON document."""
         out = []
-        split_into = self.documents.split_into
+        split_into = self.documents.split_message
         for opcode, payload in self.frames.feed(data):
             if opcode == OP_TEXT:
                 documents = []

@@ -15,15 +15,14 @@ import redis
 import websocket
 
 from common.backoff import Backoff
-from common import keys
 from common.binance import BinanceAdapter
-from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, Bus
+from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
 from common.coinbase import CoinbaseAdapter
 from common.exchange import RateLimited, RestError
 from common.kraken import KrakenAdapter
 from common.lifecycle import EXIT_FAILURE, Process, run_process
-from common.trade import BadMessage, Trade
-from common.wsframes import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameError, FrameReader
+from common.trade import BadMessage, Trade, parse_socket_read
+from common.wsframes import OP_CLOSE, OP_PING, OP_TEXT, FrameError
 
 CONNECT_TIMEOUT_S = 10.0
 # A connection that stayed up this long was healthy: the next failure starts backoff afresh.
@@ -39,15 +38,13 @@ BUS_FULL_ALARM_EVERY_S = 10.0
 # A REST answer may lag the stream by a moment: when a gap is not filled yet, ask again this often.
 REST_BEHIND_RETRIES = 10
 REST_BEHIND_WAIT_S = 0.2
-# Local Redis field (in the source's stats hash) with the time of the cursor's trade, for exchanges
-# whose REST pages go by time (Kraken): where to start a backfill after a restart.
-CURSOR_TIME_FIELD = "cursor_ts"
 
 
 def adapter_for(source, cfg):
     """The exchange adapter for one configured source."""
     if source.exchange == "binance":
-        return BinanceAdapter(source.symbol, cfg.binance_ws_url, cfg.binance_rest_url, cfg.binance_stream_form)
+        return BinanceAdapter(source.symbol, cfg.binance_ws_url, cfg.binance_rest_url, cfg.binance_stream_form,
+                              cfg.binance_trade_kind)
     if source.exchange == "coinbase":
         return CoinbaseAdapter(source.symbol, cfg.coinbase_ws_url, cfg.coinbase_rest_url)
     if source.exchange == "kraken":
@@ -66,6 +63,8 @@ class Connection(threading.Thread):
         self.opened_at = None
         self.delivered = False
         self.closing = False
+        self.reassembler = feed.adapter.make_reassembler(MAX_FRAME_BYTES)
+        self.cut_id = None            # id of a trade whose message the end of the connection cut
 
     def close(self) -> None:
         """Say goodbye and unblock the reader; only the reader thread ever reads the socket."""
@@ -107,45 +106,54 @@ class Connection(threading.Thread):
             if self.closing:
                 reason = "replaced"
             self.ws.shutdown()
+            self._sample_cut()
             feed.inbox.put(("disconnected", self, reason))
 
     def _read_until_closed(self) -> None:
-        """Read the socket in large chunks; every chunk's trades go to the feed as one batch."""
-        feed, ws = self.feed, self.ws
-        reader = FrameReader(MAX_FRAME_BYTES)
-        sock = ws.sock
+        """Read the socket in large chunks; every chunk's trades go to the feed as one batch.
+
+        The reassembler joins continuation frames, keeps a message cut across reads, and splits
+        a message that holds several JSON documents; a message still incomplete when the
+        connection ends is sampled (see _sample_cut)."""
+        feed, ws, reassembler = self.feed, self.ws, self.reassembler
+        parse, sock = feed.parse_document, ws.sock
         while not self.closing:
             data = sock.recv(RECV_BYTES)
             if not data:
                 raise ConnectionError("closed by the exchange")
             try:
-                frames = reader.feed(data)
+                results, rejects, controls = parse_socket_read(reassembler, data, parse, int(time.time() * 1000))
             except FrameError as exc:
                 if not self.closing:
-                    feed.reject(f"websocket: {exc}", reader.dangling[:4096])
+                    feed.reject(f"websocket: {exc}", reassembler.frames.dangling[:4096])
                 raise ConnectionError(str(exc))
+            for reason, raw in rejects:
+                feed.reject(reason, raw)
             trades = []
-            for opcode, payload in frames:
-                if opcode == OP_TEXT or opcode == OP_BINARY:
-                    item = feed.parse_frame(opcode, payload)
-                    if item is None:
-                        continue
-                    kind = item.__class__
-                    if kind is Trade:
-                        trades.append(item)
-                    elif kind is list:
-                        trades.extend(item)
-                    else:
-                        # A heartbeat: the trades before it go first, so its id is judged after them.
-                        self._hand_over(trades)
-                        trades = []
-                        feed.inbox.put(("heartbeat", self, item.last_id))
-                elif opcode == OP_PING:
+            for item in results:
+                kind = item.__class__
+                if kind is Trade:
+                    trades.append(item)
+                elif kind is list:
+                    trades.extend(item)
+                else:
+                    # A heartbeat: the trades before it go first, so its id is judged after them.
+                    self._hand_over(trades)
+                    trades = []
+                    feed.inbox.put(("heartbeat", self, item.last_id))
+            self._hand_over(trades)
+            for opcode, payload in controls:
+                if opcode == OP_PING:
                     ws.pong(payload)
                 elif opcode == OP_CLOSE:
-                    self._hand_over(trades)
                     return
-            self._hand_over(trades)
+
+    def _sample_cut(self) -> None:
+        """A message cut by the end of the connection never becomes a trade; its sample may still
+        name the trade's id, so the backfill can fetch exactly up to it."""
+        sample = self.reassembler.connection_lost()
+        if sample:
+            self.cut_id = self.feed.adapter.cut_record_id(sample)
 
     def _hand_over(self, trades) -> None:
         if trades:
@@ -158,6 +166,129 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+class Backfiller(threading.Thread):
+    """Fills a source's recorded gaps over REST while its live trades keep flowing.
+
+    The gaps live in the local Redis with the cursor (common/bus.py), so a restart in the middle
+    of a long backfill goes on where it stopped. Oldest gap first; the open catch-up after a
+    reconnect last. Each page is published with a script that shrinks its gap in the same step.
+    """
+
+    def __init__(self, feed):
+        super().__init__(name=f"backfill:{feed.source}", daemon=True)
+        self.feed, self.source, self.bus, self.log = feed, feed.source, feed.bus, feed.log
+        self.adapter, self.stopping = feed.adapter, feed.stopping
+        self.wake = threading.Event()
+        self.rest_backoff = Backoff(base_s=0.5, cap_s=30.0)
+        self.behind = {}          # gap -> times REST had nothing yet for it
+        self.progress = {"gaps_open": 0, "missing": 0, "catching_up": False}
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                gaps = self.bus.gaps(self.source)
+                self._note_progress(gaps)
+                if not gaps:
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
+                self.fill_one_page(_oldest(gaps))
+            except redis.RedisError as exc:
+                self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
+                self.stopping.wait(0.5)
+            except Exception as exc:  # never let the backfill die quietly: say so and try again
+                self.log.error("backfill_error", source=self.source, error=f"{type(exc).__name__}: {exc}"[:300])
+                self.stopping.wait(1.0)
+
+    def _note_progress(self, gaps) -> None:
+        bounded = [g for g in gaps.values() if g.last is not None]
+        self.progress = {"gaps_open": len(bounded), "missing": sum(g.last - g.first + 1 for g in bounded),
+                         "catching_up": "open" in gaps}
+
+    def fill_one_page(self, gap) -> None:
+        before = gap.before if gap.field != "open" else self.bus.cursor_time(self.source)
+        answer = self._rest_page(gap.first, before)
+        if answer is None:
+            return
+        page, exhausted = answer
+        page = [t for t in page if t.id >= gap.first and (gap.last is None or t.id <= gap.last)]
+        if page and page[0].id != gap.first:
+            self._give_up(gap, "the exchange has no trades with these ids", keep_from=page[0].id)
+            return
+        if page:
+            self._publish(gap, page)
+        if page and gap.last is not None and page[-1].id >= gap.last:
+            return              # this gap is filled
+        if exhausted or not page:
+            self._rest_has_nothing_newer(gap)
+
+    def _publish(self, gap, page) -> None:
+        field = gap.field
+        for start in range(0, len(page), BUS_BATCH_MAX):
+            chunk = page[start:start + BUS_BATCH_MAX]
+            while not self.stopping.is_set():
+                result = self.bus.publish_backfill(self.source, field, chunk)
+                if result != BUS_FULL:
+                    break
+                self.stopping.wait(0.2)      # the bus is full: hold, as the live path does
+            if result != PUBLISHED:
+                return              # the gap changed meanwhile (live trades, a restart): read again
+            self.feed.counts["backfilled"] += len(chunk)
+            if field != "open":
+                field = str(chunk[-1].id + 1)
+        self.log.info("backfilled", source=self.source, from_id=page[0].id, to_id=page[-1].id,
+                      trades=len(page), gap="catch-up" if gap.field == "open" else gap.field)
+
+    def _rest_has_nothing_newer(self, gap) -> None:
+        if gap.field == "open":
+            # Caught up with the exchange: whatever comes next arrives live.
+            self.bus.give_up_gap(self.source, "open", self.bus.gaps(self.source).get("open", gap).record)
+            return
+        # The stream (or a heartbeat) showed these ids, but REST does not have them yet: ask again.
+        tries = self.behind.get(gap.record, 0) + 1
+        self.behind[gap.record] = tries
+        if tries > REST_BEHIND_RETRIES:
+            self._give_up(gap, "REST does not have these ids")
+        else:
+            self.stopping.wait(REST_BEHIND_WAIT_S)
+
+    def _give_up(self, gap, why: str, keep_from: int = None) -> None:
+        last = (keep_from - 1) if keep_from is not None else gap.last
+        self.log.error("gap_unfillable", source=self.source, first_missing=gap.first, last_missing=last, why=why)
+        self.bus.give_up_gap(self.source, gap.field, gap.record, keep_from)
+        self.behind.pop(gap.record, None)
+
+    def _rest_page(self, from_id: int, before_ts):
+        while not self.stopping.is_set():
+            pause = self.adapter.rest_pause_s()
+            if pause:
+                if pause >= 1.0:
+                    self.log.warning("rest_weight_pause", source=self.source, pause_s=round(pause, 1))
+                self.stopping.wait(pause)
+            try:
+                answer = self.adapter.fetch_page(from_id, before_ts)
+                self.rest_backoff.reset()
+                return answer
+            except RateLimited as exc:
+                self.log.warning("rest_rate_limited", source=self.source, retry_after_s=exc.retry_after_s)
+                self.stopping.wait(exc.retry_after_s)
+            except Exception as exc:  # RestError, BadMessage, or anything odd: retry later, never crash
+                if isinstance(exc, BadMessage):
+                    self.feed.reject(f"REST: {exc}", b"")
+                elif not isinstance(exc, RestError):
+                    exc = RestError(f"{type(exc).__name__}: {exc}")
+                delay = self.rest_backoff.next_delay()
+                self.log.warning("rest_failed", source=self.source, error=str(exc)[:200], retry_in_s=round(delay, 2))
+                self.stopping.wait(delay)
+        return None
+
+
+def _oldest(gaps: dict):
+    """The gap to work on: the lowest bounded one, else the open catch-up."""
+    bounded = sorted((g for g in gaps.values() if g.field != "open"), key=lambda g: g.first)
+    return bounded[0] if bounded else gaps["open"]
+
+
 class SourceFeed(threading.Thread):
     """One source: its connections, the sequencer (dedup, gap detection, backfill) and bus writes."""
 
@@ -167,37 +298,35 @@ class SourceFeed(threading.Thread):
         self.symbol = source.symbol
         self.adapter = adapter_for(source, cfg)
         self.ws_url = self.adapter.ws_url
-        # An exchange whose REST pages go by time (Kraken) needs the time of the cursor's trade.
-        self.keeps_cursor_time = self.adapter.pages_by_time
         self.max_conn_s = cfg.max_conn_hours * 3600
         self.bus = bus
         self.log = log
         self.stopping = stopping
         self.inbox = queue.Queue(maxsize=INBOX_MAX_BATCHES)
         self.backoff = Backoff()
-        self.rest_backoff = Backoff(base_s=0.5, cap_s=30.0)
         self.current = None
         self.replacement = None
         self.replacement_started = 0.0
         self.next_connect_at = 0.0
         self.connections_made = 0
         self.last_id = None           # highest id accepted (published or pending)
-        self.last_ts = None           # exchange time (ms) of trade last_id, when known
         self.pending = []
         self.resets = 0               # times ingest restarted from the local cursor
-        self.needs_backfill = False
         self.crashed = None
         self._last_full_alarm = 0.0
+        # cut_messages: connections that ended inside a message; cut_ids_recovered: of which the
+        # received part named the trade's id (and the backfill fetched up to it).
         self.counts = dict(trades=0, duplicates=0, gaps=0, backfilled=0, deadlettered=0,
-                           reconnects=0, batches=0, last_trade_ts=0)
+                           reconnects=0, batches=0, last_trade_ts=0, cut_messages=0, cut_ids_recovered=0)
+        self.backfiller = Backfiller(self)
 
     # --- thread body -------------------------------------------------------------------------
     def run(self) -> None:
         try:
             self.last_id = self.bus.cursor(self.source)
-            self.last_ts = self._stored_cursor_time()
-            self.needs_backfill = self.last_id is not None
-            self.log.info("feed_start", source=self.source, url=self.ws_url, cursor=self.last_id)
+            self.log.info("feed_start", source=self.source, url=self.ws_url, cursor=self.last_id,
+                          gaps=len(self.bus.gaps(self.source)))
+            self.backfiller.start()
             while not self.stopping.is_set():
                 self.step(time.monotonic())
         except Exception as exc:  # a feed that dies takes the process down so supervisord restarts it
@@ -210,9 +339,6 @@ class SourceFeed(threading.Thread):
 
     def step(self, now: float) -> None:
         self.manage_connections(now)
-        if self.needs_backfill and self.current is not None:
-            self.needs_backfill = False
-            self.backfill()
         try:
             kind, conn, data = self.inbox.get(timeout=FLUSH_WAIT_S if self.pending else 0.2)
         except queue.Empty:
@@ -237,7 +363,7 @@ class SourceFeed(threading.Thread):
             old, self.current, self.replacement = self.current, self.replacement, None
             if old is not None:
                 old.close()
-            self.needs_backfill = True
+            self.catch_up()
 
     def _open(self) -> Connection:
         self.connections_made += 1
@@ -255,22 +381,52 @@ class SourceFeed(threading.Thread):
         elif kind == "connected":
             self.log.info("connected", source=self.source, connection=conn.number)
             if conn is self.current:
-                self.needs_backfill = self.last_id is not None
+                self.catch_up()
         elif kind == "heartbeat":
             self._heartbeat(data)
         elif kind in ("failed", "disconnected"):
             self._lost(conn, kind, data, now)
 
+    def catch_up(self) -> None:
+        """Trades may have come and gone while no connection was open: the backfill asks REST for
+        whatever follows the cursor, while the new connection's live trades go on to the bus."""
+        self.flush()
+        if self.last_id is not None:
+            self._durably(self.bus.open_gap, self.source)
+            self.backfiller.wake.set()
+
     def _heartbeat(self, exchange_last_id) -> None:
         """A heartbeat that names a newer trade than ours reveals a gap even in a quiet market."""
         if exchange_last_id is None or self.last_id is None or exchange_last_id <= self.last_id:
             return
-        self.counts["gaps"] += 1
-        self.log.warning("gap", source=self.source, after=self.last_id, next=exchange_last_id + 1,
-                         missing=exchange_last_id - self.last_id, seen_in="heartbeat")
-        self.backfill(until_id=exchange_last_id)
+        self._note_gap(exchange_last_id, "heartbeat")
+
+    def _note_gap(self, newest_id: int, seen_in: str) -> None:
+        """The exchange has trades up to newest_id that we never received: record them as a gap
+        (the backfill fetches them) and carry on live from there."""
+        self.flush()
+        if self._durably(self.bus.note_gap, self.source, newest_id):
+            self.counts["gaps"] += 1
+            self.log.warning("gap", source=self.source, after=self.last_id, next=newest_id + 1,
+                             missing=newest_id - self.last_id, seen_in=seen_in)
+            self.backfiller.wake.set()
+        self.last_id = max(self.last_id, newest_id)
+
+    def _durably(self, call, *args):
+        """A bus call that must happen: on a local Redis failure, hold and restart from the cursor."""
+        while not self.stopping.is_set():
+            try:
+                return call(*args)
+            except redis.RedisError as exc:
+                self._local_redis_failed(exc)
+        return None
 
     def _lost(self, conn: Connection, kind: str, reason: str, now: float) -> None:
+        self.counts["cut_messages"] += conn.reassembler.partial_seen
+        self.counts["cut_ids_recovered"] += conn.reassembler.recovered
+        if conn.cut_id is not None and self.last_id is not None and conn.cut_id > self.last_id:
+            # The connection died inside a trade message: that trade exists, fetch up to it.
+            self._note_gap(conn.cut_id, "cut message")
         if conn is self.replacement:
             self.replacement = None
         if conn is not self.current:
@@ -284,9 +440,19 @@ class SourceFeed(threading.Thread):
         self.log.warning("connection_lost" if kind == "disconnected" else "connect_failed",
                          source=self.source, connection=conn.number, reason=reason, retry_in_s=round(delay, 2))
 
+    def parse_document(self, data: bytes, rts: int):
+        """Called on connection threads, one JSON document at a time: a Trade, a list of Trades, a
+        Heartbeat, or None (not a trade). BadMessage goes back to the reader as a dead letter."""
+        try:
+            return self.adapter.parse(data, rts)
+        except BadMessage:
+            raise
+        except Exception as exc:  # a parser that trips over hostile input must not end the connection
+            raise BadMessage(f"unparseable: {type(exc).__name__}: {str(exc)[:120]}")
+
     def parse_frame(self, opcode: int, data: bytes):
-        """Called on connection threads: a Trade, a list of Trades, a Heartbeat, or None (not a
-        trade, or dead-lettered)."""
+        """One whole websocket message outside the socket reader (tests, tools): as parse_document,
+        with binary and oversized messages and bad ones dead-lettered here."""
         if opcode != OP_TEXT:
             self.reject("binary frame", data)
             return None
@@ -294,12 +460,9 @@ class SourceFeed(threading.Thread):
             self.reject(f"frame over {MAX_FRAME_BYTES} bytes", data)
             return None
         try:
-            return self.adapter.parse(data, int(time.time() * 1000))
+            return self.parse_document(data, int(time.time() * 1000))
         except BadMessage as exc:
             self.reject(str(exc), data)
-            return None
-        except Exception as exc:  # a parser that trips over hostile input must not end the connection
-            self.reject(f"unparseable: {type(exc).__name__}: {str(exc)[:120]}", data)
             return None
 
     def reject(self, reason: str, raw) -> None:
@@ -317,12 +480,9 @@ class SourceFeed(threading.Thread):
             self.counts["duplicates"] += 1
             return
         if self.last_id is not None and trade.id > self.last_id + 1:
-            self.counts["gaps"] += 1
-            self.log.warning("gap", source=self.source, after=self.last_id, next=trade.id,
-                             missing=trade.id - self.last_id - 1)
-            self.backfill(until_id=trade.id - 1)
-            if trade.id <= self.last_id:
-                return
+            # A bus batch holds contiguous ids: the publish of the next one records the skipped
+            # ids as a gap, which the backfill fills while live trades keep flowing.
+            self.flush()
         self._append(trade)
 
     def _is_next_run(self, trades) -> bool:
@@ -339,7 +499,6 @@ class SourceFeed(threading.Thread):
             chunk, trades = trades[:room], trades[room:]
             self.pending.extend(chunk)
             self.last_id = chunk[-1].id
-            self.last_ts = chunk[-1].ts
             self.counts["last_trade_ts"] = chunk[-1].ts
             self.counts["last_price"] = chunk[-1].p
             if len(self.pending) >= BUS_BATCH_MAX:
@@ -350,65 +509,10 @@ class SourceFeed(threading.Thread):
     def _append(self, trade) -> None:
         self.pending.append(trade)
         self.last_id = trade.id
-        self.last_ts = trade.ts
         self.counts["last_trade_ts"] = trade.ts
         self.counts["last_price"] = trade.p
         if len(self.pending) >= BUS_BATCH_MAX:
             self.flush()
-
-    def backfill(self, until_id: int = None) -> None:
-        """Fetch trades after last_id over REST until until_id (or until caught up with the exchange)."""
-        start_id, fetched, behind = self.last_id + 1, 0, 0
-        while not self.stopping.is_set() and (until_id is None or self.last_id < until_id):
-            from_id = self.last_id + 1
-            answer = self._rest_page(from_id)
-            if answer is None:
-                return        # stopping
-            page, exhausted = answer
-            page = [t for t in page if t.id >= from_id]
-            if page and page[0].id != from_id:
-                self.log.error("gap_unfillable", source=self.source, first_missing=from_id,
-                               exchange_has_from=page[0].id)
-            for trade in page:
-                if trade.id > self.last_id:
-                    self._append(trade)
-                    fetched += 1
-            self.flush()
-            if exhausted or not page:
-                if until_id is None or self.last_id >= until_id:
-                    break
-                if behind >= REST_BEHIND_RETRIES:
-                    self.log.error("gap_unfillable", source=self.source, first_missing=self.last_id + 1,
-                                   exchange_rest_ends_at=self.last_id, stream_has=until_id + 1)
-                    break
-                behind += 1     # the stream showed newer trades than REST has yet: ask again shortly
-                self.stopping.wait(REST_BEHIND_WAIT_S)
-        self.counts["backfilled"] += fetched
-        self.log.info("backfilled", source=self.source, from_id=start_id, to_id=self.last_id, trades=fetched)
-
-    def _rest_page(self, from_id: int):
-        while not self.stopping.is_set():
-            pause = self.adapter.rest_pause_s()
-            if pause:
-                if pause >= 1.0:
-                    self.log.warning("rest_weight_pause", source=self.source, pause_s=round(pause, 1))
-                self.stopping.wait(pause)
-            try:
-                answer = self.adapter.fetch_page(from_id, self.last_ts if self.last_id == from_id - 1 else None)
-                self.rest_backoff.reset()
-                return answer
-            except RateLimited as exc:
-                self.log.warning("rest_rate_limited", source=self.source, retry_after_s=exc.retry_after_s)
-                self.stopping.wait(exc.retry_after_s)
-            except Exception as exc:  # RestError, BadMessage, or anything odd: retry later, never crash
-                if isinstance(exc, BadMessage):
-                    self.reject(f"REST: {exc}", b"")
-                elif not isinstance(exc, RestError):
-                    exc = RestError(f"{type(exc).__name__}: {exc}")
-                delay = self.rest_backoff.next_delay()
-                self.log.warning("rest_failed", source=self.source, error=str(exc)[:200], retry_in_s=round(delay, 2))
-                self.stopping.wait(delay)
-        return None
 
     # --- the bus -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -418,27 +522,15 @@ class SourceFeed(threading.Thread):
             except redis.RedisError as exc:
                 self._local_redis_failed(exc)
                 continue
-            if result in (PUBLISHED, ALREADY_DURABLE):
-                self.counts["batches"] += result == PUBLISHED
-                if result == PUBLISHED and self.keeps_cursor_time:
-                    self._store_cursor_time(self.pending[-1].ts)
+            if result in (PUBLISHED, PUBLISHED_AFTER_GAP, ALREADY_DURABLE):
+                self.counts["batches"] += result != ALREADY_DURABLE
+                if result == PUBLISHED_AFTER_GAP:
+                    self.counts["gaps"] += 1
+                    self.log.warning("gap", source=self.source, before=self.pending[0].id, seen_in="stream")
+                    self.backfiller.wake.set()
                 self.pending = []
             elif result == BUS_FULL:
                 self._bus_full()
-
-    def _store_cursor_time(self, ts: int) -> None:
-        """Written after the bus entry, so a local Redis that rolls back its AOF never keeps a time
-        newer than its cursor's trade (an older one only makes the next backfill start earlier)."""
-        try:
-            self.bus.client.hset(keys.source_stats(self.source), CURSOR_TIME_FIELD, ts)
-        except redis.RedisError as exc:
-            self.log.warning("cursor_time_not_stored", source=self.source, error=type(exc).__name__)
-
-    def _stored_cursor_time(self):
-        if not self.keeps_cursor_time:
-            return None
-        value = self.bus.client.hget(keys.source_stats(self.source), CURSOR_TIME_FIELD)
-        return int(value) if value is not None and value.isdigit() else None
 
     def _bus_full(self) -> None:
         # Never drop: hold ingest (the inbox fills, then TCP pushes back) and say so loudly.
@@ -462,15 +554,15 @@ class SourceFeed(threading.Thread):
             self.pending = []
             self.last_id = cursor
             try:
-                self.last_ts = self._stored_cursor_time()
+                self.bus.open_gap(self.source)      # what the lost trades were, REST brings back
             except redis.RedisError:
-                self.last_ts = None
-            self.needs_backfill = cursor is not None
+                continue
+            self.backfiller.wake.set()
             return
 
     def stats(self) -> dict:
-        return {**self.counts, "source": self.source, "connected": self.current is not None,
-                "last_id": self.last_id, "pending": len(self.pending)}
+        return {**self.counts, **self.backfiller.progress, "source": self.source,
+                "connected": self.current is not None, "last_id": self.last_id, "pending": len(self.pending)}
 
 
 class Ingest(Process):

@@ -1,9 +1,12 @@
 """Real parts for integration tests: a stand-in primary, the exchange simulator, the supervised stack,
 and the id-by-id comparison of the primary against the simulator's history."""
 
+import os
 import shutil
 import tempfile
 import time
+
+import redis
 
 from common import keys, verify
 from common.redis_process import RedisProcess, free_port
@@ -63,15 +66,32 @@ def start_stack(primary: RedisProcess, sim: Simulator, **extra) -> Stack:
     return start_sources_stack(primary, [sim], **extra)
 
 
+# Stacks started by the harness and not removed yet: drain() waits for their backfills.
+RUNNING_STACKS = []
+
+
 def start_sources_stack(primary: RedisProcess, sims, **extra) -> Stack:
     stack = Stack(short_tmpdir("bf-stack-"), sources_env(primary, sims, **extra))
+    RUNNING_STACKS.append(stack)
     stack.up(wait_s=30)
     return stack
 
 
 def remove_stack(stack: Stack) -> None:
+    if stack in RUNNING_STACKS:
+        RUNNING_STACKS.remove(stack)
     stack.down()
     shutil.rmtree(stack.state_dir, ignore_errors=True)
+
+
+def gap_records(stack: Stack, source: str) -> int:
+    """How many gap records (missing id ranges, or an open catch-up) the stack's ingest still has
+    to fill for the source; 0 when its local Redis is gone (a stack killed on purpose)."""
+    try:
+        local = redis.Redis(unix_socket_path=os.path.join(stack.state_dir, "redis.sock"), socket_timeout=2)
+        return local.hlen(keys.gaps(source))
+    except redis.RedisError:
+        return 0
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -96,6 +116,9 @@ def drain(primary_client, sim: Simulator, timeout_s: float = 60.0) -> int:
     source = getattr(sim, "source", SOURCE)
     wait_for(lambda: primary_last_id(primary_client, source) >= last_id, timeout_s,
              f"primary to reach {source} trade {last_id} (it has {primary_last_id(primary_client, source)})")
+    # Live trades land at once; what was missed is backfilled behind them: wait for that too.
+    wait_for(lambda: all(gap_records(stack, source) == 0 for stack in RUNNING_STACKS), timeout_s,
+             f"every stack's backfill of {source} to finish")
     return last_id
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from common import coinbase, keys
+from common.bus import Bus
 from common.config import ConfigError, Source, load
 from common.exchange import Heartbeat, iso_to_ms
-from common.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
+from common.trade import BadMessage, MalformedJSON, Trade, decode_batch, parse_socket_read
 from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
                      verify_primary, wait_for)
 from processes.exchange_sim import encode_message, stop_simulator
@@ -284,51 +285,40 @@ def test_heartbeat_reveals_trades_missed_in_a_quiet_market(primary, primary_clie
         remove_stack(stack)
 
 
-# --- the sequencer with this exchange's messages (no network, a stand-in bus) ----------------------
-
-class RecordingBus:
-    """Stands in for the local bus: records published batches and dead letters."""
-
-    max_entries = 1000
-
-    def __init__(self):
-        self.batches, self.dead = [], []
-
-    def publish(self, source, trades):
-        self.batches.append([t.id for t in trades])
-        return 1
-
-    def cursor(self, source):
-        return None
-
-    def dead_letter(self, source, reason, raw):
-        self.dead.append(reason)
-
+# --- the sequencer with this exchange's messages (no network; the real bus scripts) ---------------
 
 class SilentLog:
     def __getattr__(self, name):
         return lambda *args, **fields: None
 
 
+@pytest.fixture
+def bus(redis_server):
+    client = redis_server.client()
+    return Bus(client, max_entries=1000, deadletter_max=100)
+
+
 def live_feed(bus):
     return SourceFeed(Source("coinbase", PRODUCT), load({}), bus, SilentLog(), threading.Event())
 
 
-def test_backwards_and_repeated_live_ids_never_publish_a_trade_twice():
-    bus = RecordingBus()
+def bus_ids(bus) -> list:
+    return [t.id for _, fields in bus.client.xrange(keys.BUS) for t in decode_batch(fields[b"t"])]
+
+
+def test_backwards_and_repeated_live_ids_never_publish_a_trade_twice(bus):
     feed = live_feed(bus)
     for trade_id in (5, 6, 6, 4, 7, 5, 8):
         item = feed.parse_frame(0x1, raw(MATCH, trade_id=trade_id))
         feed.handle("trades", None, [item], 0.0)
     feed.parse_frame(0x1, raw(MATCH, trade_id=9, price="NaN"))
     feed.flush()
-    published = [i for batch in bus.batches for i in batch]
-    assert published == [5, 6, 7, 8]
-    assert feed.counts["duplicates"] == 3 and feed.counts["deadlettered"] == 1 and len(bus.dead) == 1
+    assert bus_ids(bus) == [5, 6, 7, 8]
+    assert feed.counts["duplicates"] == 3 and feed.counts["deadlettered"] == 1
+    assert bus.client.xlen(keys.DEADLETTER) == 1
 
 
-def test_heartbeat_ahead_of_the_stream_backfills_up_to_its_id():
-    bus = RecordingBus()
+def test_heartbeat_ahead_of_the_stream_records_a_gap_the_backfill_fills_up_to_its_id(bus):
     feed = live_feed(bus)
     asked = []
 
@@ -340,10 +330,14 @@ def test_heartbeat_ahead_of_the_stream_backfills_up_to_its_id():
     feed.adapter.rest_pause_s = lambda: 0.0
     feed.handle("trades", None, [feed.parse_frame(0x1, raw(MATCH, trade_id=7))], 0.0)
     feed.handle("heartbeat", None, 12, 0.0)
-    feed.handle("heartbeat", None, 12, 0.0)          # nothing missing any more: no second backfill
-    feed.flush()
-    assert [i for batch in bus.batches for i in batch] == [7, 8, 9, 10, 11, 12]
+    feed.handle("heartbeat", None, 12, 0.0)          # nothing new: no second gap
+    assert {f: (g.first, g.last) for f, g in bus.gaps(feed.source).items()} == {"8": (8, 12)}
+    feed.backfiller.fill_one_page(bus.gaps(feed.source)["8"])
+    assert bus_ids(bus) == [7, 8, 9, 10, 11, 12] and bus.gaps(feed.source) == {}
     assert asked == [8] and feed.counts["gaps"] == 1 and feed.counts["backfilled"] == 5
+    feed.handle("trades", None, [feed.parse_frame(0x1, raw(MATCH, trade_id=13))], 0.0)
+    feed.flush()
+    assert bus_ids(bus)[-1] == 13 and bus.gaps(feed.source) == {}
 
 
 # --- the reassembler hooks: a match cut by a lost connection ------------------------------------

@@ -95,9 +95,12 @@ def test_steady_state_is_ok_everywhere(stack):
     wait_ok(stack, 30)
     code, document = health(stack)
     assert code == 200 and document["status"] == "ok" and document["reasons"] == []
-    # Rates need two samples of the sampler; wait for them.
+    # /status is refreshed every 0.5 s and rates need two heartbeats: wait for a document made
+    # after every process was RUNNING, with a rate.
     doc = wait_for(lambda: (lambda d: d if (d["sources"].get("binance:BTCUSDT") or {}).get("trades_per_s")
-                            else None)(status(stack)), 10, "a trade rate in /status")
+                            and all(p.get("state") == "RUNNING" for n, p in d["processes"].items()
+                                    if not n.startswith("_")) else None)(status(stack)), 10,
+                   "a trade rate in /status with every process RUNNING")
     source = doc["sources"]["binance:BTCUSDT"]
     assert source["connected"] and source["last_id"] > 0 and source["last_trade_age_ms"] < 5000
     assert 300 < source["trades_per_s"] < 3000          # the simulator prints 1,000/s

@@ -462,3 +462,20 @@ def test_other_exchanges_name_their_own_fields():
     reassembler.feed(frame(OP_TEXT, message + b'0"}')[:-3])
     assert reassembler.connection_lost() == sample
     assert reassembler.recovered == 1
+
+
+def test_a_cut_message_never_swallows_the_whole_messages_after_it():
+    """An exchange that sends a truncated message (here the garbage fault's first frame) and then
+    carries on: the live trades after it are parsed, the fragment is dead-lettered."""
+    trade = (b'{"e":"trade","E":1,"s":"BTCUSDT","t":%d,"p":"43000.01000000","q":"0.00100000",'
+             b'"T":1,"m":true,"M":true}')
+    wire = frame(OP_TEXT, b'{"e":"trade","s":"BTCUSDT","t":') + b"".join(
+        frame(OP_TEXT, trade % i) for i in (7, 8, 9))
+    results, rejects, _ = parse_socket_read(Reassembler(1 << 20), wire, parse_binance_ws, "BTCUSDT", 1)
+    assert [t.id for t in results] == [7, 8, 9]
+    assert [raw for _, raw in rejects] == [b'{"e":"trade","s":"BTCUSDT","t":']
+    # A document genuinely continued in the next message is still joined.
+    whole = trade % 5
+    continued = frame(OP_TEXT, whole[:30]) + frame(OP_TEXT, whole[30:])
+    results, rejects, _ = parse_socket_read(Reassembler(1 << 20), continued, parse_binance_ws, "BTCUSDT", 1)
+    assert [t.id for t in results] == [5] and rejects == []
