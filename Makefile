@@ -1,7 +1,7 @@
 # The two commands a new user needs: `make demo` and `make test`. Both set the machine up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-all soak bench up down clean
+.PHONY: setup demo test test-all soak bench benches up down clean
 
 setup:
 	@bin/setup
@@ -10,7 +10,7 @@ demo: setup
 	bin/btcfeed demo
 
 # The default test run: unit and integration tests against real redis-server, supervisord and
-# the exchange simulator (about 5 minutes on 2 cores). Long soaks are in `make soak`.
+# the exchange simulator (about 12 minutes on 2 cores). Long soaks are in `make soak`.
 test: setup
 	$(PY) -m pytest -m "not slow and not chaos"
 
@@ -22,6 +22,15 @@ soak: setup
 
 bench: setup
 	bin/btcfeed bench
+
+# Every benchmark, one after the other (about 10 minutes): the figures in the README.
+benches: setup
+	bin/btcfeed bench
+	bin/btcfeed bench-failover
+	bin/btcfeed bench-backfill
+	bin/btcfeed bench-parse
+	bin/btcfeed bench-health
+	bin/btcfeed bench-primary
 
 up: setup
 	bin/btcfeed up

@@ -105,8 +105,14 @@ BINANCE_KINDS = ("trade", "aggTrade")
 BINANCE_RECORD_ID_FIELD = {"trade": "t", "aggTrade": "a"}
 
 
+class ServerShutdown(NamedTuple):
+    """Binance's notice that the server is about to close the connection (for maintenance)."""
+    time: object
+
+
 def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optional[Trade]:
-    """A trade from one Binance stream message; None for valid messages that are not trades.
+    """A trade from one Binance stream message; None for valid messages that are not trades; a
+    ServerShutdown for the notice that the server will soon close the connection.
 
     kind selects which record kind becomes a Trade ("trade" or "aggTrade"); the other kind is
     valid noise like depth or kline updates.
@@ -124,6 +130,8 @@ def parse_binance_ws(raw, symbol: str, rts: int, kind: str = "trade") -> Optiona
         if not isinstance(message, dict):
             raise BadMessage("combined stream data is not a JSON object")
     event = message.get("e")
+    if event == "serverShutdown":
+        return ServerShutdown(message.get("E"))
     if event == kind:
         if message.get("s") != symbol:
             raise BadMessage(f"{kind} for symbol {message.get('s')!r:.20}, expected {symbol}")

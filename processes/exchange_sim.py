@@ -91,7 +91,7 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG = 1001, 1002, 1008, 1009
 FRAGMENTS_PER_MESSAGE = 3
 
-FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429", "garbage")
+FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429", "garbage", "shutdown")
 # What the "garbage" fault sends on every connection: none of it may ever become a trade.
 GARBAGE_FRAMES = (
     (OP_TEXT, b'{"e":"trade","s":"BTCUSDT","t":'),                                    # malformed JSON
@@ -1099,6 +1099,15 @@ class ExchangeSimulator:
             self.fragmented = on == "1"
         elif kind == "rest429":
             self.rest429_remaining = int_param(query, "count", 1, low=0, high=1_000_000)
+        elif kind == "shutdown":
+            # Binance's maintenance notice, then the close a little later (seconds=...).
+            delay = float_param(query, "seconds", 0.0, 3600.0) if "seconds" in query else 2.0
+            notice = {"e": "serverShutdown", "E": int(time.time() * 1000)}
+            loop = asyncio.get_running_loop()
+            for conn in conns:
+                body = {"stream": conn.streams[0], "data": notice} if conn.combined and conn.streams else notice
+                conn.send(encode_frame(OP_TEXT, json.dumps(body, separators=(",", ":")).encode()))
+                loop.call_later(delay, self.close_connection, conn, 1001, "server shutdown")
         elif kind == "garbage":
             frames = GARBAGE_FRAMES if self.protocol is None else self.protocol.garbage_frames
             junk = b"".join(encode_frame(opcode, payload) for opcode, payload in frames)

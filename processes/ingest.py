@@ -21,7 +21,7 @@ from common.coinbase import CoinbaseAdapter
 from common.exchange import RateLimited, RestError
 from common.kraken import KrakenAdapter
 from common.lifecycle import EXIT_FAILURE, Process, run_process
-from common.trade import BadMessage, Trade, parse_socket_read
+from common.trade import BadMessage, ServerShutdown, Trade, parse_socket_read
 from common.wsframes import OP_CLOSE, OP_PING, OP_TEXT, FrameError
 
 CONNECT_TIMEOUT_S = 10.0
@@ -30,6 +30,7 @@ HEALTHY_AFTER_S = 10.0
 # The replacement connection must deliver before the old one is closed (or this long passes).
 OVERLAP_MAX_S = 10.0
 MAX_FRAME_BYTES = 1 << 20
+OUTGOING_PER_S = 5               # Binance disconnects a connection that sends it more than 5 messages/s
 RECV_BYTES = 1 << 18            # one socket read; its trades are handed over together
 BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
@@ -65,6 +66,7 @@ class Connection(threading.Thread):
         self.closing = False
         self.reassembler = feed.adapter.make_reassembler(MAX_FRAME_BYTES)
         self.cut_id = None            # id of a trade whose message the end of the connection cut
+        self.sent = []                # when this connection last sent messages (pongs), for the limit
 
     def close(self) -> None:
         """Say goodbye and unblock the reader; only the reader thread ever reads the socket."""
@@ -136,6 +138,8 @@ class Connection(threading.Thread):
                     trades.append(item)
                 elif kind is list:
                     trades.extend(item)
+                elif kind is ServerShutdown:
+                    feed.inbox.put(("shutdown_notice", self, None))
                 else:
                     # A heartbeat: the trades before it go first, so its id is judged after them.
                     self._hand_over(trades)
@@ -144,9 +148,20 @@ class Connection(threading.Thread):
             self._hand_over(trades)
             for opcode, payload in controls:
                 if opcode == OP_PING:
-                    ws.pong(payload)
+                    self._pong(payload)
                 elif opcode == OP_CLOSE:
                     return
+
+    def _pong(self, payload: bytes) -> None:
+        """Answer a ping, but never send the exchange more than OUTGOING_PER_S messages a second
+        (Binance's limit is 5 per connection); a pong beyond that would only answer a flood."""
+        now = time.monotonic()
+        self.sent = [t for t in self.sent if now - t < 1.0]
+        if len(self.sent) >= OUTGOING_PER_S:
+            self.feed.log.warning("pong_skipped", source=self.feed.source, reason="over 5 messages/s")
+            return
+        self.sent.append(now)
+        self.ws.pong(payload)
 
     def _sample_cut(self) -> None:
         """A message cut by the end of the connection never becomes a trade; its sample may still
@@ -384,8 +399,19 @@ class SourceFeed(threading.Thread):
                 self.catch_up()
         elif kind == "heartbeat":
             self._heartbeat(data)
+        elif kind == "shutdown_notice":
+            self._replace_soon(conn, now)
         elif kind in ("failed", "disconnected"):
             self._lost(conn, kind, data, now)
+
+    def _replace_soon(self, conn: Connection, now: float) -> None:
+        """The exchange will close this connection (maintenance): open the next one now, and let
+        the old one go once the new one delivers, as before the 24 h limit."""
+        if conn is not self.current or self.replacement is not None:
+            return
+        self.log.info("server_shutdown_notice", source=self.source, connection=conn.number)
+        self.replacement = self._open()
+        self.replacement_started = now
 
     def catch_up(self) -> None:
         """Trades may have come and gone while no connection was open: the backfill asks REST for

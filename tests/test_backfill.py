@@ -1,6 +1,7 @@
-"""Backfill at scale through the real stack: after a long ingest outage the live trades land at
-once while the gap is filled over REST behind them (slowed here by REST 429 answers), and ingest
-SIGKILLed in the middle of that backfill goes on where it stopped. Every id exactly once."""
+"""Backfill at scale and connection replacement through the real stack: after a long ingest
+outage the live trades land at once while the gap is filled over REST behind them (slowed here by
+REST 429 answers), and ingest SIGKILLed in the middle of that backfill goes on where it stopped;
+a server shutdown notice is met with an overlapping new connection. Every id exactly once."""
 
 import time
 
@@ -51,3 +52,59 @@ def test_live_trades_flow_during_a_long_backfill_that_survives_sigkill(primary, 
         verify_derived(client, sim, first, last)
     finally:
         remove_stack(stack)
+
+
+def test_server_shutdown_notice_opens_the_next_connection_before_the_close(primary, sim):
+    """Binance's serverShutdown: the next connection opens at once and takes over; the old one
+    closes two seconds later with nothing lost."""
+    stack = start_stack(primary, sim)
+    client = primary.client()
+    try:
+        wait_for(lambda: primary_last_id(client) > RATE, 20, "trades in the primary")
+        sim.client.fault("shutdown", seconds=2)
+        log = wait_for(lambda: (lambda text: text if "event=connected source=binance:BTCUSDT connection=2" in text
+                                else None)(open(stack.log_path("ingest")).read()), 5, "the next connection")
+        # Opened on the notice, not after the close: the old connection was let go by ingest once
+        # the new one delivered, before the exchange closed it.
+        assert log.index("event=server_shutdown_notice") < log.index("connection=2")
+        assert "event=connection_lost" not in log
+        time.sleep(3)                               # past the exchange's close
+        assert sim.client.status()["connections"] == 1
+        last = drain(client, sim)
+        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        verdict = verify_primary(client, sim, from_id=first)
+        assert verdict.exact(), str(verdict)
+        verify_derived(client, sim, first, last)
+        assert "event=gap " not in open(stack.log_path("ingest")).read()   # the overlap left no gap
+    finally:
+        remove_stack(stack)
+
+
+class FakeSocket:
+    def __init__(self):
+        self.pongs = []
+
+    def pong(self, payload):
+        self.pongs.append(payload)
+
+
+def test_never_more_than_five_messages_a_second_to_the_exchange(redis_server):
+    import threading
+    from common.bus import Bus
+    from common.config import Source, load
+    from processes.ingest import Connection, SourceFeed
+
+    class SilentLog:
+        def __getattr__(self, name):
+            return lambda *args, **fields: None
+
+    feed = SourceFeed(Source("binance", "BTCUSDT"), load({}), Bus(redis_server.client(), 100, 10), SilentLog(),
+                      threading.Event())
+    conn = Connection(feed, 1)
+    conn.ws = FakeSocket()
+    for index in range(12):                         # a burst of pings
+        conn._pong(b"%d" % index)
+    assert len(conn.ws.pongs) == 5
+    time.sleep(1.05)
+    conn._pong(b"later")
+    assert conn.ws.pongs[-1] == b"later"

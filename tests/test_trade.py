@@ -570,3 +570,10 @@ def test_huge_values_are_bad_with_a_short_reason(message, reason):
                                   '{"e":"trade","t":1e400}', '{"e":"trade","s":"\\ud800"}'])
 def test_non_json_numbers_and_lone_surrogates_are_malformed(text):
     assert "malformed JSON" in bad_reason(text)
+
+
+def test_server_shutdown_notice_is_recognised_raw_and_combined():
+    from common.trade import ServerShutdown
+    assert parse_binance_ws(b'{"e":"serverShutdown","E":1700000000000}', "BTCUSDT", 1) == ServerShutdown(1700000000000)
+    combined = b'{"stream":"btcusdt@trade","data":{"e":"serverShutdown","E":5}}'
+    assert parse_binance_ws(combined, "BTCUSDT", 1) == ServerShutdown(5)
