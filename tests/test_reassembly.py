@@ -9,12 +9,12 @@ import json
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from common.trade import BadMessage, binance_cut_record_id, parse_binance_ws, parse_socket_read
 from common.wsframes import (OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameReader,
-                             MessageSplitter, Reassembler, sample_prefix)
+                             MessageSplitter, Reassembler, _is_whole_document, sample_prefix)
 from test_wsframes import frame
 
 MAX = 1 << 20
@@ -190,10 +190,19 @@ def test_any_split_of_frames_with_pings_between_fragments_gives_the_original_mes
        st.lists(st.integers(0, 10_000), max_size=5), st.lists(st.integers(0, 30_000), max_size=10))
 def test_documents_in_frames_any_split_gives_the_original_documents(docs_and_stream, message_cuts,
                                                                     fragment_cuts, read_cuts):
-    """Documents spread over messages, messages over fragments, fragments over socket reads."""
+    """Documents spread over messages, messages over fragments, fragments over socket reads.
+
+    One exception by design: a message that is a whole document by itself ends a pending
+    incomplete one (see test_a_cut_message_never_swallows_the_whole_messages_after_it), so
+    splits that put a whole document right after an unfinished one are left out here."""
     docs, stream = docs_and_stream
+    messages = split_at(stream, message_cuts)
+    byte_stream = MessageSplitter(MAX)
+    for message in messages:
+        assume(not (byte_stream.buf and _is_whole_document(message)))
+        byte_stream.feed(message)
     wire = b""
-    for message in split_at(stream, message_cuts):
+    for message in messages:
         data, _ = fragments_with_pings(OP_TEXT, message, fragment_cuts, pings=True)
         wire += data
     reassembler, got = Reassembler(MAX), []
