@@ -637,6 +637,10 @@ def read_until(ws, predicate, seconds=5.0):
 
 def test_coinbase_mode_feed_shapes_heartbeats_and_history(make_sim):
     sim = make_sim(mode="coinbase", rate=200)
+    # last_match names the newest trade: subscribe once there is one (a fresh simulator has none).
+    deadline = time.monotonic() + 5
+    while sim.control.status()["generated"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     ws = subscribed(sim, "coinbase")
     try:
         reply = json.loads(ws.recv())
