@@ -122,10 +122,10 @@ class StatusCollector:
             state["writer_state"] = {k.decode(): v.decode() for k, v in record.items()}
             state["restarts"] = {k.decode(): int(v) for k, v in restarts.items()}
             if with_events:
-                state["events"] = _scrubbed(recent_events(self.local, EVENTS_SHOWN), self.secrets)
-                state["failover_events"] = [
-                    event for event in recent_events(self.local, FAILOVER_SCAN_EVENTS)
-                    if event.get("event") in ("failover", "hand_back")]
+                # One read serves both: the newest events shown, and the failover periods among more.
+                events = recent_events(self.local, FAILOVER_SCAN_EVENTS)
+                state["events"] = _scrubbed(events[:EVENTS_SHOWN], self.secrets)
+                state["failover_events"] = [e for e in events if e.get("event") in ("failover", "hand_back")]
         except redis.RedisError as exc:
             state["error"] = self._describe(exc)
         return state

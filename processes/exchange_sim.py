@@ -1303,29 +1303,30 @@ class ExchangeSimulator:
         server_time = time.time_ns() // 1_000_000
         return json_response(200, {"serverTime": server_time}, self.charge_weight(request.path))
 
-    async def rest_historical_trades(self, request: HttpRequest) -> HttpResponse:
+    def paged_query(self, request: HttpRequest):
+        """The checks and parameters historicalTrades and aggTrades share: (headers, limit, fromId
+        or None, None) or (headers, None, None, the refusal to answer with)."""
         headers, refusal = self.market_data_gate(request)
         if refusal:
-            return refusal
+            return headers, None, None, refusal
         try:
-            limit = self.rest_limit(request.query)
-            from_id = self.rest_from_id(request.query)
+            return headers, self.rest_limit(request.query), self.rest_from_id(request.query), None
         except ParamError as exc:
-            return binance_error(400, -1100, str(exc), headers)
+            return headers, None, None, binance_error(400, -1100, str(exc), headers)
+
+    async def rest_historical_trades(self, request: HttpRequest) -> HttpResponse:
+        headers, limit, from_id, refusal = self.paged_query(request)
+        if refusal:
+            return refusal
         if from_id is None:
             return self.recent_trades_response(limit, headers)
         return self.trades_response(max(from_id, self.history.first_id), limit, headers)
 
     async def rest_agg_trades(self, request: HttpRequest) -> HttpResponse:
         """GET /api/v3/aggTrades: by fromId (inclusive), else the most recent; one aggregate per trade."""
-        headers, refusal = self.market_data_gate(request)
+        headers, limit, from_id, refusal = self.paged_query(request)
         if refusal:
             return refusal
-        try:
-            limit = self.rest_limit(request.query)
-            from_id = self.rest_from_id(request.query)
-        except ParamError as exc:
-            return binance_error(400, -1100, str(exc), headers)
         if from_id is None:
             from_id = self.history.next_id - limit
         return self.agg_trades_response(max(from_id, self.history.first_id), limit, headers)

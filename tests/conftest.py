@@ -32,6 +32,13 @@ def primary():
 
 
 @pytest.fixture
+def primary_client(primary):
+    client = primary.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def sim(request):
     """The exchange simulator at the test module's RATE (and SEED)."""
     simulator = Simulator(rate=getattr(request.module, "RATE", 2000), seed=getattr(request.module, "SEED", 7))

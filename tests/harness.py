@@ -122,6 +122,23 @@ def drain(primary_client, sim: Simulator, timeout_s: float = 60.0) -> int:
     return last_id
 
 
+def wait_source_trades(primary_client, sim: Simulator, count: int, timeout_s: float = 20) -> None:
+    start = primary_last_id(primary_client, sim.source)
+    wait_for(lambda: primary_last_id(primary_client, sim.source) >= start + count, timeout_s,
+             f"{count} more {sim.source} trades in the primary")
+
+
+def assert_exact(primary_client, sim: Simulator) -> Verdict:
+    """Stop the exchange, wait for everything to land, and compare id by id, with the derived data."""
+    last_id = drain(primary_client, sim)
+    verdict = verify_primary(primary_client, sim)
+    assert verdict.exact(), f"{sim.source}: {verdict}"
+    assert verdict.present == verdict.expected > 0
+    first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
+    verify_derived(primary_client, sim, first, last_id)
+    return verdict
+
+
 def verify_primary(primary_client, sim: Simulator, from_id: int = None, to_id: int = None) -> Verdict:
     return verify.verify_primary(primary_client, sim.client, from_id, to_id, source=getattr(sim, "source", SOURCE))
 

@@ -304,13 +304,6 @@ def test_traffic_shows_streams_and_rest_calls(agg_sim):
 
 # --- through the stack ---------------------------------------------------------------------------
 
-@pytest.fixture
-def primary_client(primary):
-    client = primary.client()
-    yield client
-    client.close()
-
-
 def wait_trades(primary_client, count):
     start = primary_last_id(primary_client)
     if start < 0:

@@ -11,8 +11,7 @@ from common import keys, kraken
 from common.config import ConfigError, load
 from common.exchange import Heartbeat, RateLimited, RestError
 from common.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
-from harness import (Simulator, drain, primary_last_id, remove_stack, start_stack, verify_derived,
-                     verify_primary, wait_for)
+from harness import Simulator, assert_exact, remove_stack, start_stack, wait_for, wait_source_trades
 from processes.exchange_sim import encode_message, stop_simulator
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "kraken-v1-trade.jsonl"
@@ -221,27 +220,6 @@ def kraken_sim():
     simulator.stop()
 
 
-@pytest.fixture
-def primary_client(primary):
-    client = primary.client()
-    yield client
-    client.close()
-
-
-def wait_source_trades(primary_client, sim, count, timeout_s=20):
-    start = primary_last_id(primary_client, sim.source)
-    wait_for(lambda: primary_last_id(primary_client, sim.source) >= start + count, timeout_s,
-             f"{count} more {sim.source} trades in the primary")
-
-
-def assert_exact(primary_client, sim):
-    last_id = drain(primary_client, sim)
-    verdict = verify_primary(primary_client, sim)
-    assert verdict.exact(), str(verdict)
-    assert verdict.present == verdict.expected > 0
-    first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
-    verify_derived(primary_client, sim, first, last_id)
-    return verdict
 
 
 @pytest.mark.integration

@@ -10,8 +10,7 @@ import redis
 
 from common import keys
 from common.config import Source, load
-from harness import (Simulator, drain, primary_last_id, remove_stack, start_sources_stack, verify_derived,
-                     verify_primary, wait_for)
+from harness import Simulator, assert_exact, primary_last_id, remove_stack, start_sources_stack, wait_for
 
 pytestmark = pytest.mark.integration
 RATES = {"binance": 600, "coinbase": 500, "kraken": 300}
@@ -36,13 +35,6 @@ def sims():
             sim.stop()
 
 
-@pytest.fixture
-def primary_client(primary):
-    client = primary.client()
-    yield client
-    client.close()
-
-
 def last_ids(primary_client, sims) -> dict:
     return {mode: primary_last_id(primary_client, sim.source) for mode, sim in sims.items()}
 
@@ -62,14 +54,6 @@ def assert_others_flow(primary_client, sims, victim: str, seconds: float) -> Non
         if mode != victim:
             assert after[mode] - before[mode] >= RATES[mode] * seconds * 0.5, (mode, before, after)
 
-
-def assert_exact(primary_client, sim) -> None:
-    last_id = drain(primary_client, sim)
-    verdict = verify_primary(primary_client, sim)
-    assert verdict.exact(), f"{sim.source}: {verdict}"
-    assert verdict.present == verdict.expected > 0
-    first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
-    verify_derived(primary_client, sim, first, last_id)
 
 
 def ingest_stats(stack) -> dict:

@@ -18,13 +18,6 @@ pytestmark = pytest.mark.integration
 RATE = 2000
 
 
-@pytest.fixture
-def primary_client(primary):
-    client = primary.client()
-    yield client
-    client.close()
-
-
 def run_and_verify(primary_client, sim, stack=None, expect_from=None):
     last_id = drain(primary_client, sim)
     verdict = verify_primary(primary_client, sim, from_id=expect_from)
