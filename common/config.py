@@ -1,5 +1,6 @@
 """One frozen configuration: built-in defaults < TOML file (BTCFEED_CONFIG) < environment."""
 
+import ipaddress
 import math
 import os
 import re
@@ -268,6 +269,8 @@ def check_redis_url(variable: str, url: str) -> None:
         raise ConfigError(f"{variable}: {redact_url(url)!r} is not a Redis URL "
                           f"(use redis://host:port/db, rediss:// for TLS, unix:///path/to.sock, "
                           f"or redis+sentinel://host:port,host:port/master-name/db)")
+    # Before the forms below, so that every scheme's query is read (sentinel and cluster included).
+    _check_tls_query(variable, parts.query)
     if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url, variable)
         return
@@ -385,10 +388,40 @@ def _check_primary_tls(values: dict) -> None:
             raise ConfigError(f"BTCFEED_{name.upper()}: cannot read {values[name]!r}")
     if bool(values["primary_tls_cert_file"]) != bool(values["primary_tls_key_file"]):
         raise ConfigError("BTCFEED_PRIMARY_TLS_CERT_FILE and BTCFEED_PRIMARY_TLS_KEY_FILE: give both or neither")
-    query = parts.query.lower()
-    if "ssl_cert_reqs" in query and "ssl_cert_reqs=required" not in query:
-        raise ConfigError("BTCFEED_PRIMARY_URL: certificate verification cannot be turned off; give the "
-                          "primary's CA certificate with BTCFEED_PRIMARY_TLS_CA_FILE instead")
+    # The URL's own TLS options were checked with the URL (check_redis_url, _check_tls_query).
+
+
+# The only ssl_* URL options taken: the ones that ask for what btcfeed does anyway. redis-py lets a
+# URL option win over the client's own settings (from_url), so any other one could weaken the check:
+# ssl_cert_reqs=none/optional, ssl_check_hostname=false, a CA of the URL's choosing (ssl_ca_certs,
+# ssl_ca_path, ssl_ca_data), ssl_exclude_verify_flags, ssl_min_version, ssl_ciphers, and so on.
+SAFE_TLS_QUERY = {
+    # redis-py takes only the exact word (Required would fail at the first connection).
+    "ssl_cert_reqs": ("required", lambda value: value == "required"),
+    # redis-py reads anything but 0/f/false/n/no as true: take only the plain words for true.
+    "ssl_check_hostname": ("true", lambda value: value.strip().lower() in ("true", "1", "yes", "on")),
+}
+TLS_FILE_HINT = ("(btcfeed always verifies the certificate and host name: give the CA with "
+                 "BTCFEED_PRIMARY_TLS_CA_FILE, a client certificate with "
+                 "BTCFEED_PRIMARY_TLS_CERT_FILE/_KEY_FILE)")
+
+
+def _check_tls_query(variable: str, query: str) -> None:
+    """Refuse any TLS option in the URL's query that could weaken verification. Every value of every
+    key counts: redis-py reads the first one, and a later one must not be able to hide it."""
+    options = parse_qs(query, keep_blank_values=True)
+    for key in sorted(options):
+        name = key.strip().lower()
+        if not name.startswith("ssl"):
+            continue
+        if name not in SAFE_TLS_QUERY or key != name:
+            # Not the exact spelling redis-py reads either: refused rather than guessed at.
+            raise ConfigError(f"{variable}: the TLS option {key[:40]!r} is not taken from the URL "
+                              f"{TLS_FILE_HINT}")
+        wanted, is_safe = SAFE_TLS_QUERY[name]
+        if not all(is_safe(value) for value in options[key]):
+            raise ConfigError(f"{variable}: {name} other than {wanted} would weaken TLS verification, which "
+                              f"cannot be turned off {TLS_FILE_HINT}")
 
 
 def _health_token(token: str, token_file: str) -> str:
@@ -405,7 +438,18 @@ def _health_token(token: str, token_file: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether the address only takes connections from this host: 127.0.0.0/8, ::1 (also as
+    ::ffff:127.x.x.x) or the name localhost. Any other name (127.evil.com, localhost.example.com)
+    is resolved by DNS, so it is not loopback."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def parse_addr(variable: str, addr: str) -> Tuple[str, int]:

@@ -7,7 +7,8 @@ import redis.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import ConfigError, Source, check_redis_url, load, parse_addr, parse_sources, redact_url
+from common.config import (ConfigError, Source, check_redis_url, is_loopback, load, parse_addr, parse_sources,
+                           redact_url)
 
 
 @pytest.fixture(autouse=True)
@@ -405,3 +406,65 @@ def test_bad_binance_trade_kind_is_one_readable_line(kind):
     message = config_error({"BTCFEED_BINANCE_TRADE_KIND": kind})
     assert message.startswith("BTCFEED_BINANCE_TRADE_KIND: must be 'trade'")
     assert "'aggTrade'" in message and "\n" not in message and len(message) < 200
+
+
+# --- TLS options in a Redis URL cannot weaken verification -----------------------------------------
+
+# Each of these passed the old substring test ("ssl_cert_reqs=required" somewhere in the query), yet
+# redis-py would have used the weakening value: it reads the first value of a key, and a URL option
+# wins over the client's own ssl_cert_reqs/ssl_check_hostname/ssl_ca_certs.
+WEAKENING_QUERIES = [
+    "ssl_cert_reqs=none&x=ssl_cert_reqs=required",
+    "ssl_cert_reqs=none&ssl_cert_reqs=required",
+    "ssl_cert_reqs=required&ssl_cert_reqs=optional",
+    "ssl%5Fcert%5Freqs=none&y=ssl_cert_reqs=required",
+    "ssl_check_hostname=false",
+    "ssl_check_hostname=0",
+    "ssl_check_hostname=true&ssl_check_hostname=no",
+    "ssl_ca_certs=/tmp/someone-elses-ca.pem",
+    "ssl_ca_path=/tmp",
+    "ssl_exclude_verify_flags=VERIFY_X509_STRICT",
+    "ssl_min_version=2",
+    "ssl_ciphers=NULL",
+]
+URL_FORMS = {
+    "rediss": "rediss://feed:pw-Secret-42@h:6380/0?{query}",
+    "sentinel": "redis+sentinel://feed:pw-Secret-42@h:26379,h:26380/mymaster/0?{query}",
+    "cluster": "redis+cluster://feed:pw-Secret-42@h:7000,h:7001/?{query}",
+}
+
+
+@pytest.mark.parametrize("form", sorted(URL_FORMS))
+@pytest.mark.parametrize("query", WEAKENING_QUERIES)
+def test_a_url_cannot_weaken_tls_verification(form, query):
+    url = URL_FORMS[form].format(query=query)
+    message = config_error({"BTCFEED_PRIMARY_URL": url, "BTCFEED_COMPAT_KEYS": "0"})
+    assert message.startswith("BTCFEED_PRIMARY_URL: ") and "ssl_" in message
+    assert "\n" not in message and "pw-Secret-42" not in message and len(message) < 300
+
+
+def test_the_local_url_is_checked_the_same_way():
+    message = config_error({"BTCFEED_LOCAL_URL": "rediss://h:6380/0?ssl_check_hostname=false"})
+    assert message.startswith("BTCFEED_LOCAL_URL: ssl_check_hostname other than true")
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=required", "ssl_check_hostname=true",
+                                   "ssl_cert_reqs=required&ssl_check_hostname=1", "socket_keepalive=true"])
+def test_url_options_that_keep_verification_are_accepted(query):
+    url = f"rediss://h:6380/0?{query}"
+    assert load({"BTCFEED_PRIMARY_URL": url}).primary_url == url
+
+
+# --- loopback: addresses, not name prefixes -----------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "127.255.255.254", "::1", "[::1]", "localhost",
+                                  "LOCALHOST", "::ffff:127.0.0.1"])
+def test_loopback_addresses(host):
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["127.evil.com", "127.0.0.1.nip.io", "localhost.example.com",
+                                  "0.0.0.0", "::", "10.0.0.1", "128.0.0.1", "", "::2",
+                                  "::ffff:10.0.0.1"])
+def test_names_and_other_addresses_are_not_loopback(host):
+    assert not is_loopback(host)
