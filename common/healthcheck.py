@@ -4,6 +4,9 @@
 It asks the health API for /status; when that does not answer it reads the local Redis, the
 primary and supervisor itself and says so. The verdict is computed here from the document with
 this command's thresholds, so a cron job or a monitoring system can be stricter than the API.
+
+Redirects are never followed: the bearer token goes only to the address given. A redirect is
+UNKNOWN (the URL is wrong, or something answers in the API's place), not a reason to read elsewhere.
 """
 
 import json
@@ -14,17 +17,34 @@ import urllib.request
 import click
 
 from common import config as config_module
+from common.config import scrub, secrets_of
 from common.status import Thresholds, assess, collect_status, exit_code
 
 UNKNOWN = 3
 LABELS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 
 
+class RedirectRefused(Exception):
+    """The health API's address answered with a redirect, which is not followed."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would re-send the Authorization header to wherever a 3xx points, another host included."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise RedirectRefused(f"HTTP {code} redirect to {newurl[:200]} not followed (the token is sent "
+                              "only to the URL given); give the status URL itself with --url")
+
+
+OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 def fetch_status(url: str, token: str, timeout_s: float):
-    """The health API's document, or (None, why it could not be had)."""
+    """The health API's document, or (None, why it could not be had). RedirectRefused when the
+    answer is a redirect: the caller must not read anything else in its place."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with OPENER.open(request, timeout=timeout_s) as response:
             return json.loads(response.read()), None
     except urllib.error.HTTPError as exc:
         return None, f"HTTP {exc.code}" + (" (wrong or missing token)" if exc.code == 401 else "")
@@ -62,6 +82,8 @@ def summary(document: dict, verdict: dict, code: int, note: str = None) -> str:
         lines.append(f"  {role} redis {info.get('url')}: " +
                      (f"up, {info.get('latency_ms')} ms, {info.get('role')}"
                       + (f", sentinels name {info['master']} as master" if info.get("master") else "")
+                      + (f", maxmemory-policy {info.get('maxmemory_policy')}" if info.get("eviction_risk")
+                         else "")
                       if info.get("reachable")
                       else f"DOWN ({info.get('error')})"))
     down = [f"{name} {info.get('state')}" for name, info in (document.get("processes") or {}).items()
@@ -104,7 +126,13 @@ def main(as_json, url, timeout, trade_age_warn, trade_age_crit, backlog_warn, ba
     thresholds = Thresholds(trade_age_warn, trade_age_crit, backlog_warn, backlog_crit,
                             failover_warn, failover_crit)
     url = url or f"http://{_host_for_url(cfg.health_host)}:{cfg.health_port}/status"
-    document, note = obtain(cfg, url, cfg.health_token, timeout)
+    try:
+        document, note = obtain(cfg, url, cfg.health_token, timeout)
+    except RedirectRefused as exc:
+        reason = f"health API at {url}: {scrub(str(exc), secrets_of(cfg))}"
+        click.echo(json.dumps({"health": {"status": "unknown", "reasons": [reason]}, "exit_code": UNKNOWN})
+                   if as_json else f"btcfeed UNKNOWN: {reason}")
+        sys.exit(UNKNOWN)
     local_down = (document.get("redis") or {}).get("local", {}).get("reachable") is False
     supervisor_down = "_supervisor" in (document.get("processes") or {})
     if note and local_down and supervisor_down:

@@ -84,6 +84,11 @@ def _redis(out, servers: dict) -> None:
         memory = info.get("used_memory_mb")
         out.add("btcfeed_redis_used_memory_bytes", "gauge", "used_memory from INFO.",
                 None if memory is None else round(memory * 2**20), redis=role)
+        # Only once the policy was read: an unreachable primary's risk is unknown, not 0.
+        out.add("btcfeed_redis_eviction_risk", "gauge",
+                "1 when maxmemory-policy is not noeviction: btcfeed's keys can be evicted.",
+                None if info.get("maxmemory_policy") is None else int(bool(info.get("eviction_risk"))),
+                redis=role)
 
 
 def _writer(out, writer: dict, backlog: dict) -> None:

@@ -2,6 +2,7 @@
 configuration, short timeouts, and the retry policy that keeps replays safe."""
 
 import time
+from typing import Optional
 from urllib.parse import urlsplit
 
 import redis
@@ -120,3 +121,38 @@ def tls_options(config) -> dict:
         out["ssl_certfile"] = config.primary_tls_cert_file
         out["ssl_keyfile"] = config.primary_tls_key_file
     return out
+
+
+# --- eviction: the one maxmemory-policy that never drops btcfeed's keys ----------------------------
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+def maxmemory_policies(client) -> dict:
+    """maxmemory-policy of every node that takes btcfeed's writes, from INFO memory: the one server
+    (or the master the sentinels name now) as "primary", or each master of a cluster by host:port.
+    None where the server does not say."""
+    if isinstance(client, RedisCluster):
+        # One INFO per master: a cluster answers a single node's INFO unwrapped, several nodes' by name.
+        return {node.name: client.info("memory", target_nodes=node).get("maxmemory_policy")
+                for node in client.get_primaries()}
+    return {"primary": client.info("memory").get("maxmemory_policy")}
+
+
+def eviction_reason(policies: dict) -> Optional[str]:
+    """One line when any node could evict btcfeed's keys, else None (an unknown policy is not
+    reported: some managed services do not show it)."""
+    unsafe = {name: policy for name, policy in policies.items() if policy and policy != SAFE_EVICTION_POLICY}
+    if not unsafe:
+        return None
+    if list(unsafe) == ["primary"]:
+        which = unsafe["primary"]
+    else:
+        which = ", ".join(f"{policy} on {name}" for name, policy in sorted(unsafe.items()))
+    return (f"primary maxmemory-policy is {which}, not noeviction: under memory pressure Redis may evict "
+            "btcfeed's seen-set (replays would write duplicates) and trade streams (trades lost)")
+
+
+def eviction_risk(client) -> Optional[str]:
+    """Why the primary could lose or duplicate trades by evicting keys, or None when it cannot.
+    Raises the client's RedisError when the primary does not answer."""
+    return eviction_reason(maxmemory_policies(client))

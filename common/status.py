@@ -24,7 +24,7 @@ from common.bus import read_heartbeats
 from common.config import SENTINEL_SCHEME, redact_url, scrub, secrets_of
 from common.events import recent_events
 from common.latency import quantile_ms
-from common.primary import connect_primary, is_cluster, master_address
+from common.primary import connect_primary, eviction_reason, is_cluster, master_address, maxmemory_policies
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
@@ -67,6 +67,9 @@ class StatusCollector:
         self.price_history = collections.deque(maxlen=PRICE_HISTORY_POINTS)
         self.sentinel = config.primary_url.startswith(SENTINEL_SCHEME + "://")
         self.cluster = is_cluster(config)
+        # The primary's eviction risk as last read by collect(): quick_health reports it without
+        # asking the primary on every GET /health.
+        self.eviction_risk = None
 
     # --- the whole document ----------------------------------------------------------------------
     def collect(self, thresholds: Thresholds = Thresholds()) -> dict:
@@ -89,6 +92,7 @@ class StatusCollector:
         }
         if self.sentinel:
             doc["redis"]["primary"]["master"] = self._sentinel_master()
+        self._eviction(doc["redis"]["primary"])
         doc["price"] = self._price(doc["sources"])
         doc["health"] = assess(doc, thresholds, local_error=local_state["error"])
         return doc
@@ -101,7 +105,8 @@ class StatusCollector:
         doc = {"generated_ms": now_ms, "writer": _writer(state, now_ms), "backlog": _backlog(state),
                "sources": self._sources(state["heartbeats"], now_ms, update_rates=False),
                "processes": {name: {"heartbeat_age_ms": _age(beat, now_ms)}
-                             for name, beat in state["heartbeats"].items()}}
+                             for name, beat in state["heartbeats"].items()},
+               "redis": {"primary": {"eviction_risk": self.eviction_risk}}}
         return {**assess(doc, thresholds, local_error=state["error"]),
                 "writer": {k: doc["writer"].get(k) for k in ("state", "for_s", "reason")},
                 "backlog": doc["backlog"].get("entries"),
@@ -120,12 +125,16 @@ class StatusCollector:
             pipe.hgetall(keys.PROCESS_RESTARTS)
             record, state["backlog"], restarts = pipe.execute()
             state["writer_state"] = {k.decode(): v.decode() for k, v in record.items()}
+            if "reason" in state["writer_state"]:
+                # An error text from the primary's client: it may quote a password.
+                state["writer_state"]["reason"] = scrub(state["writer_state"]["reason"], self.secrets)
             state["restarts"] = {k.decode(): int(v) for k, v in restarts.items()}
             if with_events:
                 # One read serves both: the newest events shown, and the failover periods among more.
                 events = recent_events(self.local, FAILOVER_SCAN_EVENTS)
                 state["events"] = _scrubbed(events[:EVENTS_SHOWN], self.secrets)
-                state["failover_events"] = [e for e in events if e.get("event") in ("failover", "hand_back")]
+                state["failover_events"] = _scrubbed(
+                    [e for e in events if e.get("event") in ("failover", "hand_back")], self.secrets)
         except redis.RedisError as exc:
             state["error"] = self._describe(exc)
         return state
@@ -242,6 +251,22 @@ class StatusCollector:
             out["error"] = self._describe(exc)
         return out
 
+    def _eviction(self, primary: dict) -> None:
+        """The primary's maxmemory-policy (every master's, on a cluster) and, when it could evict
+        btcfeed's keys, the reason: evicted seen bits mean duplicates, evicted streams lost trades."""
+        primary.update(maxmemory_policy=None, eviction_risk=None)
+        policies = self._maxmemory_policies() if primary.get("reachable") else {}
+        if policies:
+            primary.update(maxmemory_policy=",".join(sorted({p for p in policies.values() if p})) or None,
+                           eviction_risk=eviction_reason(policies))
+        self.eviction_risk = primary["eviction_risk"]
+
+    def _maxmemory_policies(self) -> dict:
+        try:
+            return maxmemory_policies(self.primary)
+        except redis.RedisError:
+            return {}                       # unknown now: the primary's reachability says why
+
     def _sentinel_master(self):
         """host:port of the master the sentinels name now (which node the feed writes to)."""
         try:
@@ -327,8 +352,11 @@ def assess(doc: dict, thresholds: Thresholds = Thresholds(), local_error: str = 
     _assess_writer(doc, thresholds, critical, degraded)
     _assess_sources(doc, thresholds, critical, degraded)
     primary = (doc.get("redis") or {}).get("primary") or {}
-    if primary and not primary.get("reachable") and (doc.get("writer") or {}).get("state") == "primary":
+    # "is False": GET /health's document carries only the primary's eviction risk, not its probe.
+    if primary.get("reachable") is False and (doc.get("writer") or {}).get("state") == "primary":
         degraded.append(f"primary not answering the health probe ({primary.get('error')})")
+    if primary.get("eviction_risk"):
+        degraded.append(primary["eviction_risk"])
     status = "critical" if critical else ("degraded" if degraded else "ok")
     return {"status": status, "reasons": critical + degraded}
 

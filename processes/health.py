@@ -8,20 +8,30 @@ A background sampler refreshes the status document every STATUS_REFRESH_S (rates
 history need consecutive samples, and a slow primary must not slow the API down); /status and
 /metrics serve the latest document. /health reads the local Redis on every request, so it turns
 within a heartbeat of a failover.
+
+Every connection has REQUEST_DEADLINE_S for its request and answer, and at most MAX_CONNECTIONS are
+served at once: an idle or slow client (before any token is checked) cannot hold threads forever.
 """
 
 import hmac
+import io
 import json
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from common.config import ConfigError, is_loopback
+from common.events import record_event
 from common.lifecycle import Process, run_process
 from common.metrics import CONTENT_TYPE, render_metrics
 from common.status import StatusCollector
 
 STATUS_REFRESH_S = 0.5
 PATHS = ("/health", "/status", "/metrics")
+# A local client (bin/health, Prometheus, a proxy) sends its request in milliseconds.
+REQUEST_DEADLINE_S = 5.0
+MAX_CONNECTIONS = 64
 
 
 class Health(Process):
@@ -38,6 +48,7 @@ class Health(Process):
         host, port, token = self.config.health_host, self.config.health_port, self.config.health_token
         self.collector = StatusCollector(self.config, origin="health")
         self.latest = None                 # (document, JSON bytes, metrics bytes)
+        self.eviction_said = None          # the primary's eviction risk as last logged
         self.refresh_status()
         self.server = self._listen(host, port, token)
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
@@ -47,17 +58,28 @@ class Health(Process):
 
     def _listen(self, host: str, port: int, token: str) -> ThreadingHTTPServer:
         try:
-            server = ThreadingHTTPServer((host, port), _handler_for(self, token))
+            server = BoundedHTTPServer((host, port), _handler_for(self, token), self.log)
         except OSError as exc:
             self.log.error("cannot_listen", addr=f"{host}:{port}", error=exc.strerror or str(exc))
             raise SystemExit(1)
-        server.daemon_threads = True
         return server
 
     # --- documents ---------------------------------------------------------------------------------
     def refresh_status(self) -> None:
         document = self.collector.collect()
         self.latest = (document, json.dumps(document).encode(), render_metrics(document).encode())
+        self._say_eviction_risk(document)
+
+    def _say_eviction_risk(self, document: dict) -> None:
+        """A primary that can evict btcfeed's keys is worth one warning line and event: at start, and
+        again only when the risk changes. An unread policy (primary down) changes nothing."""
+        primary = (document.get("redis") or {}).get("primary") or {}
+        if primary.get("maxmemory_policy") is None or primary.get("eviction_risk") == self.eviction_said:
+            return
+        self.eviction_said = primary.get("eviction_risk")
+        if self.eviction_said:
+            record_event(self.local, self.log, self.name, "primary_eviction_risk", level="warning",
+                         policy=primary["maxmemory_policy"], reason=self.eviction_said)
 
     def _sample_forever(self) -> None:
         while not self.stopping.wait(STATUS_REFRESH_S):
@@ -82,10 +104,75 @@ class Health(Process):
         return {}
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them: one more is closed at once. Idle
+    ones are dropped within REQUEST_DEADLINE_S, so the API comes back by itself after a flood."""
+
+    daemon_threads = True
+    block_on_close = False                  # stopping must not wait for a client's deadline
+    request_queue_size = MAX_CONNECTIONS    # a burst of clients waits to be accepted, not refused
+
+    def __init__(self, address, handler, log, max_connections: int = MAX_CONNECTIONS):
+        self.log = log
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()            # no thread took the slot
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        # A client that hung up or stopped reading: one debug line, not the default traceback.
+        error = sys.exc_info()[1]
+        self.log.debug("http_client_error", client=client_address[0], error=type(error).__name__)
+
+
+class DeadlineReader(io.RawIOBase):
+    """The request as it arrives, but never past the connection's deadline: a client sending a
+    byte at a time, each within the socket timeout, is cut off all the same."""
+
+    def __init__(self, sock, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took longer than its deadline")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
 def _handler_for(health: Health, token: str):
     expected = f"Bearer {token}".encode() if token else None
 
     class Handler(BaseHTTPRequestHandler):
+        # The socket's timeout: bounds the first read, and each write of the answer.
+        timeout = REQUEST_DEADLINE_S
+
+        def setup(self):
+            super().setup()
+            # Read through the deadline; the read timeout that BaseHTTPRequestHandler catches
+            # (TimeoutError) closes the connection.
+            plain, deadline = self.rfile, time.monotonic() + REQUEST_DEADLINE_S
+            self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
+            plain.close()
+
         def do_GET(self):
             path = self.path.split("?")[0]
             if expected is not None and not hmac.compare_digest(

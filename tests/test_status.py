@@ -193,3 +193,39 @@ def test_label_values_are_escaped():
     body = render_metrics({"sources": {'odd"name\\x': {"connected": True}}})
     family = next(f for f in text_string_to_metric_families(body) if f.name == "btcfeed_source_connected")
     assert family.samples[0].labels["source"] == 'odd"name\\x'
+
+
+# --- a primary that can evict btcfeed's keys ----------------------------------------------------------
+def test_eviction_reason_names_the_policy_and_every_unsafe_master():
+    from common.primary import eviction_reason
+    assert eviction_reason({"primary": "noeviction"}) is None
+    assert eviction_reason({"primary": None}) is None                 # not shown: not guessed at
+    single = eviction_reason({"primary": "allkeys-lru"})
+    assert single.startswith("primary maxmemory-policy is allkeys-lru, not noeviction: ")
+    masters = eviction_reason({"10.0.0.2:7001": "volatile-lru", "10.0.0.1:7000": "noeviction",
+                               "10.0.0.3:7002": "allkeys-lfu"})
+    assert "volatile-lru on 10.0.0.2:7001, allkeys-lfu on 10.0.0.3:7002" in masters and "7000" not in masters
+
+
+def test_an_evicting_primary_is_degraded_with_its_reason():
+    doc = document()
+    doc["redis"] = {"primary": {"reachable": True, "maxmemory_policy": "allkeys-lru",
+                                "eviction_risk": "evicts"}}
+    assert assess(doc) == {"status": "degraded", "reasons": ["evicts"]}
+
+
+def test_the_quick_health_document_carries_only_the_eviction_risk():
+    """GET /health's document has no probe of the primary: that is not "primary not answering"."""
+    doc = document()
+    doc["redis"] = {"primary": {"eviction_risk": None}}
+    assert assess(doc) == {"status": "ok", "reasons": []}
+
+
+def test_eviction_risk_metric_only_once_the_policy_is_known():
+    def gauge(primary):
+        body = render_metrics({"redis": {"primary": {"reachable": True, **primary}}})
+        family = [f for f in text_string_to_metric_families(body) if f.name == "btcfeed_redis_eviction_risk"]
+        return [s.value for s in family[0].samples] if family else None
+    assert gauge({"maxmemory_policy": "allkeys-lru", "eviction_risk": "evicts"}) == [1]
+    assert gauge({"maxmemory_policy": "noeviction", "eviction_risk": None}) == [0]
+    assert gauge({"maxmemory_policy": None, "eviction_risk": None}) is None
