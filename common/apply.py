@@ -6,15 +6,24 @@ import zlib
 from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Sequence
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from common import keys
 from common.trade import Trade, decode_batch, encode_batch, qty_units
 
 SCRIPT_PATH = os.path.join(os.path.dirname(__file__), "apply_batch.lua")
-# The seen-set must outlive the retention window of the trade stream, or a late replay of a
-# trade that was trimmed would be appended again.
-SEEN_TTL_MARGIN_S = 24 * 3600
+# Candle hashes outlive the retention window by this much (the script's floor follows the candle
+# index, not the hashes, so this only bounds memory).
+CANDLE_TTL_MARGIN_S = 3600
+# The prefix of the script's refusal when the primary does not hold the epoch the feed host expects.
+EPOCH_ERROR = "BTCFEED-EPOCH"
+# An epoch that no primary holds: the first write to a primary whose epoch is not known yet fails.
+UNKNOWN_EPOCH = "unknown"
+
+
+def is_epoch_error(exc: Exception) -> bool:
+    """Whether a Redis error is the apply script's refusal of a primary that lost btcfeed's data."""
+    return isinstance(exc, ResponseError) and EPOCH_ERROR in str(exc)
 
 
 def load_script_source() -> str:
@@ -26,7 +35,7 @@ class BatchApplier:
     """Builds and runs the apply script for batches of one source's trades."""
 
     def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000,
-                 publish: bool = True):
+                 publish: bool = True, epochs: Dict[str, str] = None):
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
         self.script = client.register_script(load_script_source())
         self.client = client
@@ -35,14 +44,16 @@ class BatchApplier:
         self.compat_history_len = compat_history_len
         # The local failover copy keeps the same data but has no subscribers to publish to.
         self.publish = publish
+        # source -> the epoch the primary must hold (kept up to date by the owner); None: no check.
+        self.epochs = epochs
 
-    def apply(self, source: str, payload: str, now_ms: int, client=None):
-        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped]."""
-        keys_, args = self.script_arguments(source, payload, now_ms)
+    def apply(self, source: str, payload: str, client=None):
+        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped, floored]."""
+        keys_, args = self.script_arguments(source, payload)
         return self.script(keys=keys_, args=args, client=client)
 
-    def apply_many(self, batches: Sequence, now_ms: int, client=None) -> list:
-        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped] each.
+    def apply_many(self, batches: Sequence, client=None) -> list:
+        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each.
 
         EVALSHA is sent directly (not through redis-py's pipeline script loading, which costs a
         SCRIPT EXISTS round trip per call); a server that lost its scripts gets the script loaded
@@ -52,7 +63,7 @@ class BatchApplier:
         for attempt in (1, 2):
             pipe = client.pipeline(transaction=False)
             for source, payload in batches:
-                script_keys, args = self.script_arguments(source, payload, now_ms)
+                script_keys, args = self.script_arguments(source, payload)
                 # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
                 # but routes the former by its first key (a source's keys share one slot).
                 pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
@@ -63,24 +74,24 @@ class BatchApplier:
                     raise
                 client.script_load(self.script.script)
 
-    def queue_in_transaction(self, pipe, source: str, payload, now_ms: int) -> None:
+    def queue_in_transaction(self, pipe, source: str, payload) -> None:
         """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a transaction."""
-        script_keys, args = self.script_arguments(source, payload, now_ms)
+        script_keys, args = self.script_arguments(source, payload)
         pipe.eval(self.script.script, len(script_keys), *script_keys, *args)
 
-    def apply_trades(self, source: str, trades: Sequence[Trade], now_ms: int, client=None):
-        return self.apply(source, encode_batch(trades), now_ms, client)
+    def apply_trades(self, source: str, trades: Sequence[Trade], client=None):
+        return self.apply(source, encode_batch(trades), client)
 
-    def script_arguments(self, source: str, payload: str, now_ms: int):
+    def script_arguments(self, source: str, payload):
         compat = source == self.compat_source
         script_keys = keys.primary_keys(source)
         if compat:
             script_keys += [keys.COMPAT_LAST_PRICE, keys.COMPAT_LAST_UPDATE, keys.COMPAT_HISTORY]
-        retention_s = self.retention_ms // 1000
+        epoch = "" if self.epochs is None else self.epochs.get(source) or UNKNOWN_EPOCH
         args = [keys.seen_prefix(source), keys.candle_prefix(source),
                 keys.live_channel(source) if self.publish else "",
-                retention_s + SEEN_TTL_MARGIN_S, max(0, now_ms - self.retention_ms), retention_s + 3600,
-                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, payload]
+                self.retention_ms, self.retention_ms // 1000 + CANDLE_TTL_MARGIN_S,
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, epoch, payload]
         return script_keys, args
 
 
@@ -135,7 +146,7 @@ def read_trades_since(client, source: str, chunk: int = 10000, start: str = "-")
         entries = client.xrange(keys.trades(source), min=start, max="+", count=chunk)
         if not entries:
             return
-        yield [_trade_from_fields(fields) for _, fields in entries]
+        yield [trade_from_fields(fields) for _, fields in entries]
         start = "(" + _text(entries[-1][0])
 
 
@@ -170,7 +181,7 @@ def read_trades(client, source: str) -> List[Trade]:
     return [trade for chunk in read_trades_since(client, source) for trade in chunk]
 
 
-def _trade_from_fields(fields) -> Trade:
+def trade_from_fields(fields) -> Trade:
     f = {_text(k): _text(v) for k, v in fields.items()}
     return Trade(int(f["id"]), f["p"], f["q"], f["side"], int(f["ts"]), int(f["rts"]))
 

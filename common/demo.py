@@ -11,6 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import config as config_module
+from common import verify
 from common import keys
 from common.events import recent_events
 from common.redis_process import RedisProcess, free_port
@@ -125,7 +126,7 @@ class Demo:
             if have is not None and int(have) >= last_id and self.writer_state() == "primary":
                 break
             time.sleep(0.2)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, self.sim, from_id=first, to_id=last_id)
         problems = derived_differences(client, self.sim, first, last_id)
         self.echo("   events:")

@@ -40,6 +40,12 @@ def mirror(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:mirror"
 
 
+def meta(source: str) -> str:
+    """Hash of the apply script's own state per source: epoch (the token the feed host expects),
+    floor (every id below it counts as seen) and lowseg (the lowest seen segment that may exist)."""
+    return f"{PREFIX}:{source_tag(source)}:meta"
+
+
 def live_channel(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:live"
 
@@ -50,6 +56,32 @@ def seen_prefix(source: str) -> str:
 
 def seen_segment(source: str, trade_id: int) -> str:
     return f"{seen_prefix(source)}{trade_id >> SEEN_SEGMENT_BITS}"
+
+
+# --- local Redis only: the held index (what the local copy holds, in the seen-set's layout) -----
+def held_prefix(source: str) -> str:
+    """Bitmap segments of the trade ids the local copy holds (mirror and failover copy)."""
+    return f"{PREFIX}:{source_tag(source)}:held:"
+
+
+def held_where(source: str) -> str:
+    """Hash 'm<segment>' / 't<segment>' -> 'first last' entry ids of the mirror / failover-copy
+    entries that hold the segment's trades: where a re-send finds them."""
+    return f"{PREFIX}:{source_tag(source)}:heldwhere"
+
+
+def held_cursor(source: str) -> str:
+    """Hash 'm' / 't' -> the last mirror / failover-copy entry id the held index has taken in."""
+    return f"{PREFIX}:{source_tag(source)}:heldcursor"
+
+
+# Hash source -> the newest mirror entry whose batch the primary confirmed (written by the writer with
+# its ACK): the held index takes in mirror entries up to it, never a batch still on its way.
+MIRROR_CONFIRMED = f"{PREFIX}:mirror:confirmed"
+
+
+def held_scratch(source: str) -> str:
+    return f"{PREFIX}:{source_tag(source)}:heldscratch"
 
 
 # --- compatibility keys of the original omega_ai feed (not source-tagged by contract) ---------
@@ -85,7 +117,7 @@ def heartbeat(process: str) -> str:
 
 def primary_keys(source: str) -> list:
     """The fixed keys a batch apply touches (seen segments and candle hashes are added per batch)."""
-    return [trades(source), last(source), candles_index(source)]
+    return [trades(source), last(source), candles_index(source), meta(source)]
 
 # --- local Redis only: failover ------------------------------------------------------------------
 BACKLOG = f"{PREFIX}:backlog"
@@ -94,6 +126,12 @@ BACKLOG = f"{PREFIX}:backlog"
 WRITER_STATE = f"{PREFIX}:writer:state"
 # Hash kept by sync: what it knows of the primary (run_id, last probe), for re-seed decisions.
 SYNC_PRIMARY = f"{PREFIX}:sync:primary"
+
+# Hash source -> the epoch the primary holds for it, as sync last verified (and re-seeded against);
+# the writer's apply script refuses a primary that holds another one.
+EPOCHS = f"{PREFIX}:epochs"
+# Hash kept by the writer while the local Redis is at its memory limit: since (ms), reason, trimmed.
+LOCAL_PRESSURE = f"{PREFIX}:local:pressure"
 
 # A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
 PROBE = f"{PREFIX}:probe"

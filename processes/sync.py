@@ -1,29 +1,38 @@
 """sync: watches the primary, replays the backlog when it is healthy again, hands the writer back,
-and re-seeds a primary that came back empty or lost data from the local copy."""
+and keeps the primary holding everything the local copy holds (anti-entropy, common/antientropy.py).
+
+What it knows, rather than guesses:
+  - the epoch (common/epochs.py): a primary that lost btcfeed's data refuses the writer's next batch,
+    sync verifies the epochs before it hands back, and a new epoch means a full sweep;
+  - the seen-sets: every second the segments touched in the last RECENT_S are compared with the
+    held index, every segment on a schedule and after any change of the primary; every trade the
+    local copy holds and the primary lacks is re-sent through the idempotent apply.
+Live trades are never held back for history: the backlog (the newest trades) is replayed and the
+writer handed back first; a sweep re-sends the history behind them, newest segment first.
+"""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from common import keys
-from common.apply import BatchApplier, read_local_copy
+from common import epochs, keys
+from common.antientropy import HeldIndex, compare, resend
+from common.apply import BatchApplier, is_epoch_error
 from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
-from common.trade import encode_batch
 from common.primary import cluster_probe, connect_primary, is_cluster
 from processes.writer import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
-WATCH_INTERVAL_S = 1.0          # identity check of a healthy primary
+WATCH_INTERVAL_S = 1.0          # identity and epoch check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)
 REPLAY_TIMEOUT_MS = 5000        # replays send big pipelines; the probe keeps the short timeout
-RESEED_CHUNK = 2000
-# A primary restarted with its data may have lost the writes of its last fsync window (1 s with
-# appendfsync everysec, up to ~30 s with "no"); re-send what the local copy got since this long
-# before the primary was last seen healthy.
-RESEED_MARGIN_MS = 60_000
-SETTLED_AFTER_MS = 3_000     # well beyond a batch in flight to the primary (its timeout is 0.5 s)
+COMPARE_INTERVAL_S = 1.0        # recently touched segments are compared this often
+RECENT_S = 30.0                 # ... and "recently" is this long
+FULL_SWEEP_EVERY_S = 600.0      # every segment of the held index, compared this often
+SWEEP_SEGMENTS_PER_STEP = 4     # a full sweep goes on between probes and hand-backs, this many at a time
+FOLLOW_ENTRIES = 512            # mirrored batches taken into the held index per loop
 
 # Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
 # writer's WATCHed backlog transaction fails and it writes to the primary instead.
@@ -46,23 +55,40 @@ class Sync(Process):
     def initialize(self) -> None:
         cfg = self.config
         compat = cfg.compat_source.name if cfg.compat_source else None
+        self.sources = [source.name for source in cfg.sources]
         self.cluster = is_cluster(cfg)
         self.probe_client = connect_primary(cfg, cfg.primary_timeout_ms)
         self.replay_client = connect_primary(cfg, max(cfg.primary_timeout_ms, REPLAY_TIMEOUT_MS))
-        self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len)
+        self.epochs = epochs.known_epochs(self.local)
+        self.applier = BatchApplier(self.replay_client, cfg.retention_ms, compat, cfg.compat_history_len,
+                                    epochs=self.epochs)
+        self.indexes = {source: HeldIndex(self.local, source) for source in self.sources}
         self.hand_back_script = self.local.register_script(HAND_BACK_SCRIPT)
         self.replay_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay")
         self.streak = 0
         self.last_unhealthy_reason = None
         self.next_watch = 0.0
+        self.next_compare = 0.0
+        self.next_full_sweep = time.monotonic() + FULL_SWEEP_EVERY_S
+        self.recent = {source: {} for source in self.sources}     # segment -> when last touched
+        self.sweep = None
         self.drain = None
-        self.counts = dict(replayed=0, reseeded=0, hand_backs=0, drains=0, replay_rate=0.0)
+        self.follow_started_ms = 0
+        self.verified_ms = 0
+        self.counts = dict(replayed=0, reseeded=0, hand_backs=0, drains=0, replay_rate=0.0, repaired=0,
+                           sweeps=0, compared_bytes=0, missing_found=0, not_held=0)
+        # A sweep cut short (a crash, a restart) is taken up again from the start.
+        pending = self.local.hget(keys.SYNC_PRIMARY, "sweep")
+        self.schedule_sweep(pending.decode() if pending else "sync started", loss=bool(pending))
 
     def loop_once(self, now: float) -> None:
+        self.follow_local_copy(now)
         state = read_state(self.local)
         if state == PRIMARY:
             self.drain = None
             self.watch_primary(now)
+            if self.anti_entropy(now):
+                return          # more of a sweep to do: no pause
             self.stopping.wait(0.2)
         elif state == FAILOVER:
             self.drain = None
@@ -76,7 +102,7 @@ class Sync(Process):
         """One health check: answers, is a master, accepts a write. Returns the server's identity."""
         if self.cluster:
             try:
-                return cluster_probe(self.probe_client, [source.name for source in self.config.sources])
+                return cluster_probe(self.probe_client, self.sources)
             except redis.RedisError as exc:
                 raise PrimaryUnhealthy(describe_error(exc, self.config.primary_url))
         pipe = self.probe_client.pipeline(transaction=False)
@@ -91,59 +117,39 @@ class Sync(Process):
             raise PrimaryUnhealthy(f"primary is a replica (role {replication.get('role')}), not writable")
         return {"run_id": server.get("run_id")}
 
-    def reseed_plan(self, identity: dict):
-        """Whether and from when the primary must be re-seeded: (reason, since_ms); ('', None) if not.
-
-        since_ms None means the whole local copy (the primary lost btcfeed's keys: it came back
-        empty or was wiped). A restart that kept its data can only have lost its last writes
-        (the AOF's fsync window): re-sending what was written since shortly before it was last
-        seen healthy is enough, and far cheaper than the whole retention window.
-        """
-        known = self.local.hgetall(keys.SYNC_PRIMARY)
-        for source in self.config.sources:
-            if self.settled_local_copy(source.name) and not self.probe_client.exists(keys.last(source.name)):
-                return f"primary lost the keys of {source.name}", None
-        if known.get(b"reseed") == b"1":
-            since = known.get(b"reseed_since")
-            return known.get(b"reseed_reason", b"re-seed pending").decode(), int(since) if since else None
-        run_id = known.get(b"run_id")
-        if run_id and identity["run_id"] and run_id.decode() != identity["run_id"]:
-            seen = known.get(b"seen_ms")
-            return "primary restarted (new run_id)", int(seen) - RESEED_MARGIN_MS if seen else None
-        return "", None
-
-    def settled_local_copy(self, source: str) -> bool:
-        """Whether the local copy holds trades written a while ago. The writer mirrors a batch while
-        the primary applies it, so a brand-new local copy may run a moment ahead of the primary."""
-        horizon = int(time.time() * 1000) - SETTLED_AFTER_MS
-        for stream in (keys.mirror(source), keys.trades(source)):
-            oldest = self.local.xrange(stream, count=1)
-            if oldest and int(oldest[0][0].decode().partition("-")[0]) < horizon:
-                return True
-        return False
-
-    def remember(self, identity: dict) -> None:
-        self.local.hset(keys.SYNC_PRIMARY, mapping={"run_id": identity["run_id"] or "",
-                                                    "seen_ms": int(time.time() * 1000)})
+    def remember(self, identity: dict, sweep: bool = True) -> None:
+        """Keep the primary's identity; a new one (a restart, a promoted replica) means a full sweep
+        (unless one is already scheduled for a new epoch)."""
+        known = self.local.hget(keys.SYNC_PRIMARY, "run_id")
+        run_id = identity["run_id"] or ""
+        if known and run_id and known.decode() != run_id:
+            record_event(self.local, self.log, self.name, "primary_restarted", level="warning",
+                         primary=redact_url(self.config.primary_url))
+            if sweep:
+                self.schedule_sweep("primary restarted (new run_id)", loss=True)
+        self.local.hset(keys.SYNC_PRIMARY, mapping={"run_id": run_id, "seen_ms": int(time.time() * 1000)})
 
     def watch_primary(self, now: float) -> None:
-        """While the writer uses the primary: notice a restart or data loss it cannot see itself."""
+        """While the writer uses the primary: notice a lost epoch or a restart it cannot see itself
+        (no trade written since, or the restart kept the epoch and lost only its last writes)."""
         if now < self.next_watch:
             return
         self.next_watch = now + WATCH_INTERVAL_S
         try:
             identity = self.probe()
-            reason, since_ms = self.reseed_plan(identity)
+            held = epochs.primary_epochs(self.probe_client, self.sources)
         except (PrimaryUnhealthy, redis.RedisError):
             return          # the writer fails over on its next write
-        if reason:
-            self.local.hset(keys.SYNC_PRIMARY, mapping={"reseed": "1", "reseed_reason": reason,
-                                                        "reseed_since": since_ms if since_ms is not None else ""})
+        self.epochs.clear()
+        self.epochs.update(epochs.known_epochs(self.local))     # the writer may have established some
+        lost = [source for source in self.sources if held[source] != self.epochs.get(source)]
+        if lost:
+            reason = f"primary lost btcfeed's epoch for {', '.join(lost)} (flushed or restarted empty)"
             set_state(self.local, FAILOVER, reason)
             record_event(self.local, self.log, self.name, "primary_changed", level="error", reason=reason,
                          primary=redact_url(self.config.primary_url))
-        else:
-            self.remember(identity)
+            return
+        self.remember(identity)
 
     def await_recovery(self) -> None:
         try:
@@ -160,15 +166,18 @@ class Sync(Process):
             return
         self.last_unhealthy_reason = None
         self.streak = 0
-        reason, since_ms = self.reseed_plan(identity)
-        if reason:
-            # Remember the plan first: a re-seed cut short (an error, a SIGKILL) writes the keys
-            # whose absence revealed the loss, so only this record makes the next try finish it.
-            self.local.hset(keys.SYNC_PRIMARY, mapping={"reseed": "1", "reseed_reason": reason,
-                                                        "reseed_since": since_ms if since_ms is not None else ""})
-            if not self.reseed(reason, since_ms):
-                return
-        self.remember(identity)
+        try:
+            changed = epochs.establish(self.local, self.probe_client, self.sources)
+        except redis.RedisError as exc:
+            record_event(self.local, self.log, self.name, "primary_unhealthy", level="warning",
+                         reason=describe_error(exc, self.config.primary_url))
+            return
+        self.epochs.clear()
+        self.epochs.update(epochs.known_epochs(self.local))
+        if changed:
+            self.schedule_sweep(f"primary holds a new epoch for {', '.join(changed)} (it lost btcfeed's data "
+                                "or never had it)", loss=True)
+        self.remember(identity, sweep=not changed)
         backlog = self.local.xlen(keys.BACKLOG)
         set_state(self.local, DRAINING, "primary healthy again")
         self.drain = {"started": time.monotonic(), "trades": 0, "entries": 0, "backlog_at_start": backlog,
@@ -188,7 +197,7 @@ class Sync(Process):
             return
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
         # The primary applies these while the next entries are read from the local Redis.
-        applying = self.replay_pool.submit(self.applier.apply_many, batches, int(time.time() * 1000))
+        applying = self.replay_pool.submit(self.applier.apply_many, batches)
         try:
             following = self.local.xrange(keys.BACKLOG, min="(" + entries[-1][0].decode(), count=REPLAY_ENTRIES)
         finally:
@@ -206,7 +215,7 @@ class Sync(Process):
         # between replays them again, which the seen-set turns into a no-op.
         self.local.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
         self.drain["next"] = following
-        replayed = sum(applied + skipped for applied, skipped in results)
+        replayed = sum(sum(result) for result in results)
         self.drain["trades"] += replayed
         self.drain["entries"] += len(entries)
         self.counts["replayed"] += replayed
@@ -222,31 +231,108 @@ class Sync(Process):
                      replayed_entries=self.drain["entries"], drain_s=round(seconds, 3), replay_rate=round(rate))
         self.drain = None
 
-    def reseed(self, reason: str, since_ms=None) -> bool:
-        """Apply the local copy (all of it, or what was written since since_ms) to the primary again;
-        the seen-set lets only what the primary lacks be added."""
-        scope = "whole local copy" if since_ms is None else f"written since {since_ms}"
-        record_event(self.local, self.log, self.name, "reseed_start", level="warning", reason=reason, scope=scope)
-        started, added, sent = time.monotonic(), 0, 0
-        start = "-" if since_ms is None else f"{max(0, since_ms)}-0"
+    # --- anti-entropy ---------------------------------------------------------------------------
+    def follow_local_copy(self, now: float) -> None:
+        """Take what the local copy took in into the held index; remember the segments it touched."""
+        self.follow_started_ms = int(time.time() * 1000)
+        confirmed = self.local.hgetall(keys.MIRROR_CONFIRMED)
+        for source, index in self.indexes.items():
+            mirror_confirmed = confirmed.get(source.encode())
+            for number in index.follow(mirror_confirmed.decode() if mirror_confirmed else None, FOLLOW_ENTRIES):
+                self.recent[source][number] = now
+
+    def schedule_sweep(self, reason: str, loss: bool = False) -> None:
+        """Compare every segment of the held index, newest first; a sweep after a loss is a re-seed
+        (events reseed_start / reseed_done) and survives a restart of sync."""
+        if loss:
+            self.local.hset(keys.SYNC_PRIMARY, "sweep", reason)
+            record_event(self.local, self.log, self.name, "reseed_start", level="warning", reason=reason)
+        self.sweep = {"reason": reason, "loss": loss, "started": time.monotonic(), "added": 0, "checked": 0,
+                      "queue": [(source, number) for source in self.sources
+                                for number in self.indexes[source].segments()]}
+
+    def anti_entropy(self, now: float) -> bool:
+        """One step; True while a sweep has more to do."""
         try:
-            for source in self.config.sources:
-                for chunk in read_local_copy(self.local, source.name, RESEED_CHUNK, start=start):
-                    if self.stopping.is_set():
-                        return False
-                    applied, skipped = self.applier.apply_many(
-                        [(source.name, encode_batch(chunk))], int(time.time() * 1000))[0]
-                    added += applied
-                    sent += applied + skipped
+            compared = now >= self.next_compare
+            if compared:
+                self.next_compare = now + COMPARE_INTERVAL_S
+                self.compare_recent(now)
+            if self.sweep is None and now >= self.next_full_sweep:
+                self.schedule_sweep("scheduled")
+            if self.sweep is not None and self.sweep_step():
+                return True
+            if compared and all(index.caught_up for index in self.indexes.values()):
+                self.mark_verified(self.follow_started_ms)
         except redis.RedisError as exc:
-            record_event(self.local, self.log, self.name, "reseed_failed", level="error",
-                         reason=describe_error(exc, self.config.primary_url), added=added)
-            return False
-        self.local.hdel(keys.SYNC_PRIMARY, "reseed", "reseed_reason", "reseed_since")
-        self.counts["reseeded"] += added
-        record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=reason, scope=scope,
-                     trades_checked=sent, trades_added=added, seconds=round(time.monotonic() - started, 3))
-        return True
+            if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not is_epoch_error(exc):
+                raise                 # the local Redis: the loop reports it
+            if is_epoch_error(exc):
+                set_state(self.local, FAILOVER, describe_error(exc, self.config.primary_url))
+            record_event(self.local, self.log, self.name, "repair_failed", level="warning",
+                         reason=describe_error(exc, self.config.primary_url))
+        return False
+
+    def mark_verified(self, followed_ms: int) -> None:
+        """Everything the local copy held at followed_ms has been compared with the primary (and
+        re-sent where it lacked it): a watermark for /status, bin/sync-check and tests."""
+        self.verified_ms = followed_ms
+        self.local.hset(keys.SYNC_PRIMARY, "verified_ms", followed_ms)
+
+    def compare_recent(self, now: float) -> None:
+        for source in self.sources:
+            recent = self.recent[source]
+            for number in [n for n, seen in recent.items() if now - seen > RECENT_S]:
+                del recent[number]
+            self.repair(source, list(recent), "recent")
+
+    def sweep_step(self) -> bool:
+        sweep = self.sweep
+        step, sweep["queue"] = sweep["queue"][:SWEEP_SEGMENTS_PER_STEP], sweep["queue"][SWEEP_SEGMENTS_PER_STEP:]
+        for source in {source for source, _ in step}:
+            sweep["checked"] += self.repair(source, [n for s, n in step if s == source], "sweep")
+        if sweep["queue"]:
+            return True
+        self.finish_sweep()
+        return False
+
+    def finish_sweep(self) -> None:
+        sweep, self.sweep = self.sweep, None
+        self.next_full_sweep = time.monotonic() + FULL_SWEEP_EVERY_S
+        self.counts["sweeps"] += 1
+        seconds = round(time.monotonic() - sweep["started"], 3)
+        if sweep["loss"]:
+            self.local.hdel(keys.SYNC_PRIMARY, "sweep")
+            self.counts["reseeded"] += sweep["added"]
+            record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=sweep["reason"],
+                         segments=sweep["checked"], trades_added=sweep["added"], seconds=seconds)
+        else:
+            self.log.info("sweep_done", reason=sweep["reason"], segments=sweep["checked"],
+                          trades_added=sweep["added"], seconds=seconds)
+
+    def repair(self, source: str, numbers, detected_by: str) -> int:
+        """Compare the segments with the primary and re-send what it lacks; returns the segments compared.
+        Trades added while a sweep runs count for the sweep, whichever comparison found them."""
+        if not numbers:
+            return 0
+        started = time.monotonic()
+        difference = compare(self.local, self.replay_client, source, numbers)
+        self.counts["compared_bytes"] += difference.bytes_compared
+        if not difference.count:
+            return difference.segments_compared
+        done = resend(self.indexes[source], self.applier, difference)
+        if self.sweep is not None:
+            self.sweep["added"] += done.applied
+        self.counts["missing_found"] += difference.count
+        self.counts["repaired"] += done.applied
+        self.counts["not_held"] += done.not_held
+        if done.applied or done.not_held:
+            ids = difference.ids()
+            record_event(self.local, self.log, self.name, "repair", level="warning", source=source,
+                         detected_by=detected_by, missing=difference.count, trades_added=done.applied,
+                         arrived_meanwhile=done.skipped, not_held=done.not_held, first=ids[0], last=ids[-1],
+                         seconds=round(time.monotonic() - started, 3))
+        return difference.segments_compared
 
     def stats(self) -> dict:
         drain = getattr(self, "drain", None)
@@ -256,7 +342,12 @@ class Sync(Process):
             progress = {"drain_entries": drain["entries"], "drain_s": round(elapsed, 3),
                         "drain_entry_rate": round(drain["entries"] / elapsed, 1),
                         "drain_trade_rate": round(drain["trades"] / elapsed)}
+        sweep = getattr(self, "sweep", None)
+        if sweep:
+            progress.update(sweep_reason=sweep["reason"], sweep_segments_left=len(sweep["queue"]),
+                            sweep_added=sweep["added"])
         return {**getattr(self, "counts", {}), "streak": getattr(self, "streak", 0),
+                "verified_ms": getattr(self, "verified_ms", 0),
                 "draining": drain is not None, "drain_trades": drain["trades"] if drain else 0, **progress}
 
 

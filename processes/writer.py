@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from common import keys
-from common.apply import BatchApplier, mirror_entry
+from common import epochs, keys
+from common.apply import BatchApplier, is_epoch_error, mirror_entry
 from common.config import redact_url
 from common.events import record_event
 from common.latency import LatencyHistogram, newest_trade_ts
@@ -28,6 +28,9 @@ READ_COUNT = 64                 # bus entries per read (each holds up to 2,000 t
 READ_BLOCK_MS = 200             # well below supervisord's stopwaitsecs
 LOCAL_RETRY_PAUSE_S = 0.5
 BACKLOG_FULL_ALARM_EVERY_S = 10.0
+# At the local Redis's memory limit the oldest tenth of each mirror goes (the primary confirmed every
+# mirrored batch, so only the depth of the local copy shrinks), then the write is tried again.
+MIRROR_SHARE_DROPPED = 0.1
 
 
 # Trim the bus below the oldest entry still pending (or below the newest ACKed one when nothing
@@ -65,9 +68,15 @@ ERROR_HINTS = (
 PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
 
 
+EPOCH_HINT = ("the primary lost btcfeed's data (flushed, restarted empty, or a replica that never had it): "
+              "the local copy re-seeds it")
+
+
 def describe_error(exc: Exception, url: str = "") -> str:
     """A one-line reason for a primary failure with what to check, never containing credentials."""
     text = PIPELINE_PREFIX.sub("", str(exc).splitlines()[0] if str(exc) else "")
+    if is_epoch_error(exc):
+        return f"epoch refused: {text[:160]} — {EPOCH_HINT}"
     if isinstance(exc, MasterNotFoundError):
         text = text.split(" : ")[0]          # the rest is the repr of every sentinel client
     reason = f"{type(exc).__name__}: {text[:160]}"
@@ -106,14 +115,21 @@ class Writer(Process):
         cfg = self.config
         compat = cfg.compat_source.name if cfg.compat_source else None
         self.primary = connect_primary(cfg, cfg.primary_timeout_ms)
-        self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len)
+        # The epochs sync verified: the apply script refuses a primary that does not hold them.
+        self.epochs = {}
+        self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len,
+                                       epochs=self.epochs)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
         self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
         self.read_from = "0"
-        self.state = read_state(self.local)
+        self._first_contact()
+        self.state = None
+        self._observe_state(read_state(self.local))
         self._last_backlog_alarm = 0.0
+        self._last_memory_alarm = 0.0
+        self.memory_full = False
         self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
                            last_apply_ms=0, last_trade_ts=0)
         self.latency = LatencyHistogram()
@@ -125,6 +141,28 @@ class Writer(Process):
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    def _first_contact(self) -> None:
+        """A source whose epoch this host never verified (a new state dir, a new source): adopt or create
+        it now, so the first batch is not refused; sync's sweep at its start covers what the primary lacks.
+        With the primary down, sync does it when the primary is back."""
+        sources = [source.name for source in self.config.sources]
+        if set(epochs.known_epochs(self.local)) >= set(sources):
+            return
+        try:
+            changed = epochs.establish(self.local, self.primary, sources)
+        except redis.RedisError as exc:
+            self.log.warning("epoch_unverified", reason=describe_error(exc, self.config.primary_url))
+            return
+        if changed:
+            self.log.info("epoch_established", sources=",".join(changed))
+
+    def _observe_state(self, state: str) -> None:
+        """Take the writer state from the local Redis; on a hand-back, the epochs sync verified."""
+        if state == PRIMARY and self.state != PRIMARY:
+            self.epochs.clear()
+            self.epochs.update({k.decode(): v.decode() for k, v in self.local.hgetall(keys.EPOCHS).items()})
+        self.state = state
 
     # --- main loop -----------------------------------------------------------------------------
     def loop_once(self, now: float) -> None:
@@ -146,7 +184,7 @@ class Writer(Process):
         if self.read_from == "0" and not entries:
             self.read_from = ">"
         if not entries:
-            self.state = read_state(self.local)
+            self._observe_state(read_state(self.local))
         return self._without_vanished(entries)
 
     def _without_vanished(self, entries):
@@ -163,34 +201,45 @@ class Writer(Process):
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
         ids = [entry_id for entry_id, _ in entries]
         while not self.stopping.is_set():
-            if self.state == PRIMARY:
-                try:
-                    self._apply_to_primary_and_mirror(batches)
-                except PrimaryFailed as failure:
-                    self._fail_over(failure.cause)
-                    continue
-                self._ack(ids)
-                return
             try:
-                if self._commit_to_backlog(ids, batches):
+                if self._write_once(ids, batches):
+                    self._memory_relieved()
                     return
-            except redis.WatchError:
-                # sync changed the state meanwhile (or the connection broke while watching, which
-                # the read below turns into a local failure): decide again; a repeated apply is harmless.
-                self.state = read_state(self.local)
+            except redis.exceptions.OutOfMemoryError as exc:
+                self._relieve_memory(exc)
+
+    def _write_once(self, ids, batches) -> bool:
+        """One try: True once the entries are durable and ACKed."""
+        if self.state == PRIMARY:
+            try:
+                self._apply_to_primary_and_mirror(batches)
+            except PrimaryFailed as failure:
+                self._fail_over(failure.cause)
+                return False
+            self._ack(ids)
+            return True
+        try:
+            return self._commit_to_backlog(ids, batches)
+        except redis.WatchError:
+            # sync changed the state meanwhile (or the connection broke while watching, which
+            # the read below turns into a local failure): decide again; a repeated apply is harmless.
+            self._observe_state(read_state(self.local))
+            return False
 
     def _apply_to_primary_and_mirror(self, batches) -> None:
         """The primary applies on a helper thread while the local Redis takes the mirror: the two
         servers work at once. A local error propagates; a primary error becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
-        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, now_ms)
+        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches)
         try:
-            self._mirror(batches, now_ms)
+            mirrored = self._mirror(batches, now_ms)
         finally:
             try:
                 results = primary_results.result()
             except redis.RedisError as exc:
                 raise PrimaryFailed(exc)
+        # Both sides hold these batches now: the ACK tells sync's held index it may take them in.
+        self.confirmed = {source: entry_id for (source, _), entry_id in zip(batches, mirrored)}
         self.counts["applied"] += sum(r[0] for r in results)
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
@@ -203,23 +252,24 @@ class Writer(Process):
         for _, payload in batches:
             self.latency.observe(confirmed_ms - newest_trade_ts(payload))
 
-    def _mirror(self, batches, now_ms: int) -> None:
+    def _mirror(self, batches, now_ms: int) -> list:
         """Keep each batch in the local Redis as it is (one stream entry, not one per trade), for
         the retention window: what a re-seed or sync-check needs, at a fraction of the cost."""
         pipe = self.local.pipeline(transaction=False)
         for source, payload in batches:
             pipe.xadd(keys.mirror(source), mirror_entry(payload),
                       minid=max(0, now_ms - self.config.retention_ms), approximate=True)
-        pipe.execute()
+        return pipe.execute()
 
     def _ack(self, ids) -> None:
         """The entries are in the primary (and mirrored): ACK them and trim the bus."""
         pipe = self.local.pipeline(transaction=False)
         pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
         pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
-        pipe.hget(keys.WRITER_STATE, "state")     # sync may have asked for failover (a re-seed)
+        pipe.hset(keys.MIRROR_CONFIRMED, mapping=self.confirmed)
+        pipe.hget(keys.WRITER_STATE, "state")     # sync may have asked for failover (a lost epoch)
         state = pipe.execute()[-1]
-        self.state = state.decode() if state else PRIMARY
+        self._observe_state(state.decode() if state else PRIMARY)
 
     def _commit_to_backlog(self, ids, batches) -> bool:
         """One transaction on the local Redis: the local copy, the backlog, the ACK and the bus trim.
@@ -232,19 +282,19 @@ class Writer(Process):
             pipe.watch(keys.WRITER_STATE)
             state = read_state(pipe)
             if state == PRIMARY:
-                self.state = PRIMARY      # handed back since we looked: the primary takes these
+                self._observe_state(PRIMARY)      # handed back since we looked: the primary takes these
                 return False
             if pipe.xlen(keys.BACKLOG) >= self.config.backlog_max_entries:
                 self._backlog_full()
                 return False
             pipe.multi()
             for source, payload in batches:
-                self.to_local.queue_in_transaction(pipe, source, payload, now_ms)
+                self.to_local.queue_in_transaction(pipe, source, payload)
                 pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
             pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
             pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
             pipe.execute()
-        self.state = state
+        self._observe_state(state)
         self.counts["to_backlog"] += len(batches)
         self.counts["last_apply_ms"] = now_ms
         return True
@@ -271,19 +321,57 @@ class Writer(Process):
                          max_entries=self.config.backlog_max_entries)
         self.stopping.wait(0.5)
 
+    def _relieve_memory(self, exc: Exception) -> None:
+        """The local Redis is at its memory limit: drop what the primary already holds (the oldest
+        mirrored batches, failover copies older than the window), say so, and try again; when nothing
+        is left to drop, stop consuming, so the bus fills and ingest holds (never a silent loop)."""
+        trimmed = 0
+        now_ms = int(time.time() * 1000)
+        for source in self.config.sources:
+            trimmed += self.local.xtrim(keys.trades(source.name), minid=max(0, now_ms - self.config.retention_ms))
+            mirrored = self.local.xlen(keys.mirror(source.name))
+            if mirrored:
+                trimmed += self.local.xtrim(keys.mirror(source.name),
+                                            maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
+        reason = f"local Redis at its memory limit ({str(exc)[:80]}); dropped {trimmed} mirrored entries"
+        if not self.memory_full:
+            self.memory_full = True
+            self._try_local(self.local.hset, keys.LOCAL_PRESSURE,
+                            mapping={"since": now_ms, "reason": reason, "trimmed": trimmed})
+        if time.monotonic() - self._last_memory_alarm >= BACKLOG_FULL_ALARM_EVERY_S:
+            self._last_memory_alarm = time.monotonic()
+            self._try_local(record_event, self.local, self.log, self.name, "local_memory_full", level="error",
+                            trimmed=trimmed, state=self.state)
+        if not trimmed:
+            self.stopping.wait(LOCAL_RETRY_PAUSE_S)
+
+    def _memory_relieved(self) -> None:
+        if self.memory_full:
+            self.memory_full = False
+            self._try_local(self.local.delete, keys.LOCAL_PRESSURE)
+            self._try_local(record_event, self.local, self.log, self.name, "local_memory_ok")
+
+    def _try_local(self, call, *args, **kwargs) -> None:
+        """A write that only reports: the local Redis may still refuse it for memory."""
+        try:
+            call(*args, **kwargs)
+        except redis.RedisError:
+            pass
+
     def _local_failed(self, exc: Exception) -> None:
         self.log.error("local_redis_unavailable", error=f"{type(exc).__name__}: {str(exc)[:200]}")
         self.stopping.wait(LOCAL_RETRY_PAUSE_S)
         self.read_from = "0"
         try:
             self._ensure_group()
-            self.state = read_state(self.local)
+            self._observe_state(read_state(self.local))
         except redis.RedisError:
             pass
 
     def stats(self) -> dict:
         latency = getattr(self, "latency", None)
         return {**getattr(self, "counts", {}), "state": getattr(self, "state", None),
+                "local_memory_full": getattr(self, "memory_full", False),
                 "latency": latency.snapshot() if latency else None,
                 "primary_ok": getattr(self, "state", PRIMARY) == PRIMARY}
 

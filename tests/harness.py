@@ -122,6 +122,15 @@ def drain(primary_client, sim: Simulator, timeout_s: float = 60.0) -> int:
     return last_id
 
 
+def wait_verified(stack: Stack, timeout_s: float = 30.0) -> None:
+    """Wait until sync has compared everything the local copy held now with the primary (and re-sent
+    what the primary lacked): after a loss, history comes back behind the live trades."""
+    local = redis.Redis(unix_socket_path=os.path.join(stack.state_dir, "redis.sock"), socket_timeout=2)
+    now_ms = int(time.time() * 1000)
+    wait_for(lambda: int(local.hget(keys.SYNC_PRIMARY, "verified_ms") or 0) >= now_ms, timeout_s,
+             "sync to verify the primary against the local copy")
+
+
 def wait_source_trades(primary_client, sim: Simulator, count: int, timeout_s: float = 20) -> None:
     start = primary_last_id(primary_client, sim.source)
     wait_for(lambda: primary_last_id(primary_client, sim.source) >= start + count, timeout_s,
@@ -134,7 +143,7 @@ def assert_exact(primary_client, sim: Simulator) -> Verdict:
     verdict = verify_primary(primary_client, sim)
     assert verdict.exact(), f"{sim.source}: {verdict}"
     assert verdict.present == verdict.expected > 0
-    first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
+    first = verify.lowest_trade_id(primary_client, sim.source)
     verify_derived(primary_client, sim, first, last_id)
     return verdict
 

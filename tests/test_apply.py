@@ -5,13 +5,14 @@ import random
 import time
 
 import pytest
+import redis
 
 from common import keys
-from common.apply import BatchApplier, expected_candles, iso_time, read_candles, read_trades
-from common.trade import Trade
+from common.apply import BatchApplier, expected_candles, is_epoch_error, iso_time, read_candles, read_trades
+from common.trade import Trade, encode_batch
 
 SOURCE = "binance:BTCUSDT"
-NOW = 1_700_000_000_000
+NOW = int(time.time() * 1000) // 60000 * 60000   # trades inside the retention window
 HOUR = 3600 * 1000
 
 
@@ -34,9 +35,9 @@ def applier(redis_client):
 
 def test_each_trade_applied_once_however_often_it_is_sent(redis_client, applier):
     trades = make_trades(5000, 3000)
-    assert applier.apply_trades(SOURCE, trades[:2000], NOW) == [2000, 0]
-    assert applier.apply_trades(SOURCE, trades[1000:], NOW) == [1000, 1000]
-    assert applier.apply_trades(SOURCE, trades, NOW) == [0, 3000]
+    assert applier.apply_trades(SOURCE, trades[:2000]) == [2000, 0, 0]
+    assert applier.apply_trades(SOURCE, trades[1000:]) == [1000, 1000, 0]
+    assert applier.apply_trades(SOURCE, trades) == [0, 3000, 0]
     stored = read_trades(redis_client, SOURCE)
     assert [t.id for t in stored] == [t.id for t in trades]
     assert stored == trades
@@ -47,8 +48,8 @@ def test_shuffled_replays_converge_to_the_same_candles_and_last(redis_client, ap
     shuffled = trades[:]
     random.Random(3).shuffle(shuffled)
     for start in range(0, len(shuffled), 333):
-        applier.apply_trades(SOURCE, shuffled[start:start + 333], NOW)
-        applier.apply_trades(SOURCE, shuffled[max(0, start - 100):start + 50], NOW)   # overlapping retries
+        applier.apply_trades(SOURCE, shuffled[start:start + 333])
+        applier.apply_trades(SOURCE, shuffled[max(0, start - 100):start + 50])   # overlapping retries
     assert sorted(t.id for t in read_trades(redis_client, SOURCE)) == [t.id for t in trades]
     expected = expected_candles(trades)
     stored = read_candles(redis_client, SOURCE)
@@ -60,8 +61,8 @@ def test_shuffled_replays_converge_to_the_same_candles_and_last(redis_client, ap
 
 def test_last_hash_and_compat_keys_never_go_backwards(redis_client, applier):
     trades = make_trades(100, 50)
-    applier.apply_trades(SOURCE, trades[40:], NOW)
-    applier.apply_trades(SOURCE, trades[:40], NOW)   # an older backlog replayed after newer live trades
+    applier.apply_trades(SOURCE, trades[40:])
+    applier.apply_trades(SOURCE, trades[:40])   # an older backlog replayed after newer live trades
     newest = trades[-1]
     assert redis_client.hget(keys.last(SOURCE), "id") == str(newest.id)
     assert redis_client.get(keys.COMPAT_LAST_PRICE) == newest.p
@@ -74,12 +75,12 @@ def test_last_hash_and_compat_keys_never_go_backwards(redis_client, applier):
 def test_compat_history_is_capped(redis_client):
     applier = BatchApplier(redis_client, retention_ms=HOUR, compat_source=SOURCE, compat_history_len=5)
     for trade in make_trades(1, 12):
-        applier.apply_trades(SOURCE, [trade], NOW)
+        applier.apply_trades(SOURCE, [trade])
     assert redis_client.llen(keys.COMPAT_HISTORY) == 5
 
 
 def test_compat_keys_untouched_for_other_sources(redis_client, applier):
-    applier.apply_trades("binance:ETHBTC", make_trades(1, 3), NOW)
+    applier.apply_trades("binance:ETHBTC", make_trades(1, 3))
     assert redis_client.get(keys.COMPAT_LAST_PRICE) is None
     assert redis_client.xlen(keys.trades("binance:ETHBTC")) == 3
 
@@ -89,8 +90,8 @@ def test_live_channel_carries_only_newly_applied_trades(redis_server, redis_clie
     listener.subscribe(keys.live_channel(SOURCE))
     assert listener.get_message(timeout=1)["type"] == "subscribe"
     trades = make_trades(1, 5)
-    applier.apply_trades(SOURCE, trades[:3], NOW)
-    applier.apply_trades(SOURCE, trades, NOW)
+    applier.apply_trades(SOURCE, trades[:3])
+    applier.apply_trades(SOURCE, trades)
     received = []
     while (message := listener.get_message(timeout=0.5)) is not None:
         received.append(json.loads(message["data"]))
@@ -100,26 +101,88 @@ def test_live_channel_carries_only_newly_applied_trades(redis_server, redis_clie
     listener.close()
 
 
-def test_retention_trims_stream_and_seen_set_outlives_it(redis_client):
+def test_retention_trims_the_stream_by_the_servers_clock(redis_client):
     # The stream is trimmed by entry id, which is the server's clock at write time.
     applier = BatchApplier(redis_client, retention_ms=1000, compat_source=None)
     old = make_trades(1, 2000, start_ts=NOW)
-    applier.apply_trades(SOURCE, old, int(time.time() * 1000))
+    applier.apply_trades(SOURCE, old)
     time.sleep(1.2)
-    now = int(time.time() * 1000)
-    applier.apply_trades(SOURCE, make_trades(5000, 10, start_ts=NOW), now)
+    applier.apply_trades(SOURCE, make_trades(5000, 10, start_ts=NOW))
     # Approximate trimming (MINID ~) may keep one partly-filled node of old entries (100 at most).
     assert redis_client.xlen(keys.trades(SOURCE)) <= 110
     assert read_trades(redis_client, SOURCE)[-1].id == 5009
-    seen_ttl = redis_client.ttl(keys.seen_segment(SOURCE, 1))
-    assert seen_ttl > redis_client.ttl(keys.candle(SOURCE, old[0].ts // 60000 * 60000)) > 0
-    assert applier.apply_trades(SOURCE, old[:10], now) == [0, 10]    # trimmed, but still known as seen
+    assert redis_client.ttl(keys.seen_segment(SOURCE, 1)) == -1      # seen bits never expire ...
+    assert applier.apply_trades(SOURCE, old[:10]) == [0, 10, 0]       # ... trimmed, still known as seen
+
+
+def test_a_writer_clock_far_ahead_trims_nothing(redis_client, monkeypatch):
+    applier = BatchApplier(redis_client, retention_ms=5 * 60_000, compat_source=None)
+    applier.apply_trades(SOURCE, make_trades(1, 500))
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 600)      # this host's clock 10 minutes ahead
+    applier.apply_trades(SOURCE, make_trades(501, 500))
+    assert [t.id for t in read_trades(redis_client, SOURCE)] == list(range(1, 1001))
+
+
+def test_ids_below_the_floor_are_counted_and_never_applied_again(redis_client):
+    # Trades printed 10 minutes ago, with a 1-minute window: their minute leaves the candle index at
+    # once, and the floor moves past their highest id; the whole seen segment below it is deleted.
+    applier = BatchApplier(redis_client, retention_ms=60_000, compat_source=None)
+    old = make_trades(65_000, 536, start_ts=int(time.time() * 1000) - 600_000)
+    assert applier.apply_trades(SOURCE, old) == [536, 0, 0]
+    assert int(redis_client.hget(keys.meta(SOURCE), "floor")) == 65_536
+    assert not redis_client.exists(keys.seen_segment(SOURCE, 65_000))
+    # A copy of them from long ago (a restored state dir, a host that was away for days): skipped.
+    assert applier.apply_trades(SOURCE, old) == [0, 0, 536]
+    fresh = make_trades(70_000, 10, start_ts=NOW)
+    assert applier.apply_trades(SOURCE, old[:5] + fresh) == [10, 0, 5]
+    assert redis_client.xlen(keys.trades(SOURCE)) == 546
+
+
+def test_a_wrong_type_key_stops_the_batch_before_its_first_write(redis_client, applier):
+    trades = make_trades(1, 2000)           # 74 s of trades: more than one minute
+    applier.apply_trades(SOURCE, trades[:100])
+    # Somebody else wrote a string where the next minute's candle hash goes.
+    later_minute = trades[-1].ts // 60000 * 60000
+    assert later_minute != trades[99].ts // 60000 * 60000
+    redis_client.set(keys.candle(SOURCE, later_minute), "not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        applier.apply_trades(SOURCE, trades)
+    assert redis_client.xlen(keys.trades(SOURCE)) == 100
+    assert not redis_client.getbit(keys.seen_segment(SOURCE, 150), 150)
+    redis_client.delete(keys.candle(SOURCE, later_minute))
+    assert applier.apply_trades(SOURCE, trades) == [1900, 100, 0]
+    assert read_candles(redis_client, SOURCE) == expected_candles(trades)
+
+
+def test_a_primary_without_the_expected_epoch_refuses_before_any_write(redis_client):
+    epochs = {SOURCE: "e1"}
+    applier = BatchApplier(redis_client, retention_ms=24 * HOUR, compat_source=SOURCE, epochs=epochs)
+    with pytest.raises(redis.ResponseError) as refused:
+        applier.apply_trades(SOURCE, make_trades(1, 10))
+    assert is_epoch_error(refused.value)
+    assert redis_client.keys("*") == []
+    redis_client.hset(keys.meta(SOURCE), "epoch", "e1")
+    assert applier.apply_trades(SOURCE, make_trades(1, 10)) == [10, 0, 0]
+    redis_client.flushall()                                   # silent loss: the next write says so
+    with pytest.raises(redis.ResponseError) as refused:
+        applier.apply_many([(SOURCE, encode_batch(make_trades(11, 10)))])
+    assert is_epoch_error(refused.value)
+    assert redis_client.keys("*") == []
+
+
+def test_compat_history_is_json_even_for_leading_zero_decimals(redis_client, applier):
+    trade = make_trades(1, 1)[0]
+    applier.apply_trades(SOURCE, [Trade(1, "0042000.10", "00.5", "buy", trade.ts, trade.rts)])
+    entry = json.loads(redis_client.lrange(keys.COMPAT_HISTORY, -1, -1)[0])
+    assert entry["price"] == 42000.1 and entry["volume"] == 0.5
+    assert redis_client.get(keys.COMPAT_LAST_PRICE) == "0042000.10"     # the exchange's string, unchanged
 
 
 def test_script_reloads_after_script_flush(redis_client, applier):
-    applier.apply_trades(SOURCE, make_trades(1, 2), NOW)
+    applier.apply_trades(SOURCE, make_trades(1, 2))
     redis_client.script_flush()
-    assert applier.apply_trades(SOURCE, make_trades(3, 2), NOW) == [2, 0]
+    assert applier.apply_trades(SOURCE, make_trades(3, 2)) == [2, 0, 0]
 
 
 def test_bus_trim_never_removes_a_pending_entry(redis_client):

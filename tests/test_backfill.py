@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from common import keys
+from common import keys, verify
 from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def test_live_trades_flow_during_a_long_backfill_that_survives_sigkill(primary, 
         wait_for(lambda: stack.info("ingest")["statename"] == "RUNNING", 30, "ingest restarted")
         wait_for(lambda: missing_ids(stack) == 0, 90, "the backfill to finish after the restart")
         last = drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
         verify_derived(client, sim, first, last)
@@ -71,7 +71,7 @@ def test_server_shutdown_notice_opens_the_next_connection_before_the_close(prima
         time.sleep(3)                               # past the exchange's close
         assert sim.client.status()["connections"] == 1
         last = drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
         verify_derived(client, sim, first, last)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import websocket
 
-from common import binance, keys
+from common import binance, keys, verify
 from common.binance import REST_ENDPOINTS, BinanceAdapter, BinanceRest, stream_url
 from common.config import BINANCE_TRADE_KINDS
 from common.trade import BINANCE_KINDS, MalformedJSON, Trade, parse_socket_read
@@ -326,7 +326,7 @@ def test_agg_trade_source_through_the_stack_survives_a_dropped_connection(primar
         verdict = verify_primary(primary_client, sim)
         assert verdict.exact(), str(verdict)
         assert verdict.present == verdict.expected >= 2 * RATE
-        first = int(primary_client.xrange(keys.trades(sim.source), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(primary_client, sim.source)
         verify_derived(primary_client, sim, first, last_id)
         log = open(stack.log_path("ingest")).read()
         assert "event=connection_lost" in log and "event=backfilled" in log

@@ -15,7 +15,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-from common import config as config_module
+from common import config as config_module, verify
 from common import keys
 from common.redis_process import RedisProcess
 from harness import SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_derived, verify_primary, wait_for
@@ -141,7 +141,7 @@ def test_exactly_once_on_a_cluster_while_the_slot_master_fails_over(cluster, sim
               f"stack handed back {time.monotonic() - promoted:.2f}s later")
         client = cluster.client()
         last = drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
         verify_derived(client, sim, first, last)

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from common import keys
+from common import keys, verify
 from common.events import recent_events
 from common.redis_process import RedisProcess
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
-                     verify_derived, verify_primary, wait_for)
+                     verify_derived, verify_primary, wait_for, wait_verified)
 
 pytestmark = pytest.mark.integration
 RATE = 2000
@@ -51,9 +51,9 @@ def settle_and_verify(primary, sim, stack):
     wait_for(lambda: writer_state(stack) == "primary", 60, "hand-back to the primary")
     client = primary.client()
     last_id = drain(client, sim)
-    first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+    first = verify.lowest_trade_id(client, SOURCE)
     verdict = verify_primary(client, sim, from_id=first)
-    assert verdict.exact(), str(verdict)
+    assert verdict.exact(), f"{verdict}; events: {recent_events(local_client(stack), 30)}"
     verify_derived(client, sim, first, last_id)
     assert local_client(stack).xlen(keys.BACKLOG) == 0
     return verdict
@@ -94,7 +94,7 @@ def test_primary_black_holed_with_sigstop(primary, sim, stack):
 
 def test_primary_restarted_empty_is_reseeded(primary, sim, stack):
     wait_trades(primary.client, 2 * RATE)
-    first_before = int(primary.client().xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+    first_before = verify.lowest_trade_id(primary.client(), SOURCE)
     primary.kill()
     primary.wipe()
     assert not [name for name in os.listdir(primary.directory) if name.startswith(("appendonly", "dump"))]
@@ -104,7 +104,7 @@ def test_primary_restarted_empty_is_reseeded(primary, sim, stack):
     reseeds = [e for e in recent_events(local_client(stack), 200) if e["event"] == "reseed_done"]
     assert reseeds and reseeds[0]["fields"]["trades_added"] >= 2 * RATE, reseeds
     # The trades from before the loss are back too.
-    assert int(primary.client().xrange(keys.trades(SOURCE), count=1)[0][1][b"id"]) == first_before
+    assert verify.lowest_trade_id(primary.client(), SOURCE) == first_before
 
 
 def test_primary_made_replica_then_promoted(primary, sim, stack):

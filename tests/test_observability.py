@@ -16,7 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import keys
+from common import keys, verify
 from common.events import recent_events
 from common.redis_process import RedisProcess
 from harness import SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_primary, wait_for
@@ -247,7 +247,7 @@ def test_every_trade_exactly_once_after_all_of_the_above(stack, primary_server, 
     wait_ok(stack, 90)
     client = primary_server.client()
     drain(client, simulator)
-    first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+    first = verify.lowest_trade_id(client, SOURCE)
     verdict = verify_primary(client, simulator, from_id=first)
     assert verdict.exact(), str(verdict)
     simulator.client.resume()

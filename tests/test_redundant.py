@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from common import keys
+from common import keys, verify
 from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_two_stacks_one_primary_exactly_once_and_no_gap_when_one_dies(primary, s
         kill_entire_stack(first_stack)
         wait_for(lambda: primary_last_id(client) > before + 2 * RATE, 20, "trades after the loss of a stack")
         last_id = drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
         verify_derived(client, sim, first, last_id)

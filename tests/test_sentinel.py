@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import redis
 
-from common import keys
+from common import keys, verify
 from common.redis_process import RedisProcess, free_port
 from common.synccheck import SETTLE_MS
 from harness import SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack, verify_primary, wait_for
@@ -135,7 +135,7 @@ def test_the_stack_follows_the_master_through_a_sentinel_failover(sentinel_set, 
         assert status(stack)["redis"]["primary"]["master"] == f"127.0.0.1:{new.port}"
         client = new.client()
         drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
     finally:
@@ -181,7 +181,7 @@ def test_writes_lost_in_a_sentinel_failover_are_refilled_by_sync_check(sentinel_
         again = run_sync_check(stack, "--json")
         assert again.returncode == 0, again.stdout
         client = replica.client()
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first, to_id=acknowledged)
         assert verdict.exact(), str(verdict)
         print(f"{lost} acknowledged trades lost by the promotion; all refilled by sync-check --repair")

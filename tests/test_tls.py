@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from common import config as config_module
+from common import config as config_module, verify
 from common import keys
 from common.redis_process import RedisProcess, free_port
 from common.tlscerts import make_test_pki, tls_server_args
@@ -64,7 +64,7 @@ def test_tls_with_the_right_ca_and_an_acl_user_exactly_once_through_a_failover(c
         client = primary.client()
         wait_for(lambda: writer_record(stack).get("state") == "primary", 60, "hand-back over TLS")
         drain(client, sim)
-        first = int(client.xrange(keys.trades(SOURCE), count=1)[0][1][b"id"])
+        first = verify.lowest_trade_id(client, SOURCE)
         verdict = verify_primary(client, sim, from_id=first)
         assert verdict.exact(), str(verdict)
         clients = client.client_list()
