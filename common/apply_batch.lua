@@ -214,12 +214,13 @@ if #gone > 0 then
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. cutoff)
 end
--- Seen segments wholly below the floor are no longer needed: delete a few per call, oldest first.
+-- Seen segments wholly below the floor are no longer needed (the floor answers for their ids): a
+-- few per call, oldest first, are let go (EXPIRE: the feed's ACL user has no DEL).
 if lowseg >= 0 then
   local first_needed = math.floor(floor / SEGMENT)
   local deleted = 0
   while lowseg < first_needed and deleted < SEGMENT_DELETES_PER_CALL do
-    redis.call('DEL', seen_prefix .. lowseg)
+    redis.call('EXPIRE', seen_prefix .. lowseg, 0)
     lowseg = lowseg + 1
     deleted = deleted + 1
   end
