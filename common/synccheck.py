@@ -1,14 +1,21 @@
-"""bin/sync-check: compare the primary with the local copy over the retention window, and fill its holes.
+"""bin/sync-check: does the primary hold every trade the local copy holds? Report it; re-send what it lacks.
 
-What is compared, per source, for trades received (rts) inside the window:
-  - trade ids in the local copy's stream that the primary's stream lacks, as ranges of ids;
+Two checks per source:
+
+seen-set comparison, the one sync runs continuously (common/antientropy.py): the held index (the local
+copy's trade ids as seen-set bitmaps) is brought up to date, with the mirror followed up to the entry the
+primary confirmed and the failover copy, and compared with the primary's seen-set over every segment it
+knows. It gives the "missing from the primary" figure and ranges, with no time window; --repair re-sends
+exactly those trades through the idempotent apply script, under the primary's epoch.
+
+stream audit, what no bitmap comparison can see, read from both trade streams for the trades received
+inside the retention window (less a grace for each side's own trimming, up to a settle time):
   - ids that occur more than once in the primary's stream (anywhere in it);
-  - trades per minute (by the trade's own ts), counted from both streams;
+  - entries gone from the primary's stream although its seen-set marks them applied: a re-send cannot
+    bring them back, since the apply script skips a trade marked applied (that keeps each trade once);
+  - trades per minute (by the trade's own ts), counted from both streams: a candle can agree with its
+    twin while the stream behind it lost or doubled entries;
   - the last hashes (the highest id each side has seen).
-
-Per-minute counts come from the streams, not from the candles' `n`: the streams are what consumers
-read and what the id comparison has to scan anyway, and a candle can agree with its twin while the
-stream behind it lost or doubled entries.
 
 Exit codes follow the Nagios convention of bin/health: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
 """
@@ -17,22 +24,24 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import redis
 
 from common import config as config_module
 from common import keys
-from common.apply import BatchApplier, read_local_copy, read_mirror_since
+from common.antientropy import Difference, HeldIndex, compare, resend
+from common.apply import BatchApplier, read_mirror_since
 from common.bus import connect_local
 from common.config import redact_url, scrub, secrets_of, url_secrets
+from common.epochs import known_epochs
 from common.events import record_event
 from common.lifecycle import EventLog
-from common.trade import encode_batch
 from common.primary import connect_primary
-from processes.writer import PRIMARY, describe_error
+from common.writerstate import PRIMARY, describe_error
 
 PROCESS = "sync-check"
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -41,18 +50,25 @@ STATUS_NAMES = {OK: "ok", WARNING: "warning", CRITICAL: "critical", UNKNOWN: "un
 # Trades received this recently may still be on their way (bus -> primary -> local mirror).
 SETTLE_MS = 5_000
 # Each server trims its stream by entry time (MINID ~) on its own schedule and clock, so the oldest
-# part of the retention window may already be gone from one side only: start the comparison later.
+# part of the retention window may already be gone from one side only: start the audit later.
 TRIM_GRACE_MS = 10 * 60_000
 SCAN_CHUNK = 10_000
 # Reading 10,000 entries, or sending a repair pipeline, can take longer than the writer's sub-second
 # timeout; the first ping keeps the short one so that a dead primary is still reported quickly.
 SCAN_TIMEOUT_MS = 5_000
 LOCAL_TIMEOUT_S = 5.0
-REPAIR_BATCHES_PER_CALL = 16
+FOLLOW_ENTRIES = 512          # mirrored batches taken into the held index per step, as sync does
+COMPARE_SEGMENTS = 64         # segments per comparison round trip: 512 KiB from each side at most
 RANGES_SHOWN = 10
 RANGES_IN_JSON = 1_000
 MINUTES_IN_JSON = 100
 DUPLICATES_LISTED = 10
+NO_EPOCH = ("not repairing {source}: the local side knows no epoch of the primary for it (sync records "
+            "one once it has verified the primary), and a re-send without one could fill a primary that "
+            "lost btcfeed's data; run sync, then this check again")
+LOST_MARKED_NOTE = ("not repairing {source}: {count} entries lost although marked applied cannot be "
+                    "restored by re-sending (the apply script skips a trade its seen-set marks applied, "
+                    "which is what keeps each trade exactly once)")
 
 # --- a compact set of trade ids ------------------------------------------------------------------
 SEGMENT_BITS = 16
@@ -65,6 +81,13 @@ class IdSet:
 
     def __init__(self):
         self.segments: Dict[int, bytearray] = {}
+
+    @classmethod
+    def of(cls, ids: Iterable[int]) -> "IdSet":
+        result = cls()
+        for trade_id in ids:
+            result.add(trade_id)
+        return result
 
     def add(self, trade_id: int) -> bool:
         """Add an id; False if it was there already."""
@@ -83,6 +106,10 @@ class IdSet:
         segment = self.segments.get(trade_id >> SEGMENT_BITS)
         offset = trade_id & SEGMENT_MASK
         return segment is not None and bool(segment[offset >> 3] & (1 << (offset & 7)))
+
+    def __iter__(self) -> Iterator[int]:
+        for first, last in self.ranges():
+            yield from range(first, last + 1)
 
     def __len__(self) -> int:
         return sum(int.from_bytes(segment, "little").bit_count() for segment in self.segments.values())
@@ -127,6 +154,31 @@ def format_range(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
+@dataclass
+class IdRanges:
+    """A set of ids as reported: how many, the first RANGES_IN_JSON runs, and how many runs in all."""
+    count: int = 0
+    ranges: List[Tuple[int, int]] = field(default_factory=list)
+    total: int = 0
+
+    @classmethod
+    def of(cls, ids: IdSet) -> "IdRanges":
+        result = cls(len(ids))
+        for number, run in enumerate(ids.ranges()):
+            if number < RANGES_IN_JSON:
+                result.ranges.append(run)
+            result.total = number + 1
+        return result
+
+    def shown(self) -> str:
+        text = ", ".join(format_range(*run) for run in self.ranges[:RANGES_SHOWN])
+        more = self.total - min(self.total, RANGES_SHOWN)
+        return text + (f" and {more} more ranges" if more else "")
+
+    def in_ranges(self) -> str:
+        return f"in {self.total} range{'s' if self.total != 1 else ''}"
+
+
 # --- the check ----------------------------------------------------------------------------------
 class LocalFailure(Exception):
     """The local Redis failed: nothing can be said about the primary (UNKNOWN)."""
@@ -142,8 +194,9 @@ class MalformedEntry(ValueError):
 
 @dataclass(frozen=True)
 class Window:
+    """The stream audit's window (the seen-set comparison has none)."""
     now_ms: int
-    from_ms: int      # trades received at or after this are compared ...
+    from_ms: int      # trades received at or after this are audited ...
     settle_ms: int    # ... up to this; newer ones may still be in flight
 
     @classmethod
@@ -155,12 +208,16 @@ class Window:
 @dataclass
 class SourceResult:
     source: str
+    # seen-set comparison
+    segments_compared: int = 0
+    missing: IdRanges = field(default_factory=IdRanges)
+    index: Optional[HeldIndex] = field(default=None, repr=False)            # what --repair re-sends from
+    difference: Optional[Difference] = field(default=None, repr=False)      # ... and what it re-sends
+    # stream audit
     local_trades: int = 0
     primary_trades: int = 0
-    missing: IdSet = field(default_factory=IdSet)
-    missing_count: int = 0
-    ranges: List[Tuple[int, int]] = field(default_factory=list)   # the first RANGES_IN_JSON
-    range_count: int = 0
+    absent_in_window: int = 0        # audited ids of the local copy that the primary's stream lacks
+    lost_marked: IdRanges = field(default_factory=IdRanges)
     settling_missing: int = 0
     only_in_primary: int = 0
     duplicated: int = 0
@@ -183,6 +240,57 @@ class Check:
     elapsed_s: float
     primary_url: str
     local_url: str
+    verified_ms: Optional[int] = None       # sync's watermark: all the local copy held then was compared
+
+
+def blame(local, exc: Exception, what: str) -> Exception:
+    """The failure for a Redis error of a step that talks to both sides: the local Redis's if it no
+    longer answers (UNKNOWN: nothing can be said), otherwise the primary's (CRITICAL)."""
+    try:
+        local.ping()
+    except redis.RedisError:
+        return LocalFailure(f"{what}: {describe_error(exc)}")
+    return PrimaryFailure(f"{what}: {describe_error(exc)}")
+
+
+def follow_local_copy(local, source: str) -> HeldIndex:
+    """Bring the held index up to date: every mirror entry up to the one the primary confirmed (later
+    ones may still be on their way to it) and the whole failover copy. Safe beside sync's own follower:
+    the merge ORs bits in and only moves the shared cursor forward, whoever takes an entry in first."""
+    index = HeldIndex(local, source)
+    try:
+        confirmed = local.hget(keys.MIRROR_CONFIRMED, source)
+        while True:
+            index.follow(_text(confirmed) if confirmed else None, FOLLOW_ENTRIES)
+            if index.caught_up:
+                return index
+    except redis.exceptions.OutOfMemoryError:
+        # describe_error's hint would name the primary; this is the local Redis, which the writer relieves.
+        raise LocalFailure(f"following the local copy of {source}: the local Redis is at its memory limit "
+                           "(the writer trims the mirror to make room); run the check again")
+    except (redis.RedisError, zlib.error, ValueError, KeyError) as exc:
+        raise LocalFailure(f"following the local copy of {source}: {_reason(exc)}")
+
+
+def compare_with_seen_set(local, primary, result: SourceResult) -> None:
+    """sync's comparison, over every segment the held index knows: the trades missing from the primary."""
+    index = follow_local_copy(local, result.source)
+    try:
+        numbers = index.segments()
+    except redis.RedisError as exc:
+        raise LocalFailure(f"reading the held index of {result.source}: {describe_error(exc)}")
+    difference = Difference(result.source)
+    for start in range(0, len(numbers), COMPARE_SEGMENTS):
+        try:
+            part = compare(local, primary, result.source, numbers[start:start + COMPARE_SEGMENTS])
+        except redis.RedisError as exc:
+            raise blame(local, exc, f"comparing {result.source} with the primary's seen-set")
+        difference.missing.update(part.missing)
+        difference.segments_compared += part.segments_compared
+        difference.bytes_compared += part.bytes_compared
+    result.index, result.difference = index, difference
+    result.segments_compared = difference.segments_compared
+    result.missing = IdRanges.of(IdSet.of(difference.ids()))
 
 
 def scan_stream(client, source: str) -> Iterator[Tuple[int, int, int]]:
@@ -226,6 +334,15 @@ def read_writer(local) -> dict:
             "reason": record.get("reason")}
 
 
+def read_verified(local) -> Optional[int]:
+    """sync's verified_ms watermark, if sync has set one."""
+    try:
+        raw = local.hget(keys.SYNC_PRIMARY, "verified_ms")
+    except redis.RedisError as exc:
+        raise LocalFailure(describe_error(exc))
+    return int(raw) if raw else None
+
+
 def scan_local(local, result: SourceResult, window: Window) -> Tuple[IdSet, IdSet]:
     """The local copy's ids inside the window, and those still settling; counts per minute."""
     compared, settling = IdSet(), IdSet()
@@ -267,17 +384,54 @@ def scan_primary(primary, result: SourceResult, window: Window, local_ids: IdSet
     return present
 
 
+def marked_applied(primary, source: str, ids: IdSet) -> IdSet:
+    """Those of the ids whose bit the primary's seen-set has set, at or above its floor (below it every
+    id counts as seen: those trades left the primary's window, their entries were trimmed by design)."""
+    marked = IdSet()
+    numbers = sorted(ids.segments)
+    if not numbers:
+        return marked
+    pipe = primary.pipeline(transaction=False)
+    pipe.hget(keys.meta(source), "floor")
+    for number in numbers:
+        pipe.get(keys.seen_prefix(source) + str(number))
+    try:
+        floor_raw, *seen = pipe.execute()
+    except redis.RedisError as exc:
+        raise PrimaryFailure(f"reading the primary's seen-set of {source}: {describe_error(exc)}")
+    floor = int(floor_raw) if floor_raw else 0
+    bitmaps = dict(zip(numbers, seen))
+    for trade_id in ids:
+        bitmap = bitmaps[trade_id >> SEGMENT_BITS] or b""
+        offset = trade_id & SEGMENT_MASK
+        # Redis bit order (SETBIT, BITFIELD): offset 0 is the high bit of the first byte.
+        if trade_id >= floor and offset >> 3 < len(bitmap) and bitmap[offset >> 3] & (0x80 >> (offset & 7)):
+            marked.add(trade_id)
+    return marked
+
+
+def audit_streams(local, primary, result: SourceResult, window: Window) -> None:
+    """The stream audit. The local copy is read before the primary: in primary state the writer applies
+    to the primary before it mirrors locally, so a trade seen locally is already there."""
+    compared, settling = scan_local(local, result, window)
+    present = scan_primary(primary, result, window, compared)
+    absent = compared.difference(present)
+    result.absent_in_window = len(absent)
+    result.lost_marked = IdRanges.of(marked_applied(primary, result.source, absent))
+    result.settling_missing = len(settling.difference(present))
+
+
 def run_check(cfg, local, probe, primary) -> Check:
-    """One comparison of every source. The local copy is read before the primary: in primary state the
-    writer applies to the primary before it mirrors locally, so a trade seen locally is already there."""
+    """Both checks of every source, with the writer's state read before and after."""
     started = time.monotonic()
     window = Window.ending(int(time.time() * 1000), cfg.retention_ms)
     writer_before = read_writer(local)
+    verified_ms = read_verified(local)
 
     def finish(reasons, sources, writer=writer_before) -> Check:
         status = max((level for level, _ in reasons), default=OK)
         return Check(status, reasons, writer, window, sources, time.monotonic() - started,
-                     redact_url(cfg.primary_url), redact_url(cfg.local_url))
+                     redact_url(cfg.primary_url), redact_url(cfg.local_url), verified_ms)
 
     try:
         probe.ping()
@@ -288,15 +442,8 @@ def run_check(cfg, local, probe, primary) -> Check:
     try:
         for source in cfg.sources:
             result = SourceResult(source.name)
-            local_ids, settling = scan_local(local, result, window)
-            present = scan_primary(primary, result, window, local_ids)
-            result.missing = local_ids.difference(present)
-            result.missing_count = len(result.missing)
-            for number, run in enumerate(result.missing.ranges()):
-                if number < RANGES_IN_JSON:
-                    result.ranges.append(run)
-                result.range_count = number + 1
-            result.settling_missing = len(settling.difference(present))
+            compare_with_seen_set(local, primary, result)
+            audit_streams(local, primary, result, window)
             results.append(result)
     except PrimaryFailure as exc:
         reason = scrub_secrets(str(exc), cfg.primary_url)
@@ -307,97 +454,110 @@ def run_check(cfg, local, probe, primary) -> Check:
 
 def assess(results: List[SourceResult], writer_before: dict, writer_after: dict, window: Window) -> list:
     """(level, reason) pairs; no pair means the primary holds everything the local copy holds."""
-    reasons = []
-    state = writer_after["state"]
-    changed = [writer_before[k] for k in ("state", "since")] != [writer_after[k] for k in ("state", "since")]
+    reasons = writer_reasons(writer_before, writer_after)
+    changed = writer_changed(writer_before, writer_after)
     # In failover and draining the primary is behind by design: the backlog holds the difference.
-    behind_expected = state != PRIMARY or writer_before["state"] != PRIMARY or changed
-    if state != PRIMARY:
-        why = f" ({writer_after['reason']})" if writer_after.get("reason") else ""
-        reasons.append((WARNING, f"writer is in {state}{why}: the primary is behind until sync replays "
-                                 "the backlog"))
-    if changed:
-        reasons.append((WARNING, f"writer state changed during the check ({writer_before['state']} -> "
-                                 f"{state}); run again for a firm answer"))
+    behind_expected = writer_after["state"] != PRIMARY or writer_before["state"] != PRIMARY or changed
     behind_level = WARNING if behind_expected else CRITICAL
     for r in results:
-        if r.duplicated:
-            ids = ", ".join(str(i) for i in r.duplicated_ids)
-            reasons.append((CRITICAL, f"{r.source}: {r.duplicated} duplicate trade entries in the primary "
-                                      f"(ids {ids})"))
-        if r.missing_count:
-            reasons.append((behind_level, f"{r.source}: {r.missing_count} trades missing from the primary "
-                                          f"in {r.range_count} range{'s' if r.range_count != 1 else ''}"))
-        elif r.settling_missing:
-            reasons.append((WARNING, f"{r.source}: {r.settling_missing} trades of the last "
-                                     f"{SETTLE_MS // 1000} s not in the primary yet"))
-        differing = r.differing_minutes()
-        if differing and not (r.missing_count or r.only_in_primary or r.duplicated):
-            reasons.append((WARNING, f"{r.source}: trade counts differ in {len(differing)} minutes although "
-                                     "the ids agree: the same trade ids carry different trade times"))
-        local_last, primary_last = r.local_last, r.primary_last
-        if (local_last and local_last["rts"] < window.settle_ms
-                and (primary_last is None or primary_last["id"] < local_last["id"])):
-            behind = primary_last["id"] if primary_last else "none"
-            reasons.append((behind_level, f"{r.source}: last id in the primary ({behind}) is behind the "
-                                          f"local copy ({local_last['id']})"))
+        reasons += comparison_reasons(r, behind_level)
+        reasons += audit_reasons(r, behind_level, window)
+    return reasons
+
+
+def writer_changed(before: dict, after: dict) -> bool:
+    return [before[k] for k in ("state", "since")] != [after[k] for k in ("state", "since")]
+
+
+def writer_reasons(before: dict, after: dict) -> list:
+    reasons = []
+    state = after["state"]
+    if state != PRIMARY:
+        why = f" ({after['reason']})" if after.get("reason") else ""
+        reasons.append((WARNING, f"writer is in {state}{why}: the primary is behind until sync replays "
+                                 "the backlog"))
+    if writer_changed(before, after):
+        reasons.append((WARNING, f"writer state changed during the check ({before['state']} -> "
+                                 f"{state}); run again for a firm answer"))
+    return reasons
+
+
+def comparison_reasons(r: SourceResult, behind_level: int) -> list:
+    if not r.missing.count:
+        return []
+    return [(behind_level, f"{r.source}: {r.missing.count} trades missing from the primary "
+                           f"{r.missing.in_ranges()}")]
+
+
+def audit_reasons(r: SourceResult, behind_level: int, window: Window) -> list:
+    reasons = []
+    if r.duplicated:
+        ids = ", ".join(str(i) for i in r.duplicated_ids)
+        reasons.append((CRITICAL, f"{r.source}: {r.duplicated} duplicate trade entries in the primary "
+                                  f"(ids {ids})"))
+    if r.lost_marked.count:
+        # Never the writer's state to blame: the apply script sets a bit and appends its entry atomically.
+        reasons.append((CRITICAL, f"{r.source}: {r.lost_marked.count} entries lost although marked applied "
+                                  f"(gone from the primary's stream, set in its seen-set: "
+                                  f"{r.lost_marked.shown()}); not repairable by re-sending, the apply "
+                                  "script skips a trade its seen-set marks applied"))
+    if r.settling_missing and not r.missing.count:
+        reasons.append((WARNING, f"{r.source}: {r.settling_missing} trades of the last "
+                                 f"{SETTLE_MS // 1000} s not in the primary yet"))
+    differing = r.differing_minutes()
+    if differing and not (r.absent_in_window or r.only_in_primary or r.duplicated):
+        reasons.append((WARNING, f"{r.source}: trade counts differ in {len(differing)} minutes although "
+                                 "the ids agree: the same trade ids carry different trade times"))
+    local_last, primary_last = r.local_last, r.primary_last
+    if (local_last and local_last["rts"] < window.settle_ms
+            and (primary_last is None or primary_last["id"] < local_last["id"])):
+        behind = primary_last["id"] if primary_last else "none"
+        reasons.append((behind_level, f"{r.source}: last id in the primary ({behind}) is behind the "
+                                      f"local copy ({local_last['id']})"))
     return reasons
 
 
 # --- repair -------------------------------------------------------------------------------------
 def repair(cfg, local, primary, check: Check, log) -> List[dict]:
-    """Apply the missing trades from the local copy to the primary with the same idempotent apply the
-    writer uses: the primary's seen-set skips any trade it already holds, so nothing can be doubled."""
+    """Re-send what the comparison found missing, as sync does: from the local copy, through the
+    idempotent apply (a trade that arrived meanwhile is skipped, nothing can be doubled), under the
+    epoch this host verified (a primary that lost btcfeed's data since refuses rather than taking a part)."""
     compat = cfg.compat_source.name if cfg.compat_source else None
-    applier = BatchApplier(primary, cfg.retention_ms, compat, cfg.compat_history_len)
+    try:
+        known = known_epochs(local)
+    except redis.RedisError as exc:
+        raise LocalFailure(f"reading the known epochs: {describe_error(exc)}")
+    applier = BatchApplier(primary, cfg.retention_ms, compat, cfg.compat_history_len, epochs=known)
     done = []
     for result in check.sources:
-        if not result.missing_count:
+        if not result.missing.count:
             continue
-        counts = {"source": result.source, "missing": result.missing_count, "added": 0, "skipped": 0}
-        try:
-            _repair_source(cfg, local, applier, result, counts)
-        except (PrimaryFailure, LocalFailure) as exc:
-            record_event(local, log, PROCESS, "repair_failed", level="error", source=result.source,
-                         added=counts["added"], reason=scrub_secrets(str(exc), cfg.primary_url))
-            raise
-        record_event(local, log, PROCESS, "repair", level="warning", source=result.source,
-                     missing=counts["missing"], added=counts["added"], skipped=counts["skipped"],
-                     ranges=", ".join(format_range(*run) for run in result.ranges[:RANGES_SHOWN]))
-        done.append(counts)
+        if result.source not in known:
+            done.append({"source": result.source, "missing": result.missing.count, "added": 0,
+                         "refused": NO_EPOCH.format(source=result.source)})
+            continue
+        done.append(repair_source(cfg, local, applier, result, log))
     return done
 
 
-def _repair_source(cfg, local, applier: BatchApplier, result: SourceResult, counts: dict) -> None:
-    batches, pending = [], []
-
-    def send(batches_to_send):
-        try:
-            replies = applier.apply_many([(result.source, payload) for payload in batches_to_send],
-                                         int(time.time() * 1000))
-        except redis.RedisError as exc:
-            raise PrimaryFailure(f"repair of {result.source} stopped after {counts['added']} trades: "
-                                 f"{describe_error(exc)}")
-        counts["added"] += sum(applied for applied, _ in replies)
-        counts["skipped"] += sum(skipped for _, skipped in replies)
-
+def repair_source(cfg, local, applier: BatchApplier, result: SourceResult, log) -> dict:
     try:
-        for chunk in read_local_copy(local, result.source, SCAN_CHUNK):
-            for trade in chunk:
-                if trade.id in result.missing:
-                    pending.append(trade)
-                    if len(pending) >= cfg.writer_max_batch:
-                        batches.append(encode_batch(pending))
-                        pending = []
-            if len(batches) >= REPAIR_BATCHES_PER_CALL:
-                send(batches)
-                batches = []
+        resent = resend(result.index, applier, result.difference)
     except redis.RedisError as exc:
-        raise LocalFailure(f"reading the local copy of {result.source} for repair: {describe_error(exc)}")
-    if pending:
-        batches.append(encode_batch(pending))
-    if batches:
-        send(batches)
+        failure = blame(local, exc, f"repair of {result.source}")
+        record_event(local, log, PROCESS, "repair_failed", level="error", source=result.source,
+                     reason=scrub_secrets(str(failure), cfg.primary_url))
+        raise failure
+    item = {"source": result.source, "missing": result.missing.count, "added": resent.applied,
+            "skipped": resent.skipped, "floored": resent.floored, "not_held": resent.not_held}
+    record_event(local, log, PROCESS, "repair", level="warning", **item,
+                 ranges=", ".join(format_range(*run) for run in result.missing.ranges[:RANGES_SHOWN]))
+    return item
+
+
+def unrepairable_notes(check: Check) -> List[str]:
+    return [LOST_MARKED_NOTE.format(source=r.source, count=r.lost_marked.count)
+            for r in check.sources if r.lost_marked.count]
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -407,36 +567,43 @@ def summary(check: Check) -> str:
         others = len(check.reasons) - len(worst)
         return "; ".join(worst) + (f" (+{others} more)" if others else "")
     trades = sum(r.local_trades for r in check.sources)
-    return (f"the primary holds every trade of the local copy ({trades} trades, "
-            f"{len(check.sources)} source{'s' if len(check.sources) != 1 else ''})")
+    segments = sum(r.segments_compared for r in check.sources)
+    return (f"the primary holds every trade of the local copy ({segments} held segments compared, "
+            f"{trades} trades audited, {len(check.sources)} source{'s' if len(check.sources) != 1 else ''})")
 
 
-def source_line(r: SourceResult) -> str:
+def comparison_line(r: SourceResult) -> str:
+    ranges = f" {r.missing.in_ranges()}" if r.missing.count else ""
+    return (f"{r.source}: seen-set comparison: {r.segments_compared} held segments compared, "
+            f"missing {r.missing.count}{ranges}")
+
+
+def audit_line(r: SourceResult) -> str:
     local_last = r.local_last["id"] if r.local_last else "none"
     primary_last = r.primary_last["id"] if r.primary_last else "none"
-    ranges = f" in {r.range_count} range{'s' if r.range_count != 1 else ''}" if r.missing_count else ""
-    return (f"{r.source}: local {r.local_trades} primary {r.primary_trades} "
-            f"missing {r.missing_count}{ranges} "
-            f"duplicated {r.duplicated} only-in-primary {r.only_in_primary} settling {r.settling_missing} | "
+    return (f"{r.source}: stream audit: local {r.local_trades} primary {r.primary_trades} "
+            f"duplicated {r.duplicated} lost-although-marked-applied {r.lost_marked.count} "
+            f"only-in-primary {r.only_in_primary} settling {r.settling_missing} | "
             f"minutes {len(r.minutes)} ({len(r.differing_minutes())} differ) | "
             f"last id local {local_last} primary {primary_last}")
-
-
-def ranges_line(r: SourceResult) -> Optional[str]:
-    if not r.missing_count:
-        return None
-    shown = ", ".join(format_range(*run) for run in r.ranges[:RANGES_SHOWN])
-    more = r.range_count - min(r.range_count, RANGES_SHOWN)
-    return f"  missing: {shown}" + (f" and {more} more ranges" if more else "")
 
 
 def detail_lines(check: Check) -> List[str]:
     lines = []
     for r in check.sources:
-        lines.append(source_line(r))
-        if ranges_line(r):
-            lines.append(ranges_line(r))
+        lines.append(comparison_line(r))
+        if r.missing.count:
+            lines.append(f"  missing: {r.missing.shown()}")
+        lines.append(audit_line(r))
+        if r.lost_marked.count:
+            lines.append(f"  lost although marked applied: {r.lost_marked.shown()}")
     return lines
+
+
+def verified_age_s(check: Check) -> Optional[float]:
+    if check.verified_ms is None or check.window is None:
+        return None
+    return round(max(0, check.window.now_ms - check.verified_ms) / 1000, 1)
 
 
 def context_line(check: Check) -> Optional[str]:
@@ -444,8 +611,10 @@ def context_line(check: Check) -> Optional[str]:
         return None
     checked = _iso(check.window.now_ms) if check.window else _iso(int(time.time() * 1000))
     text = f"checked {checked} in {check.elapsed_s:.1f} s; writer {check.writer.get('state', 'unknown')}"
+    age = verified_age_s(check)
+    text += "; sync has not verified yet" if age is None else f"; sync verified {age:.1f} s ago"
     if check.window and check.sources:
-        text += f"; window rts {_iso(check.window.from_ms)} .. {_iso(check.window.settle_ms)}"
+        text += f"; audit window rts {_iso(check.window.from_ms)} .. {_iso(check.window.settle_ms)}"
     return text + f"; primary {check.primary_url}; local {check.local_url}"
 
 
@@ -458,46 +627,60 @@ def render_text(check: Check) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def repair_line(item: dict) -> str:
+    if "refused" in item:
+        return f"repair: {item['refused']}"
+    notes = []
+    if item["skipped"]:
+        notes.append(f"{item['skipped']} arrived meanwhile")
+    if item["floored"]:
+        notes.append(f"{item['floored']} below the primary's floor, older than its window")
+    if item["not_held"]:
+        notes.append(f"{item['not_held']} no longer in the local copy")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"repair: {item['source']}: added {item['added']} of {item['missing']} missing trades{extra}"
+
+
 def render_repaired(before: Check, repaired: List[dict], after: Check) -> str:
     added = sum(item["added"] for item in repaired)
     lines = [status_line(after, f"repaired {added} trades; {summary(after)}"), "before repair:",
              "  " + status_line(before)]
     lines += ["  " + line for line in detail_lines(before)]
-    for item in repaired:
-        skipped = ""
-        if item["skipped"]:
-            skipped = (f" ({item['skipped']} skipped: the primary's seen-set marks them applied although its "
-                       "stream lacks them; not re-added, to keep each trade exactly once)")
-        lines.append(f"repair: {item['source']}: added {item['added']} of {item['missing']} "
-                     f"missing trades{skipped}")
+    lines += [repair_line(item) for item in repaired]
+    lines += [f"repair: {note}" for note in unrepairable_notes(before)]
     lines.append("after repair:")
     lines += ["  " + line for line in detail_lines(after)]
     lines.append(context_line(after))
     return "\n".join(lines)
 
 
+def source_document(r: SourceResult) -> dict:
+    differing = r.differing_minutes()
+    return {
+        "source": r.source,
+        "local_trades": r.local_trades,
+        "primary_trades": r.primary_trades,
+        "missing": r.missing.count,
+        "missing_ranges": [[first, last] for first, last in r.missing.ranges],
+        "missing_ranges_total": r.missing.total,
+        "held_segments_compared": r.segments_compared,
+        "settling_missing": r.settling_missing,
+        "only_in_primary": r.only_in_primary,
+        "duplicated": r.duplicated,
+        "duplicated_ids": r.duplicated_ids,
+        "lost_marked_applied": r.lost_marked.count,
+        "lost_marked_applied_ranges": [[first, last] for first, last in r.lost_marked.ranges],
+        "lost_marked_applied_ranges_total": r.lost_marked.total,
+        "minutes_compared": len(r.minutes),
+        "minutes_differing_total": len(differing),
+        "minutes_differing": [{"minute": _iso(m), "minute_ms": m, "local": r.minutes[m][0],
+                               "primary": r.minutes[m][1]} for m in differing[:MINUTES_IN_JSON]],
+        "last_id": {"local": r.local_last["id"] if r.local_last else None,
+                    "primary": r.primary_last["id"] if r.primary_last else None},
+    }
+
+
 def document(check: Check) -> dict:
-    sources = []
-    for r in check.sources:
-        differing = r.differing_minutes()
-        sources.append({
-            "source": r.source,
-            "local_trades": r.local_trades,
-            "primary_trades": r.primary_trades,
-            "missing": r.missing_count,
-            "missing_ranges": [[first, last] for first, last in r.ranges],
-            "missing_ranges_total": r.range_count,
-            "settling_missing": r.settling_missing,
-            "only_in_primary": r.only_in_primary,
-            "duplicated": r.duplicated,
-            "duplicated_ids": r.duplicated_ids,
-            "minutes_compared": len(r.minutes),
-            "minutes_differing_total": len(differing),
-            "minutes_differing": [{"minute": _iso(m), "minute_ms": m, "local": r.minutes[m][0],
-                                   "primary": r.minutes[m][1]} for m in differing[:MINUTES_IN_JSON]],
-            "last_id": {"local": r.local_last["id"] if r.local_last else None,
-                        "primary": r.primary_last["id"] if r.primary_last else None},
-        })
     window = check.window
     return {
         "status": STATUS_NAMES[check.status],
@@ -507,11 +690,13 @@ def document(check: Check) -> dict:
         "checked_at": _iso(window.now_ms) if window else None,
         "elapsed_s": round(check.elapsed_s, 3),
         "writer": check.writer,
+        "sync": {"verified_ms": check.verified_ms, "verified_age_s": verified_age_s(check)},
         "primary": check.primary_url,
         "local": check.local_url,
+        # The stream audit's window; the seen-set comparison covers every segment the held index knows.
         "window": {"from_ms": window.from_ms, "to_ms": window.settle_ms, "settle_s": SETTLE_MS / 1000}
         if window else None,
-        "sources": sources,
+        "sources": [source_document(r) for r in check.sources],
     }
 
 
@@ -532,11 +717,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_arguments(argv):
     parser = ArgumentParser(prog="sync-check", description=(
-        "Compare the primary Redis with the local copy over the retention window; report trades missing "
-        "from the primary, duplicates and per-minute counts. Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."))
+        "Compare the local copy with the primary Redis: the held index with the primary's seen-set (as sync "
+        "does; trades missing from the primary), and both trade streams over the retention window "
+        "(duplicates, entries lost although marked applied, per-minute counts, last ids). "
+        "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."))
     parser.add_argument("--repair", action="store_true",
-                        help="re-apply the missing trades from the local copy to the primary, "
-                             "then check again")
+                        help="re-send the trades missing from the primary from the local copy, through the "
+                             "idempotent apply under the primary's epoch, then check again")
     parser.add_argument("--json", action="store_true", help="print the report as a JSON document")
     return parser.parse_args(argv)
 
@@ -585,9 +772,10 @@ def repair_and_recheck(cfg, local, probe, primary, check: Check, out: "Output") 
         text = (f"not repairing: the writer is in {check.writer.get('state')}; sync replays the backlog into "
                 "the primary and hands back, run the check again after that")
         return emit(check, notes=[text], status=max(WARNING, check.status))
-    if not any(r.missing_count for r in check.sources):
-        note = "nothing to repair" if check.sources else "cannot repair: the check did not complete"
-        return emit(check, notes=[note])
+    if not check.sources:
+        return emit(check, notes=["cannot repair: the check did not complete"])
+    if not any(r.missing.count for r in check.sources):
+        return emit(check, notes=["nothing to repair", *unrepairable_notes(check)])
     if read_writer(local) != check.writer:
         return emit(check, notes=["not repairing: the writer changed state since the check; run again"],
                     status=max(WARNING, check.status))
@@ -601,7 +789,7 @@ def repair_and_recheck(cfg, local, probe, primary, check: Check, out: "Output") 
     if out.as_json:
         doc = document(after)
         doc["repair"] = {"added": sum(item["added"] for item in repaired), "sources": repaired,
-                         "before": document(check)}
+                         "not_repairable": unrepairable_notes(check), "before": document(check)}
         out.write(json.dumps(doc, indent=2))
     else:
         out.write(render_repaired(check, repaired, after))
@@ -639,7 +827,10 @@ class Output:
 
 
 def _reason(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, MalformedEntry) else describe_error(exc)
+    """Redis errors get their hint; a malformed local entry (a stream field, a mirrored batch) its text."""
+    if isinstance(exc, redis.RedisError):
+        return describe_error(exc)
+    return str(exc) if isinstance(exc, MalformedEntry) else f"{type(exc).__name__}: {exc}"
 
 
 def scrub_secrets(text: str, url: str) -> str:

@@ -23,7 +23,7 @@ from common.config import redact_url
 from common.events import record_event
 from common.lifecycle import Process, run_process
 from common.primary import cluster_probe, connect_primary, is_cluster
-from processes.writer import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
+from common.writerstate import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 WATCH_INTERVAL_S = 1.0          # identity and epoch check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)

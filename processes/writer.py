@@ -7,22 +7,23 @@ States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
   draining  as failover, while sync replays the backlog into the primary; sync hands back.
 """
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
-from redis.sentinel import MasterNotFoundError
 
 from common import epochs, keys
-from common.apply import BatchApplier, is_epoch_error, mirror_entry
+from common.apply import BatchApplier, mirror_entry
 from common.config import redact_url
 from common.events import record_event
 from common.latency import LatencyHistogram, newest_trade_ts
 from common.lifecycle import Process, run_process
 from common.primary import connect_primary
+# The state names and describe_error live in a library module (tools must not import a process);
+# they stay importable from here, DRAINING too, which the writer itself does not use.
+from common.writerstate import DRAINING  # noqa: F401
+from common.writerstate import FAILOVER, PRIMARY, describe_error, read_state, set_state
 
-PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
 CONSUMER = "writer"
 READ_COUNT = 64                 # bus entries per read (each holds up to 2,000 trades)
 READ_BLOCK_MS = 200             # well below supervisord's stopwaitsecs
@@ -47,57 +48,6 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
 if pending[1] > 0 and before(pending[2], floor) then floor = pending[2] end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 """
-
-
-# What an operator should check, by the kind of error the primary gave.
-CREDENTIALS_HINT = ("the primary refused the credentials: check the user name and password in BTCFEED_PRIMARY_URL "
-                    "(or BTCFEED_PRIMARY_USERNAME / BTCFEED_PRIMARY_PASSWORD[_FILE])")
-ERROR_HINTS = (
-    (redis.AuthenticationError, "", CREDENTIALS_HINT),
-    (redis.exceptions.NoPermissionError, "", "the primary's ACL does not allow btcfeed's commands or keys"),
-    (redis.exceptions.ReadOnlyError, "", "the primary is a read-only replica, not a master"),
-    (redis.exceptions.OutOfMemoryError, "", "the primary is out of memory (maxmemory reached)"),
-    (redis.BusyLoadingError, "", "the primary is loading its data set"),
-    (redis.exceptions.MasterDownError, "", "the primary's link to its master is down"),
-    (MasterNotFoundError, "", "no sentinel named a reachable master: check the sentinels and the "
-                              "master name in BTCFEED_PRIMARY_URL (a Sentinel failover may be under way)"),
-    (redis.ResponseError, "WRONGPASS", CREDENTIALS_HINT),
-    (redis.ResponseError, "NOAUTH", CREDENTIALS_HINT),
-    (redis.ResponseError, "DB index is out of range", "the database index in BTCFEED_PRIMARY_URL does not exist"),
-)
-PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
-
-
-EPOCH_HINT = ("the primary lost btcfeed's data (flushed, restarted empty, or a replica that never had it): "
-              "the local copy re-seeds it")
-
-
-def describe_error(exc: Exception, url: str = "") -> str:
-    """A one-line reason for a primary failure with what to check, never containing credentials."""
-    text = PIPELINE_PREFIX.sub("", str(exc).splitlines()[0] if str(exc) else "")
-    if is_epoch_error(exc):
-        return f"epoch refused: {text[:160]} — {EPOCH_HINT}"
-    if isinstance(exc, MasterNotFoundError):
-        text = text.split(" : ")[0]          # the rest is the repr of every sentinel client
-    reason = f"{type(exc).__name__}: {text[:160]}"
-    for kind, needle, hint in ERROR_HINTS:
-        if isinstance(exc, kind) and needle in text:
-            return f"{reason} — {hint}"
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return (f"{reason} — the primary's TLS certificate was not accepted: give its CA certificate "
-                "with BTCFEED_PRIMARY_TLS_CA_FILE (and check the host name in BTCFEED_PRIMARY_URL)")
-    if url.startswith("rediss://") and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"{reason} — TLS (rediss://) handshake did not complete: is that port serving TLS?"
-    return reason
-
-
-def read_state(client) -> str:
-    state = client.hget(keys.WRITER_STATE, "state")
-    return state.decode() if state else PRIMARY
-
-
-def set_state(client, state: str, reason: str) -> None:
-    client.hset(keys.WRITER_STATE, mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
 
 
 class PrimaryFailed(Exception):

@@ -1,23 +1,28 @@
-"""bin/sync-check against real redis-servers: a password-protected primary and a local copy, both filled
-by the apply script, then made to disagree the ways a real primary can (lost writes, duplicates)."""
+"""bin/sync-check against real redis-servers: a password-protected primary and a local copy written the
+way the writer writes them (the primary applies a batch, the local mirror keeps it and records it as
+confirmed; the failover copy in an outage), then made to disagree the ways a real primary can: lost
+writes (entries and their seen bits gone together), entries lost although marked applied, duplicates."""
 
 import collections
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 import redis
 
-from common import keys
-from common.apply import BatchApplier, expected_candles, read_candles, read_trades
+from common import epochs, keys, synccheck
+from common.antientropy import HeldIndex
+from common.apply import BatchApplier, expected_candles, mirror_entry, read_candles, read_trades
 from common.events import recent_events
 from common.redis_process import RedisProcess, free_port
 from common.synccheck import IdSet, main, scrub_secrets
-from common.trade import Trade
+from common.trade import Trade, encode_batch
 from harness import short_tmpdir
 
 pytestmark = pytest.mark.integration
@@ -27,6 +32,7 @@ SOURCE = "binance:BTCUSDT"
 PASSWORD = "pw-Zq81-never-printed"
 RETENTION_MS = 24 * 3600 * 1000
 COUNT = 3000
+BATCH = 500
 # A lost range that straddles a seen-set segment boundary (ids are split by id >> 16).
 SEGMENT_EDGE = 5_012_324_352
 FIRST_ID = SEGMENT_EDGE - 225
@@ -53,6 +59,11 @@ def make_trades(count=COUNT, first_id=FIRST_ID, end_ms=None, seed=5):
     return trades
 
 
+def without(trades, ids):
+    ids = set(ids)
+    return [t for t in trades if t.id not in ids]
+
+
 @pytest.fixture(scope="module")
 def servers():
     primary = RedisProcess(short_tmpdir("bf-sc-primary-"), appendonly=False).start()
@@ -72,17 +83,33 @@ class Setup:
         self.primary_url = f"redis://:{PASSWORD}@127.0.0.1:{primary.port}/0"
         self.local_url = local.url
 
-    def fill(self, client, trades, publish=True):
-        applier = BatchApplier(client, RETENTION_MS, SOURCE, publish=publish)
-        for start in range(0, len(trades), 500):
-            applier.apply_trades(SOURCE, trades[start:start + 500], int(time.time() * 1000))
+    def write_like_the_writer(self, trades, primary_trades=None, confirm=True):
+        """The writer in primary state: each batch is applied to the primary under the epoch, kept in the
+        local mirror, and recorded as confirmed. primary_trades: what the primary holds of them in the
+        end (a primary that lost writes looks like one that never took them: entries, seen bits,
+        candles and last hash alike); trades it holds that the local copy never had are applied first."""
+        applier = BatchApplier(self.primary, RETENTION_MS, SOURCE, epochs=epochs.known_epochs(self.local))
+        held = {t.id: t for t in (trades if primary_trades is None else primary_trades)}
+        mirrored = {t.id for t in trades}
+        earlier = [t for t in held.values() if t.id not in mirrored]
+        if earlier:
+            applier.apply_trades(SOURCE, earlier)
+        for start in range(0, len(trades), BATCH):
+            batch = trades[start:start + BATCH]
+            reached = [held[t.id] for t in batch if t.id in held]
+            if reached:
+                applier.apply_trades(SOURCE, reached)
+            entry_id = self.local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(batch)))
+            if confirm:
+                self.local.hset(keys.MIRROR_CONFIRMED, SOURCE, entry_id)
 
-    def fill_both(self, trades, primary_trades=None):
-        self.fill(self.local, trades, publish=False)
-        self.fill(self.primary, trades if primary_trades is None else primary_trades)
+    def write_failover_copy(self, trades):
+        """The writer in failover: the local copy takes the trades, the primary does not."""
+        BatchApplier(self.local, RETENTION_MS, SOURCE, publish=False).apply_trades(SOURCE, trades)
 
     def lose_from_primary(self, ids, clear_seen=True):
-        """What a real loss looks like: the entries are gone, and so are their seen bits."""
+        """Delete the entries from the primary's stream; with clear_seen also their seen bits, as any real
+        loss does (the apply script writes both in one atomic step)."""
         ids = set(ids)
         doomed = [entry_id for entry_id, fields in self.primary.xrange(keys.trades(SOURCE))
                   if int(fields[b"id"]) in ids]
@@ -95,6 +122,9 @@ class Setup:
     def primary_id_counts(self):
         return collections.Counter(t.id for t in read_trades(self.primary, SOURCE))
 
+    def repair_events(self):
+        return [e for e in recent_events(self.local, 50) if e["event"] == "repair"]
+
     def set_writer_state(self, state):
         self.local.hset(keys.WRITER_STATE, mapping={"state": state, "since": int(time.time() * 1000),
                                                     "reason": "ConnectionError: primary went away"})
@@ -106,6 +136,7 @@ def setup(servers, monkeypatch, tmp_path):
     s = Setup(primary, local)
     s.primary.flushall()
     s.local.flushall()
+    epochs.establish(s.local, s.primary, [SOURCE])       # as sync (or the writer) does at its start
     for name in list(os.environ):
         if name.startswith("BTCFEED_"):
             monkeypatch.delenv(name)
@@ -142,6 +173,7 @@ def test_id_set_ranges_match_a_plain_set():
     left = ids.difference(other)
     assert len(ids) == len(wanted) and len(left) == len(wanted - removed)
     assert [x for a, b in left.ranges() for x in range(a, b + 1)] == sorted(wanted - removed)
+    assert list(left) == sorted(wanted - removed) and len(IdSet.of(removed)) == 500
     runs = list(left.ranges())
     assert all(b + 1 < a2 for (_, b), (a2, _) in zip(runs, runs[1:]))    # maximal runs
 
@@ -153,21 +185,36 @@ def test_secrets_are_scrubbed_from_messages():
     assert scrub_secrets("token s3cr3t", "redis://h:1/0?password=s3cr3t") == "token ***"
 
 
-def test_in_sync_is_ok(setup, capsys):
-    setup.fill_both(make_trades())
+def test_in_sync_is_ok_and_shows_syncs_watermark(setup, capsys):
+    setup.write_like_the_writer(make_trades())
+    verified_ms = int(time.time() * 1000) - 2_500
+    setup.local.hset(keys.SYNC_PRIMARY, "verified_ms", verified_ms)
     code, out, _ = run(capsys)
     assert code == 0, out
     lines = out.splitlines()
-    assert lines[0].startswith("SYNC-CHECK OK - "), out
-    assert f"local {COUNT} primary {COUNT} missing 0 duplicated 0" in lines[1]
+    assert lines[0].startswith("SYNC-CHECK OK - the primary holds every trade of the local copy "
+                               f"(2 held segments compared, {COUNT} trades audited, 1 source)"), out
+    assert lines[1] == f"{SOURCE}: seen-set comparison: 2 held segments compared, missing 0"
+    assert lines[2].startswith(f"{SOURCE}: stream audit: local {COUNT} primary {COUNT} duplicated 0 "
+                               "lost-although-marked-applied 0 ")
     last_id = FIRST_ID + COUNT - 1
-    assert "(0 differ)" in lines[1] and f"last id local {last_id} primary {last_id}" in lines[1]
+    assert "(0 differ)" in lines[2] and f"last id local {last_id} primary {last_id}" in lines[2]
+    age = float(re.search(r"; sync verified (\d+\.\d) s ago;", out).group(1))
+    assert 2.5 <= age < 30
     assert f"redis://***@127.0.0.1:{setup.primary_server.port}/0" in out
+    # The check brought the shared held index up to the confirmed mirror entry.
+    confirmed = setup.local.hget(keys.MIRROR_CONFIRMED, SOURCE)
+    assert setup.local.hget(keys.held_cursor(SOURCE), "m") == confirmed
+
+    code, out, _ = run(capsys, "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["sync"]["verified_ms"] == verified_ms and doc["sync"]["verified_age_s"] >= 2.5
+    assert doc["sources"][0]["held_segments_compared"] == 2
 
 
 def test_lost_writes_are_reported_as_exact_ranges(setup, capsys):
     trades = make_trades()
-    setup.fill_both(trades, primary_trades=trades[:-len(TAIL_LOSS)])
+    setup.write_like_the_writer(trades, primary_trades=without(trades, TAIL_LOSS))
     setup.lose_from_primary(MIDDLE_LOSS + SINGLE_LOSS)
 
     code, out, _ = run(capsys)
@@ -176,25 +223,27 @@ def test_lost_writes_are_reported_as_exact_ranges(setup, capsys):
                           "in 3 ranges;"), out
     shown = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in EXPECTED_RANGES)
     assert f"  missing: {shown}\n" in out
+    assert "; sync has not verified yet;" in out
 
     code, out, _ = run(capsys, "--json")
     assert code == 2
     doc = json.loads(out)
     assert doc["status"] == "critical" and doc["exit_code"] == 2
+    assert doc["sync"] == {"verified_ms": None, "verified_age_s": None}
     (source,) = doc["sources"]
     assert source["missing_ranges"] == EXPECTED_RANGES
     assert source["missing"] == MISSING and source["missing_ranges_total"] == 3
     assert (source["local_trades"], source["primary_trades"]) == (COUNT, COUNT - MISSING)
     assert source["duplicated"] == 0 and source["only_in_primary"] == 0
+    assert source["lost_marked_applied"] == 0 and source["lost_marked_applied_ranges"] == []
     assert sum(m["local"] - m["primary"] for m in source["minutes_differing"]) == MISSING
     assert source["last_id"] == {"local": FIRST_ID + COUNT - 1, "primary": FIRST_ID + COUNT - 51}
 
 
 def test_repair_adds_exactly_the_missing_trades(setup, capsys):
     trades = make_trades()
-    lost = set(MIDDLE_LOSS + SINGLE_LOSS + TAIL_LOSS)
-    # The batches that never reached the primary: its candles and last hash never saw them either.
-    setup.fill_both(trades, primary_trades=[t for t in trades if t.id not in lost])
+    lost = MIDDLE_LOSS + SINGLE_LOSS + TAIL_LOSS
+    setup.write_like_the_writer(trades, primary_trades=without(trades, lost))
     assert main([]) == 2
     capsys.readouterr()
 
@@ -206,7 +255,7 @@ def test_repair_adds_exactly_the_missing_trades(setup, capsys):
     assert sorted(counts) == [t.id for t in trades] and set(counts.values()) == {1}
     assert read_candles(setup.primary, SOURCE) == expected_candles(trades)
     assert int(setup.primary.hget(keys.last(SOURCE), "id")) == trades[-1].id
-    repairs = [e for e in recent_events(setup.local, 50) if e["event"] == "repair"]
+    repairs = setup.repair_events()
     assert len(repairs) == 1
     assert repairs[0]["fields"]["added"] == MISSING and repairs[0]["fields"]["source"] == SOURCE
     assert repairs[0]["proc"] == "sync-check"
@@ -214,36 +263,55 @@ def test_repair_adds_exactly_the_missing_trades(setup, capsys):
     assert run(capsys)[0] == 0
     code, out, _ = run(capsys, "--repair", "--json")
     assert code == 0 and json.loads(out)["notes"] == ["nothing to repair"]
-    assert len([e for e in recent_events(setup.local, 50) if e["event"] == "repair"]) == 1
+    assert len(setup.repair_events()) == 1
     assert set(setup.primary_id_counts().values()) == {1}
 
 
 def test_repair_json_reports_before_and_after(setup, capsys):
     trades = make_trades()
-    setup.fill_both(trades, primary_trades=trades[:-len(TAIL_LOSS)])
+    setup.write_like_the_writer(trades, primary_trades=without(trades, TAIL_LOSS))
     code, out, _ = run(capsys, "--repair", "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["status"] == "ok" and doc["sources"][0]["missing"] == 0
-    assert doc["repair"]["added"] == len(TAIL_LOSS)
+    assert doc["repair"]["added"] == len(TAIL_LOSS) and doc["repair"]["not_repairable"] == []
+    assert doc["repair"]["sources"] == [{"source": SOURCE, "missing": len(TAIL_LOSS), "added": len(TAIL_LOSS),
+                                         "skipped": 0, "floored": 0, "not_held": 0}]
     assert doc["repair"]["before"]["sources"][0]["missing_ranges"] == [EXPECTED_RANGES[2]]
 
 
-def test_repair_never_re_adds_a_trade_the_seen_set_marks_applied(setup, capsys):
+def test_entries_lost_although_marked_applied_are_critical_and_not_re_sent(setup, capsys):
+    """The seen-set marks the trades applied, the stream lost them: no bitmap comparison sees it, and a
+    re-send would be skipped (that is what keeps every trade exactly once): the audit reports it."""
     trades = make_trades()
-    setup.fill_both(trades)
+    setup.write_like_the_writer(trades)
     setup.lose_from_primary(MIDDLE_LOSS, clear_seen=False)     # entries deleted, seen bits kept
+    code, out, _ = run(capsys, "--json")
+    assert code == 2, out
+    doc = json.loads(out)
+    source = doc["sources"][0]
+    assert (source["missing"], source["lost_marked_applied"]) == (0, len(MIDDLE_LOSS))
+    assert source["lost_marked_applied_ranges"] == [[MIDDLE_LOSS[0], MIDDLE_LOSS[-1]]]
+    (reason,) = [r for r in doc["reasons"] if r["level"] == "critical"]
+    assert "entries lost although marked applied" in reason["text"]
+    assert "not repairable by re-sending" in reason["text"]
+
     code, out, _ = run(capsys, "--repair")
     assert code == 2, out
-    assert f"added 0 of {len(MIDDLE_LOSS)} missing trades ({len(MIDDLE_LOSS)} skipped" in out
-    assert len(setup.primary_id_counts()) == COUNT - len(MIDDLE_LOSS)
-    assert set(setup.primary_id_counts().values()) == {1}
+    assert out.startswith(f"SYNC-CHECK CRITICAL - {SOURCE}: {len(MIDDLE_LOSS)} entries lost although "
+                          "marked applied"), out
+    assert "nothing to repair" in out
+    assert (f"not repairing {SOURCE}: {len(MIDDLE_LOSS)} entries lost although marked applied cannot be "
+            "restored by re-sending") in out
+    assert setup.primary_id_counts() == collections.Counter(t.id for t in without(trades, MIDDLE_LOSS))
+    assert not setup.repair_events()
 
 
 def test_failover_warns_and_repair_refuses(setup, capsys):
     trades = make_trades()
-    setup.fill_both(trades, primary_trades=trades[:-len(TAIL_LOSS)])
+    setup.write_like_the_writer(trades[:-len(TAIL_LOSS)])
     setup.set_writer_state("failover")
+    setup.write_failover_copy(trades[-len(TAIL_LOSS):])
 
     code, out, _ = run(capsys)
     assert code == 1, out
@@ -254,12 +322,67 @@ def test_failover_warns_and_repair_refuses(setup, capsys):
     assert code == 1, out
     assert "not repairing: the writer is in failover" in out
     assert setup.primary.xlen(keys.trades(SOURCE)) == COUNT - len(TAIL_LOSS)
-    assert not [e for e in recent_events(setup.local, 50) if e["event"] == "repair"]
+    assert not setup.repair_events()
+
+
+def test_the_failover_copy_is_compared_and_re_sent_after_the_hand_back(setup, capsys):
+    """An outage's trades went to the failover copy and were replayed; the primary then lost the tail of
+    that replay (its AOF) while the writer is back in primary state: only the comparison can tell."""
+    trades = make_trades()
+    setup.write_like_the_writer(trades[:2000])
+    setup.write_failover_copy(trades[2000:])
+    BatchApplier(setup.primary, RETENTION_MS, SOURCE).apply_trades(SOURCE, trades[2000:-40])
+    code, out, _ = run(capsys, "--json")
+    assert code == 2, out
+    assert json.loads(out)["sources"][0]["missing_ranges"] == [[trades[-40].id, trades[-1].id]]
+    code, out, _ = run(capsys, "--repair")
+    assert code == 0, out
+    assert "added 40 of 40 missing trades" in out
+    assert setup.primary_id_counts() == collections.Counter(t.id for t in trades)
+
+
+def test_repair_refuses_a_source_whose_epoch_the_local_side_does_not_know(setup, capsys):
+    trades = make_trades()
+    setup.write_like_the_writer(trades, primary_trades=without(trades, TAIL_LOSS))
+    setup.local.delete(keys.EPOCHS)
+    code, out, _ = run(capsys, "--repair")
+    assert code == 2, out
+    (line,) = [line for line in out.splitlines() if "epoch" in line]
+    assert line.startswith(f"repair: not repairing {SOURCE}: the local side knows no epoch"), out
+    assert setup.primary.xlen(keys.trades(SOURCE)) == COUNT - len(TAIL_LOSS)
+    assert not setup.repair_events()
+
+
+def test_repair_respects_the_primarys_epoch(setup, capsys):
+    """A primary that holds another epoch than the one this host verified may have lost btcfeed's data
+    since: the apply script refuses the re-send rather than filling it with a part."""
+    trades = make_trades()
+    setup.write_like_the_writer(trades, primary_trades=without(trades, TAIL_LOSS))
+    setup.primary.hset(keys.meta(SOURCE), "epoch", "another-host-reseeded")
+    code, out, _ = run(capsys, "--repair")
+    assert code == 2, out
+    assert f"\nrepair failed: repair of {SOURCE}: epoch refused: BTCFEED-EPOCH" in out, out
+    assert setup.primary.xlen(keys.trades(SOURCE)) == COUNT - len(TAIL_LOSS)
+    failed = [e for e in recent_events(setup.local, 50) if e["event"] == "repair_failed"]
+    assert len(failed) == 1 and "epoch refused" in failed[0]["fields"]["reason"]
+
+
+def test_the_check_carries_on_from_syncs_held_index(setup, capsys, monkeypatch):
+    """sync follows the local copy on its own; the check takes the index over wherever sync left it, and
+    follows until it has caught up (here one mirrored batch per step)."""
+    monkeypatch.setattr(synccheck, "FOLLOW_ENTRIES", 1)
+    trades = make_trades()
+    setup.write_like_the_writer(trades, primary_trades=without(trades, [trades[10].id, trades[-10].id]))
+    HeldIndex(setup.local, SOURCE).follow(setup.local.hget(keys.MIRROR_CONFIRMED, SOURCE).decode(), 2)
+    assert setup.local.hget(keys.held_cursor(SOURCE), "m") != setup.local.hget(keys.MIRROR_CONFIRMED, SOURCE)
+    code, out, _ = run(capsys, "--json")
+    assert code == 2
+    assert json.loads(out)["sources"][0]["missing_ranges"] == [[trades[10].id] * 2, [trades[-10].id] * 2]
 
 
 def test_duplicate_in_the_primary_is_critical(setup, capsys):
     trades = make_trades()
-    setup.fill_both(trades)
+    setup.write_like_the_writer(trades)
     twice = trades[1234]
     setup.primary.xadd(keys.trades(SOURCE), twice.fields())
     code, out, _ = run(capsys, "--json")
@@ -268,12 +391,14 @@ def test_duplicate_in_the_primary_is_critical(setup, capsys):
     assert (source["duplicated"], source["duplicated_ids"], source["missing"]) == (1, [twice.id], 0)
 
 
-def test_trades_still_settling_only_warn(setup, capsys):
+def test_a_batch_still_on_its_way_only_warns(setup, capsys):
+    """The writer mirrored a batch that the primary has not confirmed yet: the comparison leaves it out
+    (the held index stops at the confirmed entry), the audit shows it as settling."""
     trades = make_trades()
-    setup.fill_both(trades)
+    setup.write_like_the_writer(trades)
     now = int(time.time() * 1000)
     fresh = [t._replace(ts=now - 50 + i, rts=now + i) for i, t in enumerate(make_trades(5, FIRST_ID + COUNT))]
-    setup.fill(setup.local, fresh, publish=False)
+    setup.write_like_the_writer(fresh, primary_trades=[], confirm=False)
     code, out, _ = run(capsys, "--json")
     assert code == 1, out
     source = json.loads(out)["sources"][0]
@@ -282,7 +407,7 @@ def test_trades_still_settling_only_warn(setup, capsys):
 
 def test_trades_only_in_the_primary_are_not_a_problem(setup, capsys):
     trades = make_trades()
-    setup.fill_both(trades[1000:], primary_trades=trades)     # a local copy started later
+    setup.write_like_the_writer(trades[1000:], primary_trades=trades)     # a local copy started later
     code, out, _ = run(capsys, "--json")
     assert code == 0, out
     source = json.loads(out)["sources"][0]
@@ -322,7 +447,7 @@ def test_usage_error_is_unknown(setup, capsys):
 
 
 def test_the_command_runs_from_anywhere(setup, tmp_path):
-    setup.fill_both(make_trades())
+    setup.write_like_the_writer(make_trades())
     env = {k: v for k, v in os.environ.items()}
     done = subprocess.run([os.path.join(ROOT, "bin", "sync-check"), "--json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -332,11 +457,23 @@ def test_the_command_runs_from_anywhere(setup, tmp_path):
     assert doc["status"] == "ok" and doc["sources"][0]["local_trades"] == COUNT
 
 
+def test_sync_check_imports_no_process():
+    """A library module never imports a process; the writer's public names stay where they were."""
+    probe = ("import sys, common.synccheck; "
+             "print(sorted(m for m in sys.modules if m == 'processes' or m.startswith('processes.')))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    from common import writerstate
+    from processes.writer import PRIMARY, describe_error, read_state, set_state
+    assert (PRIMARY, describe_error, read_state, set_state) == (
+        writerstate.PRIMARY, writerstate.describe_error, writerstate.read_state, writerstate.set_state)
+
+
 def test_same_ids_with_different_trade_times_warn(setup, capsys):
     trades = make_trades()
     moved = trades[:]
     moved[100] = moved[100]._replace(ts=moved[100].ts - 5 * 60_000)
-    setup.fill_both(trades, primary_trades=moved)
+    setup.write_like_the_writer(trades, primary_trades=moved)
     code, out, _ = run(capsys, "--json")
     assert code == 1, out
     doc = json.loads(out)
@@ -344,28 +481,15 @@ def test_same_ids_with_different_trade_times_warn(setup, capsys):
     assert "different trade times" in doc["summary"]
 
 
-def test_trades_older_than_the_window_are_not_compared(setup, capsys):
+def test_trades_older_than_the_primarys_window_are_not_compared(setup, capsys):
     trades = make_trades()
     day_old = make_trades(100, first_id=FIRST_ID - 1000,
                           end_ms=int(time.time() * 1000) - RETENTION_MS - 60_000)
-    setup.fill_both(day_old + trades, primary_trades=trades)     # the primary already trimmed them
+    setup.write_like_the_writer(day_old + trades)
+    # The primary's floor moved past them with its candles, and its retention trimmed their entries.
+    assert int(setup.primary.hget(keys.meta(SOURCE), "floor")) > day_old[-1].id
+    setup.lose_from_primary([t.id for t in day_old], clear_seen=False)
     code, out, _ = run(capsys, "--json")
     assert code == 0, out
-    assert json.loads(out)["sources"][0]["local_trades"] == COUNT
-
-
-def test_mirrored_batches_count_as_the_local_copy(setup, capsys):
-    """While the primary is healthy the writer keeps whole batches in the local mirror stream."""
-    from common.apply import mirror_entry
-    from common.trade import encode_batch
-    trades = make_trades()
-    for start in range(0, len(trades), 500):
-        setup.local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[start:start + 500])))
-    setup.fill(setup.primary, trades[:-40])          # the primary never got the last 40
-    code, out, _ = run(capsys, "--json")
-    document = json.loads(out)
-    assert code == 2
-    assert document["sources"][0]["missing_ranges"] == [[trades[-40].id, trades[-1].id]], out
-    code, out, _ = run(capsys, "--repair")
-    assert code == 0, out
-    assert setup.primary_id_counts() == collections.Counter(t.id for t in trades)
+    source = json.loads(out)["sources"][0]
+    assert (source["local_trades"], source["missing"], source["lost_marked_applied"]) == (COUNT, 0, 0)
