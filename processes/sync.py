@@ -142,7 +142,10 @@ class Sync(Process):
             return          # the writer fails over on its next write
         self.epochs.clear()
         self.epochs.update(epochs.known_epochs(self.local))     # the writer may have established some
-        lost = [source for source in self.sources if held[source] != self.epochs.get(source)]
+        if any(source not in self.epochs for source in self.sources):
+            self.first_contact()
+            return
+        lost = [source for source in self.sources if held[source] != self.epochs[source]]
         if lost:
             reason = f"primary lost btcfeed's epoch for {', '.join(lost)} (flushed or restarted empty)"
             set_state(self.local, FAILOVER, reason)
@@ -150,6 +153,17 @@ class Sync(Process):
                          primary=redact_url(self.config.primary_url))
             return
         self.remember(identity)
+
+    def first_contact(self) -> None:
+        """Sources whose epoch this host never verified (a new state dir or source): adopt or create
+        them; whatever the primary may lack is found by the sweep that follows."""
+        try:
+            changed = epochs.establish(self.local, self.probe_client, self.sources)
+        except redis.RedisError:
+            return
+        self.epochs.update(epochs.known_epochs(self.local))
+        if changed:
+            self.schedule_sweep(f"first contact with the primary for {', '.join(changed)}")
 
     def await_recovery(self) -> None:
         try:
@@ -238,7 +252,13 @@ class Sync(Process):
         confirmed = self.local.hgetall(keys.MIRROR_CONFIRMED)
         for source, index in self.indexes.items():
             mirror_confirmed = confirmed.get(source.encode())
-            for number in index.follow(mirror_confirmed.decode() if mirror_confirmed else None, FOLLOW_ENTRIES):
+            try:
+                touched = index.follow(mirror_confirmed.decode() if mirror_confirmed else None, FOLLOW_ENTRIES)
+            except redis.exceptions.OutOfMemoryError:
+                # The writer makes room (local memory pressure is its state); the index waits.
+                index.caught_up = False
+                continue
+            for number in touched:
                 self.recent[source][number] = now
 
     def schedule_sweep(self, reason: str, loss: bool = False) -> None:

@@ -32,6 +32,9 @@ BACKLOG_FULL_ALARM_EVERY_S = 10.0
 # At the local Redis's memory limit the oldest tenth of each mirror goes (the primary confirmed every
 # mirrored batch, so only the depth of the local copy shrinks), then the write is tried again.
 MIRROR_SHARE_DROPPED = 0.1
+MIRROR_TRIM_ROUNDS = 30
+MEMORY_HEADROOM = 0.1           # ... until this share of maxmemory is free again
+MEMORY_CHECK_EVERY_S = 2.0
 
 
 # Trim the bus below the oldest entry still pending (or below the newest ACKed one when nothing
@@ -79,6 +82,7 @@ class Writer(Process):
         self._observe_state(read_state(self.local))
         self._last_backlog_alarm = 0.0
         self._last_memory_alarm = 0.0
+        self._last_memory_check = 0.0
         self.memory_full = False
         self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
                            last_apply_ms=0, last_trade_ts=0)
@@ -120,11 +124,24 @@ class Writer(Process):
         # after any local error the pending entries are read again first (read_from "0"), so an
         # entry whose commit was cut off is never skipped.
         try:
+            self._watch_memory(now)
             entries = self._read()
             if entries:
                 self.write(entries)
         except redis.RedisError as exc:
             self._local_failed(exc)
+
+    def _watch_memory(self, now: float) -> None:
+        """Keep the local Redis below its memory limit before anything is refused: when ingest's bus
+        write is the one refused, the writer has nothing to write and would never notice."""
+        if now - self._last_memory_check < MEMORY_CHECK_EVERY_S:
+            return
+        self._last_memory_check = now
+        used, limit = self._memory()
+        if limit and used >= limit * (1 - MEMORY_HEADROOM):
+            self._relieve_memory(f"used {used} of {limit} bytes")
+        elif self.memory_full:
+            self._memory_relieved(force=True)
 
     def _read(self):
         block = None if self.read_from == "0" else READ_BLOCK_MS
@@ -271,19 +288,23 @@ class Writer(Process):
                          max_entries=self.config.backlog_max_entries)
         self.stopping.wait(0.5)
 
-    def _relieve_memory(self, exc: Exception) -> None:
+    def _relieve_memory(self, cause) -> None:
         """The local Redis is at its memory limit: drop what the primary already holds (the oldest
-        mirrored batches, failover copies older than the window), say so, and try again; when nothing
-        is left to drop, stop consuming, so the bus fills and ingest holds (never a silent loop)."""
-        trimmed = 0
-        now_ms = int(time.time() * 1000)
+        mirrored batches, failover copies older than the window) until a tenth of the limit is free,
+        say so, and try again; when nothing is left to drop, stop consuming, so the bus fills and
+        ingest holds (never a silent loop)."""
+        trimmed, now_ms = 0, int(time.time() * 1000)
         for source in self.config.sources:
             trimmed += self.local.xtrim(keys.trades(source.name), minid=max(0, now_ms - self.config.retention_ms))
-            mirrored = self.local.xlen(keys.mirror(source.name))
-            if mirrored:
-                trimmed += self.local.xtrim(keys.mirror(source.name),
-                                            maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
-        reason = f"local Redis at its memory limit ({str(exc)[:80]}); dropped {trimmed} mirrored entries"
+        for _ in range(MIRROR_TRIM_ROUNDS):
+            used, limit = self._memory()
+            if not limit or used < limit * (1 - MEMORY_HEADROOM):
+                break
+            dropped = sum(self._drop_oldest_mirrored(source.name) for source in self.config.sources)
+            if not dropped:
+                break
+            trimmed += dropped
+        reason = f"local Redis at its memory limit ({str(cause)[:80]}); dropped {trimmed} mirrored entries"
         if not self.memory_full:
             self.memory_full = True
             self._try_local(self.local.hset, keys.LOCAL_PRESSURE,
@@ -295,11 +316,30 @@ class Writer(Process):
         if not trimmed:
             self.stopping.wait(LOCAL_RETRY_PAUSE_S)
 
-    def _memory_relieved(self) -> None:
-        if self.memory_full:
-            self.memory_full = False
-            self._try_local(self.local.delete, keys.LOCAL_PRESSURE)
-            self._try_local(record_event, self.local, self.log, self.name, "local_memory_ok")
+    def _memory(self):
+        memory = self.local.info("memory")
+        return int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+
+    def _drop_oldest_mirrored(self, source: str) -> int:
+        mirrored = self.local.xlen(keys.mirror(source))
+        if not mirrored:
+            return 0
+        return self.local.xtrim(keys.mirror(source), maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
+
+    def _memory_relieved(self, force: bool = False) -> None:
+        """Leave the pressure state once the local Redis has its headroom back (checked now and then)."""
+        if not self.memory_full:
+            return
+        if not force:
+            if time.monotonic() - self._last_memory_check < MEMORY_CHECK_EVERY_S:
+                return
+            self._last_memory_check = time.monotonic()
+            used, limit = self._memory()
+            if limit and used >= limit * (1 - MEMORY_HEADROOM):
+                return
+        self.memory_full = False
+        self._try_local(self.local.delete, keys.LOCAL_PRESSURE)
+        self._try_local(record_event, self.local, self.log, self.name, "local_memory_ok")
 
     def _try_local(self, call, *args, **kwargs) -> None:
         """A write that only reports: the local Redis may still refuse it for memory."""
