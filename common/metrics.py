@@ -43,12 +43,29 @@ def render_metrics(doc: dict) -> str:
     _redis(out, (doc.get("redis") or {}))
     _writer(out, doc.get("writer") or {}, doc.get("backlog") or {})
     _sources(out, doc.get("sources") or {})
+    _consistency(out, doc.get("consistency") or {})
     latency = doc.get("latency_ms") or {}
     if latency.get("buckets"):
         out.histogram("btcfeed_end_to_end_latency_seconds",
                       "Exchange trade time to confirmation by the primary (newest trade of each batch).",
                       latency["buckets"], latency.get("count"), latency.get("sum"), scale=0.001)
     return out.text()
+
+
+def _consistency(out, consistency: dict) -> None:
+    verified = consistency.get("verified_ms")
+    out.add("btcfeed_sync_verified_timestamp_seconds", "gauge",
+            "Everything the local copy held at this time was verified present in the primary.",
+            None if verified is None else verified / 1000)
+    out.add("btcfeed_sync_repaired_trades_total", "counter",
+            "Trades the primary had lost that anti-entropy re-sent from the local copy.", consistency.get("repaired"))
+    out.add("btcfeed_sync_compared_bytes_total", "counter",
+            "Seen-set bytes compared between the local copy and the primary.", consistency.get("compared_bytes"))
+    out.add("btcfeed_sync_reseed_pending", "gauge", "1 while a re-seed of the primary is under way.",
+            int(bool(consistency.get("reseed_pending"))))
+    out.add("btcfeed_local_memory_pressure", "gauge",
+            "1 while the local Redis is at its memory limit (the mirror is trimmed).",
+            int(bool(consistency.get("local_memory_pressure"))))
 
 
 def _processes(out, processes: dict) -> None:

@@ -85,6 +85,7 @@ class StatusCollector:
                       "local": self._redis_info(self.local, self.config.local_url)},
             "writer": _writer(local_state, now_ms),
             "backlog": _backlog(local_state),
+            "consistency": _consistency(local_state, now_ms),
             "sources": self._sources(local_state["heartbeats"], now_ms),
             "latency_ms": _latency(local_state["heartbeats"]),
             "events": local_state["events"],
@@ -103,6 +104,7 @@ class StatusCollector:
         now_ms = int(time.time() * 1000)
         state = self._local_state(now_ms, with_events=False)
         doc = {"generated_ms": now_ms, "writer": _writer(state, now_ms), "backlog": _backlog(state),
+               "consistency": _consistency(state, now_ms),
                "sources": self._sources(state["heartbeats"], now_ms, update_rates=False),
                "processes": {name: {"heartbeat_age_ms": _age(beat, now_ms)}
                              for name, beat in state["heartbeats"].items()},
@@ -116,14 +118,18 @@ class StatusCollector:
     # --- local Redis -----------------------------------------------------------------------------
     def _local_state(self, now_ms: int, with_events: bool = True) -> dict:
         state = {"heartbeats": {}, "writer_state": {}, "backlog": None, "restarts": {}, "events": [],
-                 "failover_events": [], "error": None}
+                 "failover_events": [], "error": None, "local_pressure": {}, "sync_record": {}}
         try:
             state["heartbeats"] = read_heartbeats(self.local, HEARTBEAT_PROCESSES)
             pipe = self.local.pipeline(transaction=False)
             pipe.hgetall(keys.WRITER_STATE)
             pipe.xlen(keys.BACKLOG)
             pipe.hgetall(keys.PROCESS_RESTARTS)
-            record, state["backlog"], restarts = pipe.execute()
+            pipe.hgetall(keys.LOCAL_PRESSURE)
+            pipe.hgetall(keys.SYNC_PRIMARY)
+            record, state["backlog"], restarts, pressure, sync_record = pipe.execute()
+            state["local_pressure"] = {k.decode(): v.decode() for k, v in pressure.items()}
+            state["sync_record"] = {k.decode(): v.decode() for k, v in sync_record.items()}
             state["writer_state"] = {k.decode(): v.decode() for k, v in record.items()}
             if "reason" in state["writer_state"]:
                 # An error text from the primary's client: it may quote a password.
@@ -291,6 +297,22 @@ def _writer(local_state: dict, now_ms: int) -> dict:
             **{k: beat.get(k) for k in ("applied", "skipped", "to_backlog", "primary_errors", "last_apply_ms")}}
 
 
+def _consistency(local_state: dict, now_ms: int) -> dict:
+    """What sync's anti-entropy knows: how recently the primary was verified against the local copy,
+    a re-seed or sweep under way, and what it re-sent."""
+    sync = local_state["heartbeats"].get("sync") or {}
+    record = local_state["sync_record"]
+    verified = int(record.get("verified_ms") or 0) or None
+    out = {"verified_ms": verified, "verified_age_s": round((now_ms - verified) / 1000, 1) if verified else None,
+           "reseed_pending": record.get("sweep"), "sweep": None,
+           **{k: sync.get(k) for k in ("repaired", "missing_found", "not_held", "compared_bytes", "sweeps")}}
+    if sync.get("sweep_reason"):
+        out["sweep"] = {"reason": sync["sweep_reason"], "segments_left": sync.get("sweep_segments_left"),
+                        "trades_added": sync.get("sweep_added")}
+    out["local_memory_pressure"] = local_state["local_pressure"].get("reason")
+    return out
+
+
 def _backlog(local_state: dict) -> dict:
     sync = local_state["heartbeats"].get("sync") or {}
     entries = local_state["backlog"]
@@ -372,6 +394,11 @@ def _assess_writer(doc, thresholds, critical, degraded) -> None:
             critical.append(message)
         elif for_s >= thresholds.failover_warn_s:
             degraded.append(message)
+    consistency = doc.get("consistency") or {}
+    if consistency.get("local_memory_pressure"):
+        degraded.append(f"{consistency['local_memory_pressure']}: the local copy keeps a shorter window")
+    if consistency.get("reseed_pending"):
+        degraded.append(f"re-seeding the primary ({consistency['reseed_pending']}); live trades go on")
     entries = (doc.get("backlog") or {}).get("entries") or 0
     if entries >= thresholds.backlog_crit:
         critical.append(f"backlog holds {entries} batches (limit for critical {thresholds.backlog_crit})")

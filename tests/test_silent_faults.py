@@ -4,7 +4,6 @@ error. Each must end with every trade exactly once, detected and repaired withou
 import time
 
 import pytest
-import redis
 
 from common import keys, verify
 from common.events import recent_events

@@ -229,3 +229,13 @@ def test_eviction_risk_metric_only_once_the_policy_is_known():
     assert gauge({"maxmemory_policy": "allkeys-lru", "eviction_risk": "evicts"}) == [1]
     assert gauge({"maxmemory_policy": "noeviction", "eviction_risk": None}) == [0]
     assert gauge({"maxmemory_policy": None, "eviction_risk": None}) is None
+
+
+def test_local_memory_pressure_and_a_reseed_are_degraded_with_their_reasons():
+    doc = document()
+    doc["consistency"] = {"local_memory_pressure": "local Redis at its memory limit (used 9 of 10 bytes)"}
+    verdict = assess(doc)
+    assert verdict["status"] == "degraded" and "memory limit" in verdict["reasons"][0]
+    doc["consistency"] = {"reseed_pending": "primary holds a new epoch for binance:BTCUSDT"}
+    verdict = assess(doc)
+    assert verdict["status"] == "degraded" and "re-seeding the primary" in verdict["reasons"][0]
