@@ -15,9 +15,10 @@ import urllib.parse
 import urllib.request
 from typing import NamedTuple, Optional
 
-from common.exchange import RateLimited, RestError
-from common.trade import (BINANCE_KINDS, BadMessage, binance_cut_record_id, parse_binance_rest,
-                          parse_binance_ws)
+from common.exchange import (MAX_REST_BYTES, REST_DEADLINE_S, RateLimited, RestError, TradePage, parse_rows,
+                             read_body)
+from common.trade import (BINANCE_KINDS, BINANCE_REST_ID_FIELD, BadMessage, binance_cut_record_id,
+                          parse_binance_rest, parse_binance_ws)
 from common.wsframes import Reassembler
 
 REST_PAGE_LIMIT = 1000          # the most historicalTrades and aggTrades return per call
@@ -76,15 +77,22 @@ class BinanceRest:
         self.endpoint = REST_ENDPOINTS[kind]
         self.used_weight = 0
 
-    def historical_trades(self, from_id: int, limit: int = REST_PAGE_LIMIT):
+    def historical_trades(self, from_id: int, limit: int = REST_PAGE_LIMIT, rejected: list = None):
         """Records with id >= from_id (at most limit), validated; raises RestError or BadMessage.
-        The ids are trade ids or aggregate ids, by the kind this client was made for."""
+        The ids are trade ids or aggregate ids, by the kind this client was made for. With a
+        rejected list, an invalid row goes there (common.exchange.RejectedRow) instead of refusing
+        the whole page."""
         query = urllib.parse.urlencode({"symbol": self.symbol, "fromId": from_id, "limit": limit})
         body = self._get(f"{self.endpoint.path}?{query}")
         if not isinstance(body, list):
             raise BadMessage(f"{self.endpoint.path.rpartition('/')[2]} answer is not a list")
         rts = int(time.time() * 1000)
-        return [parse_binance_rest(item, rts, self.kind) for item in body]
+        id_field = BINANCE_REST_ID_FIELD[self.kind]
+        trades = parse_rows(body, lambda item: parse_binance_rest(item, rts, self.kind),
+                            lambda item: item.get(id_field), rejected)
+        if not all(a.id < b.id for a, b in zip(trades, trades[1:])):
+            raise BadMessage(f"{self.endpoint.path.rpartition('/')[2]} ids are not strictly ascending")
+        return trades
 
     def weight_pause_s(self) -> float:
         """How long to wait before the next call to stay under the safe share of the weight limit
@@ -95,10 +103,11 @@ class BinanceRest:
 
     def _get(self, path: str):
         request = urllib.request.Request(self.base_url + path, headers={"User-Agent": "btcfeed"})
+        deadline = time.monotonic() + REST_DEADLINE_S
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=min(self.timeout_s, REST_DEADLINE_S)) as response:
                 self._note_weight(response.headers)
-                raw = response.read()
+                raw = read_body(response, path.split("?")[0], deadline, MAX_REST_BYTES)
         except urllib.error.HTTPError as exc:
             self._note_weight(exc.headers)
             if exc.code in (418, 429):
@@ -130,7 +139,7 @@ def _retry_after(headers) -> float:
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
     try:
-        body = json.loads(exc.read())
+        body = json.loads(exc.read(4096))
         return str(body.get("msg", body))[:200]
     except (ValueError, AttributeError, OSError):
         return exc.reason or "error"
@@ -149,6 +158,8 @@ class BinanceAdapter:
                  kind: str = "trade"):
         self.symbol = symbol
         self.kind = check_kind(kind)
+        # trade ids and aggregate ids are separate sequences: the cursor is only valid for its kind.
+        self.id_space = self.kind
         self.ws_url = stream_url(ws_base_url, symbol, stream_form, kind)
         self.rest = BinanceRest(rest_base_url, symbol, kind=kind)
 
@@ -159,9 +170,12 @@ class BinanceAdapter:
         return parse_binance_ws(raw, self.symbol, rts, self.kind)
 
     def fetch_page(self, from_id: int, after_ts_ms=None):
-        """(records with id >= from_id, whether the exchange had nothing newer)."""
-        page = self.rest.historical_trades(from_id)
-        return [t for t in page if t.id >= from_id], len(page) < REST_PAGE_LIMIT
+        """(records with id >= from_id, whether the exchange had nothing newer); rows refused one by
+        one are in the page's `rejected`."""
+        rejected = []
+        page = self.rest.historical_trades(from_id, rejected=rejected)
+        return (TradePage([t for t in page if t.id >= from_id], rejected),
+                len(page) + len(rejected) < REST_PAGE_LIMIT)
 
     def rest_pause_s(self) -> float:
         return self.rest.weight_pause_s()

@@ -16,7 +16,8 @@ from common.trade import encode_batch
 #            (the time, '' when unknown, is where a REST search by time starts), plus the field
 #            "open" -> the first id after the cursor when newer trades may exist that no
 #            connection delivered (after a reconnect or a restart: the catch-up is open-ended);
-#   stats    hash field cursor_ts: the exchange time of the cursor's trade.
+#   stats    hash field cursor_ts: the exchange time of the cursor's trade; field id_space: which id
+#            sequence the cursor and gaps count in (Binance trade ids and aggregate ids differ).
 # Each script changes the bus and these together, so a local Redis that loses its last second of
 # AOF rolls all of it back together and no id is ever claimed without a trade or a gap record.
 # Every script can be sent again after a lost reply: a repeat is a no-op.
@@ -119,6 +120,22 @@ if ARGV[3] ~= '' then
 end
 return 1
 """
+# At start: the cursor and gap records count ids of one sequence (Binance `trade` or `aggTrade`).
+# When the configured kind differs from the recorded one they mean nothing for it: drop them, so
+# the new kind starts from the live stream like a first start. State written before the id space
+# was recorded is taken to be of the configured kind. Returns {} or {old kind, old cursor, gaps}.
+# KEYS cursor, gaps, stats; ARGV id space
+CLAIM_ID_SPACE_SCRIPT = """
+local recorded = redis.call('HGET', KEYS[3], 'id_space')
+if recorded == ARGV[1] then return {} end
+redis.call('HSET', KEYS[3], 'id_space', ARGV[1])
+if not recorded then return {} end
+local cursor = redis.call('GET', KEYS[1]) or ''
+local gaps = redis.call('HLEN', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HDEL', KEYS[3], 'cursor_ts')
+return {recorded, cursor, gaps}
+"""
 PUBLISHED, PUBLISHED_AFTER_GAP, ALREADY_DURABLE, BUS_FULL = 1, 2, 0, -1
 RAW_KEEP_BYTES = 4096
 
@@ -170,6 +187,7 @@ class Bus:
         self._open_gap = client.register_script(OPEN_GAP_SCRIPT)
         self._backfill = client.register_script(BACKFILL_SCRIPT)
         self._give_up = client.register_script(GIVE_UP_SCRIPT)
+        self._claim_id_space = client.register_script(CLAIM_ID_SPACE_SCRIPT)
 
     def publish(self, source: str, trades) -> int:
         """Append one live batch (ids contiguous, ascending); ids skipped since the cursor become a
@@ -199,6 +217,16 @@ class Bus:
         keep only its part from keep_from on."""
         return bool(self._give_up(keys=[keys.gaps(source)],
                                   args=[gap, record, "" if keep_from is None else keep_from]))
+
+    def claim_id_space(self, source: str, id_space: str) -> dict:
+        """Make the source's cursor and gaps count in id_space. {} when they already did (or there
+        were none); else what was dropped: {"old": kind, "cursor": id or None, "gaps": records}."""
+        reply = self._claim_id_space(keys=[keys.cursor(source), keys.gaps(source), keys.source_stats(source)],
+                                     args=[id_space])
+        if not reply:
+            return {}
+        old, cursor, gaps = reply
+        return {"old": old.decode(), "cursor": int(cursor) if cursor else None, "gaps": int(gaps)}
 
     def gaps(self, source: str) -> dict:
         """The source's gap records by field (a first missing id, or "open")."""

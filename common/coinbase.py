@@ -12,7 +12,8 @@ from typing import Optional
 
 import orjson
 
-from common.exchange import Heartbeat, RequestPacer, RestError, http_get_json, iso_to_ms, strictly_ascending
+from common.exchange import (Heartbeat, RequestPacer, RestError, TradePage, http_get_json, iso_to_ms,
+                             parse_rows, strictly_ascending)
 from common.trade import MAX_EXACT_INT, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
 from common.wsframes import Reassembler
 
@@ -85,22 +86,27 @@ def check_product(message: dict, product_id: str) -> None:
         raise BadMessage(f"message for product {message.get('product_id')!r:.20}, expected {product_id}")
 
 
-def parse_rest_page(body, rts: int) -> list:
-    """Trades of one /products/{id}/trades answer (newest first) in ascending id order."""
+def parse_rest_page(body, rts: int, rejected: list = None) -> list:
+    """Trades of one /products/{id}/trades answer (newest first) in ascending id order. A bad row
+    refuses the whole page, or with a rejected list goes there (common.exchange.RejectedRow)."""
     if not isinstance(body, list):
         raise BadMessage("product trades answer is not a list")
-    trades = []
-    for item in reversed(body):
-        if not isinstance(item, dict):
-            raise BadMessage("REST trade is not a JSON object")
-        trades.append(trade_from(item, rts))
+    trades = parse_rows(reversed(body), lambda item: rest_trade(item, rts), lambda item: item.get("trade_id"),
+                        rejected)
     if not strictly_ascending(trades):
         raise BadMessage("REST trade ids are not strictly descending")
     return trades
 
 
+def rest_trade(item, rts: int) -> Trade:
+    if not isinstance(item, dict):
+        raise BadMessage("REST trade is not a JSON object")
+    return trade_from(item, rts)
+
+
 class CoinbaseAdapter:
     exchange = "coinbase"
+    id_space = "trade"             # one kind of record, one id sequence per product
     page_limit = REST_PAGE_LIMIT
     pages_by_time = False
     stale_after_s = STALE_AFTER_S
@@ -123,9 +129,11 @@ class CoinbaseAdapter:
         query = urllib.parse.urlencode({"after": from_id + REST_PAGE_LIMIT, "limit": REST_PAGE_LIMIT})
         path = f"/products/{urllib.parse.quote(self.symbol, safe='')}/trades?{query}"
         body, _ = http_get_json(self.rest_url + path)
-        page = parse_rest_page(body, _now_ms())
+        rejected = []
+        page = parse_rest_page(body, _now_ms(), rejected)
         trades = [trade for trade in page if trade.id >= from_id]
-        return trades, len(trades) < REST_PAGE_LIMIT
+        rejected = [row for row in rejected if row.id is None or row.id >= from_id]
+        return TradePage(trades, rejected), len(trades) + len(rejected) < REST_PAGE_LIMIT
 
     def rest_pause_s(self) -> float:
         return self.pacer.pause_s()

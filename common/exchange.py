@@ -34,13 +34,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import orjson
 
-from common.trade import BadMessage
+from common.trade import MAX_EXACT_INT, BadMessage
 
 REST_TIMEOUT_S = 10.0
+# A per-read timeout alone lets a server that drips a byte at a time hold a backfill for ever: every
+# request also has a total deadline, and an answer may not grow past a size no trade page comes near
+# (1,000 trades are about 150 KiB), so a broken or hostile server cannot exhaust the memory.
+REST_DEADLINE_S = 30.0
+MAX_REST_BYTES = 16 << 20
+READ_CHUNK_BYTES = 1 << 16
 DEFAULT_RETRY_AFTER_S = 1.0
 # ISO-8601 in UTC as Coinbase and Kraken print trade times (fractions up to nanoseconds).
 ISO_UTC = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?(?:Z|\+00:00)")
@@ -81,12 +87,16 @@ class RequestPacer:
             return 0.0 if self.tokens >= 0.0 else -self.tokens / self.per_second
 
 
-def http_get_json(url: str, timeout_s: float = REST_TIMEOUT_S, rate_limited_codes=(429,), loads=orjson.loads):
-    """(decoded body, headers) of a GET; RateLimited on the given statuses, RestError otherwise."""
+def http_get_json(url: str, timeout_s: float = REST_TIMEOUT_S, rate_limited_codes=(429,), loads=orjson.loads,
+                  deadline_s: float = REST_DEADLINE_S, max_bytes: int = MAX_REST_BYTES):
+    """(decoded body, headers) of a GET; RateLimited on the given statuses, RestError otherwise
+    (also for an answer over max_bytes or one that takes longer than deadline_s in all)."""
     request = urllib.request.Request(url, headers={"User-Agent": "btcfeed", "Accept": "application/json"})
+    deadline = time.monotonic() + deadline_s
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            headers, raw = response.headers, response.read()
+        with urllib.request.urlopen(request, timeout=min(timeout_s, deadline_s)) as response:
+            headers = response.headers
+            raw = read_body(response, url.split("?")[0], deadline, max_bytes)
     except urllib.error.HTTPError as exc:
         if exc.code in rate_limited_codes:
             raise RateLimited(retry_after_s(exc.headers), exc.code)
@@ -99,6 +109,39 @@ def http_get_json(url: str, timeout_s: float = REST_TIMEOUT_S, rate_limited_code
         raise BadMessage(f"REST answer is not usable JSON: {str(exc)[:80]} {raw[:80]!r}")
 
 
+def read_body(response, where: str, deadline: float, max_bytes: int = MAX_REST_BYTES) -> bytes:
+    """The whole answer, refused (RestError) past max_bytes or past the monotonic deadline. Each read
+    waits at most until the deadline, so a server dripping bytes cannot stretch the request."""
+    declared = response.headers.get("Content-Length") if response.headers is not None else None
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise RestError(f"REST answer from {where} is {int(declared)} bytes, over the {max_bytes} byte limit")
+    chunks, size = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RestError(f"REST answer from {where} not complete within the request deadline")
+        _bound_next_read(response, remaining)
+        try:
+            chunk = response.read1(READ_CHUNK_BYTES)
+        except socket.timeout:
+            raise RestError(f"REST answer from {where} not complete within the request deadline")
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise RestError(f"REST answer from {where} is over the {max_bytes} byte limit")
+        chunks.append(chunk)
+
+
+def _bound_next_read(response, remaining_s: float) -> None:
+    """Let the next socket read wait no longer than the time left (and never longer than before)."""
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None) if response.fp is not None else None
+    if sock is None:
+        return
+    current = sock.gettimeout()
+    sock.settimeout(remaining_s if current is None else min(current, remaining_s))
+
+
 def retry_after_s(headers) -> float:
     value = headers.get("Retry-After") if headers is not None else None
     try:
@@ -109,7 +152,7 @@ def retry_after_s(headers) -> float:
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
     try:
-        body = orjson.loads(exc.read())
+        body = orjson.loads(exc.read(4096))
         text = body.get("message") or body.get("msg") or body.get("error") or body
         return str(text)[:200]
     except (ValueError, AttributeError, OSError):
@@ -121,17 +164,63 @@ def iso_to_ms(name: str, value) -> int:
     match = ISO_UTC.fullmatch(value) if value.__class__ is str else None
     if match is None:
         raise BadMessage(f"{name} is not an ISO-8601 UTC time: {value!r:.40}")
-    year, month, day, hour, minute, second, fraction = match.groups()
-    try:
-        seconds = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second)))
-    except (ValueError, OverflowError):
+    year, month, day, hour, minute, second = map(int, match.groups()[:6])
+    fraction = match.group(7)
+    # timegm would quietly roll an impossible date over (February 31 into March): check it first.
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24
+            and minute < 60 and second < 61):
         raise BadMessage(f"{name} is not a valid date: {value!r:.40}")
-    if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31 and int(hour) < 24 and int(minute) < 60
-            and int(second) < 61):
-        raise BadMessage(f"{name} is not a valid date: {value!r:.40}")
+    seconds = calendar.timegm((year, month, day, hour, minute, second))
     millis = int((fraction or "0")[:3].ljust(3, "0"))
     return seconds * 1000 + millis
 
 
 def strictly_ascending(trades) -> bool:
     return all(a.id < b.id for a, b in zip(trades, trades[1:]))
+
+
+class RejectedRow(NamedTuple):
+    """A REST row that must not become a trade: the reason, its text for the dead letters, and its id
+    when that part of it is readable (None otherwise)."""
+    reason: str
+    raw: bytes
+    id: Optional[int]
+
+
+class TradePage(list):
+    """The valid trades of a REST page (a list, ids ascending); `rejected` holds the rows refused one by
+    one, so one bad row never makes the whole page unusable."""
+
+    def __init__(self, trades=(), rejected=()):
+        super().__init__(trades)
+        self.rejected = list(rejected)
+
+
+def parse_rows(rows, parse_row, read_id, rejected: Optional[list]) -> list:
+    """Trades from REST rows (given oldest first). A row parse_row refuses raises BadMessage when
+    rejected is None (the page is refused whole); otherwise it is appended to rejected with the id
+    read_id(row) finds in it, and the other rows are kept."""
+    trades = []
+    for row in rows:
+        try:
+            trades.append(parse_row(row))
+        except BadMessage as exc:
+            if rejected is None:
+                raise
+            rejected.append(RejectedRow(str(exc), _row_text(row), _readable_id(read_id, row)))
+    return trades
+
+
+def _row_text(row) -> bytes:
+    try:
+        return orjson.dumps(row, default=str)[:4096]
+    except TypeError:        # e.g. an integer beyond 64 bits
+        return repr(row)[:4096].encode("utf-8", "replace")
+
+
+def _readable_id(read_id, row) -> Optional[int]:
+    try:
+        value = read_id(row)
+    except (BadMessage, LookupError, TypeError, ValueError, AttributeError):
+        return None
+    return value if type(value) is int and 0 <= value < MAX_EXACT_INT else None

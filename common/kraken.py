@@ -13,8 +13,8 @@ import time
 import urllib.parse
 from typing import NamedTuple, Optional
 
-from common.exchange import (Heartbeat, RateLimited, RequestPacer, RestError, http_get_json, iso_to_ms,
-                             strictly_ascending)
+from common.exchange import (Heartbeat, RateLimited, RequestPacer, RestError, TradePage, http_get_json,
+                             iso_to_ms, parse_rows, strictly_ascending)
 from common.trade import DECIMAL, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
 from common.wsframes import Reassembler
 
@@ -211,7 +211,14 @@ class RestPage(NamedTuple):
     rows: int           # rows in the answer (before any filtering)
 
 
-def parse_rest_answer(body, rts: int) -> RestPage:
+def rest_row_id(row):
+    """The trade id of a REST row, for a row refused for another reason."""
+    return exact_int("trade id", row[6])
+
+
+def parse_rest_answer(body, rts: int, rejected: list = None) -> RestPage:
+    """One Trades answer. A bad row refuses the whole answer, or with a rejected list goes there
+    (common.exchange.RejectedRow) and the other rows are kept."""
     if not isinstance(body, dict):
         raise BadMessage("Trades answer is not a JSON object")
     errors = body.get("error")
@@ -230,7 +237,7 @@ def parse_rest_answer(body, rts: int) -> RestPage:
     if last.__class__ not in (str, RawNumber) or not str.isdigit(last):
         raise BadMessage(f"Trades `last` is not a nanosecond timestamp: {last!r:.30}")
     rows = result[pairs[0]]
-    trades = [trade_from_rest_row(row, rts) for row in rows]
+    trades = parse_rows(rows, lambda row: trade_from_rest_row(row, rts), rest_row_id, rejected)
     if not strictly_ascending(trades):
         raise BadMessage("REST trade ids are not strictly ascending")
     return RestPage(trades, int(last), len(rows))
@@ -238,6 +245,7 @@ def parse_rest_answer(body, rts: int) -> RestPage:
 
 class KrakenAdapter:
     exchange = "kraken"
+    id_space = "trade"             # one kind of record, one id sequence per pair
     page_limit = REST_PAGE_LIMIT
     pages_by_time = True           # REST pages start at a time, not an id
     stale_after_s = STALE_AFTER_S
@@ -284,30 +292,32 @@ class KrakenAdapter:
         else:
             since_ns = self._search_since(from_id)
         for _ in range(MAX_PAGES_BEFORE_START):
-            page = self._get(since_ns)
+            rejected = []
+            page = self._get(since_ns, rejected)
             trades = [t for t in page.trades if t.id >= from_id]
+            rejected = [row for row in rejected if row.id is None or row.id >= from_id]
             exhausted = page.rows < REST_PAGE_LIMIT
-            if trades or exhausted or page.last_ns <= since_ns:
+            if trades or rejected or exhausted or page.last_ns <= since_ns:
                 break
             since_ns = page.last_ns - 1
             time.sleep(self.pacer.pause_s())
         if trades:
             # `last` less one: trades sharing its exact time come again and are dropped by id.
             self._resume = (trades[-1].id + 1, max(since_ns, page.last_ns - 1))
-        return trades, exhausted
+        return TradePage(trades, rejected), exhausted
 
     def _search_since(self, from_id: int) -> int:
         """A start time at or before trade from_id when its time is unknown (after a restart)."""
         lookback = SEARCH_FIRST_LOOKBACK_S
         while True:
             since_ns = max(0, time.time_ns() - lookback * 1_000_000_000)
-            page = self._get(since_ns)
+            page = self._get(since_ns, [])          # a bad row does not spoil the search
             if not page.trades or page.trades[0].id <= from_id or lookback >= SEARCH_MAX_LOOKBACK_S:
                 return since_ns
             lookback *= 4
             time.sleep(self.pacer.pause_s())
 
-    def _get(self, since_ns: int) -> RestPage:
+    def _get(self, since_ns: int, rejected: list = None) -> RestPage:
         query = urllib.parse.urlencode({"pair": self.pair, "since": since_ns, "count": REST_PAGE_LIMIT})
         body, _ = http_get_json(f"{self.rest_url}/0/public/Trades?{query}", loads=loads_exact)
-        return parse_rest_answer(body, int(time.time() * 1000))
+        return parse_rest_answer(body, int(time.time() * 1000), rejected)

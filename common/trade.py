@@ -103,6 +103,7 @@ def side_from_buyer_maker(buyer_is_maker: bool) -> str:
 # gap detection and backfill work the same; REST counterpart /api/v3/aggTrades?fromId=).
 BINANCE_KINDS = ("trade", "aggTrade")
 BINANCE_RECORD_ID_FIELD = {"trade": "t", "aggTrade": "a"}
+BINANCE_REST_ID_FIELD = {"trade": "id", "aggTrade": "a"}
 
 
 class ServerShutdown(NamedTuple):

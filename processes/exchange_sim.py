@@ -91,7 +91,10 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG = 1001, 1002, 1008, 1009
 FRAGMENTS_PER_MESSAGE = 3
 
-FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429", "garbage", "shutdown")
+FAULT_KINDS = ("drop", "cut", "stall", "fragment", "rest429", "garbage", "shutdown", "restlag", "fakeid",
+               "badrow")
+# What a "fakeid" fault sends: a trade, a Coinbase heartbeat, or a trade message cut after its id.
+FAKE_ID_FORMS = ("trade", "heartbeat", "cut")
 # What the "garbage" fault sends on every connection: none of it may ever become a trade.
 GARBAGE_FRAMES = (
     (OP_TEXT, b'{"e":"trade","s":"BTCUSDT","t":'),                                    # malformed JSON
@@ -347,6 +350,16 @@ def agg_trade_payloads(symbol: str, first_id: int, prices: array.array, qty_inde
     return [f'{head}{trade_id},"p":"{price_text(cents)}","q":"{qty_text[qty]}","f":{trade_id},"l":{trade_id},'
             f'"T":{time_ms},"m":{BOOL_TEXT[side]},"M":true}}'.encode()
             for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
+
+
+def cut_after_id(message: bytes, record_id: int) -> bytes:
+    """The wire bytes of one text message cut where a client can read the record's id and what
+    names it (Binance: e, s before t; Coinbase: product_id comes after trade_id), but no more."""
+    end = message.index(b",", message.index(b":%d" % record_id)) + 1
+    if b'"product_id"' in message:
+        end = max(end, message.index(b",", message.index(b'"product_id"')) + 1)
+    frame = encode_message(message)
+    return frame[:len(frame) - len(message) + end]
 
 
 class TickFeed:
@@ -701,8 +714,8 @@ class CoinbaseProtocol:
         return [self.match("match", trade_id, cents, qty, side, time_ms)
                 for trade_id, cents, qty, side in zip(itertools.count(first_id), prices, qty_index, sides)]
 
-    def heartbeat(self) -> bytes:
-        last_id = self.sim.history.last_id
+    def heartbeat(self, last_id: Optional[int] = None) -> bytes:
+        last_id = self.sim.history.last_id if last_id is None else last_id
         return (f'{{"type":"heartbeat","sequence":{last_id + COINBASE_SEQUENCE_OFFSET},"last_trade_id":{last_id},'
                 f'"product_id":"{self.product}","time":"{iso_time(time.time_ns() // 1_000_000)}"}}').encode()
 
@@ -759,18 +772,19 @@ class CoinbaseProtocol:
             after = int_param(request.query, "after", None, low=0)
         except ParamError as exc:
             return json_response(400, {"message": str(exc)})
-        history = sim.history
+        history, visible = sim.history, sim.rest_last_id()
         if after is not None:                     # older than `after`: the page ending just below it
-            newest = min(after - 1, history.last_id)
+            newest = min(after - 1, visible)
             oldest = max(newest - limit + 1, history.first_id)
         elif before is not None:                  # newer than `before`: the page starting just above it
             oldest = max(before + 1, history.first_id)
-            newest = min(oldest + limit - 1, history.last_id)
+            newest = min(oldest + limit - 1, visible)
         else:
-            newest = history.last_id
+            newest = visible
             oldest = max(newest - limit + 1, history.first_id)
         qty_text = sim.generator.qty_text
-        rows = [{"time": iso_time(ms), "trade_id": trade_id, "price": coinbase_price_text(cents),
+        rows = [{"time": iso_time(ms), "trade_id": trade_id,
+                 "price": "NaN" if trade_id in sim.bad_rest_ids else coinbase_price_text(cents),
                  "size": qty_text[qty], "side": "buy" if side else "sell"}
                 for trade_id, cents, qty, ms, side in trade_rows(list(history.slices(oldest, newest)))]
         rows.reverse()                            # newest first
@@ -893,15 +907,15 @@ class KrakenProtocol:
             since = int_param(request.query, "since", None, low=0)
         except ParamError:
             return json_response(200, {"error": ["EGeneral:Invalid arguments"]})
-        history = sim.history
+        history, visible = sim.history, sim.rest_last_id()
         if since is None:                          # the newest `count` trades
-            oldest = max(history.first_id, history.last_id - count + 1)
+            oldest = max(history.first_id, visible - count + 1)
         else:                                      # trades after `since` (ns), oldest first
             oldest = history.first_id_after_time(since // 1_000_000)
-        rows = [[kraken_rest_price_text(cents), sim.generator.qty_text[qty], RawJson(f"{ms // 1000}.{ms % 1000:03d}"),
-                 "s" if side else "b", "m", "", trade_id]
+        rows = [["NaN" if trade_id in sim.bad_rest_ids else kraken_rest_price_text(cents),
+                 sim.generator.qty_text[qty], RawJson(f"{ms // 1000}.{ms % 1000:03d}"), "s" if side else "b", "m", "", trade_id]
                 for trade_id, cents, qty, ms, side in
-                trade_rows(list(history.slices(oldest, min(history.last_id, oldest + count - 1))))]
+                trade_rows(list(history.slices(oldest, min(visible, oldest + count - 1))))]
         last = rows[-1][2].text.replace(".", "") + "000000" if rows else str(since or 0)
         body = {"error": [], "result": {self.result_key: rows, "last": last}}
         return HttpResponse(200, dumps_with_raw(body).encode())
@@ -959,6 +973,8 @@ class ExchangeSimulator:
         self.generated = 0
         self.fragmented = False
         self.rest429_remaining = 0
+        self.rest_lag_ms = 0               # REST shows only trades at least this old ("restlag")
+        self.bad_rest_ids: set[int] = set()   # ids whose REST rows carry a NaN price ("badrow")
         self.rest_calls: collections.Counter = collections.Counter()   # REST requests by path
         self._weight_minute = -1
         self._weight_used = 0
@@ -1108,6 +1124,14 @@ class ExchangeSimulator:
                 body = {"stream": conn.streams[0], "data": notice} if conn.combined and conn.streams else notice
                 conn.send(encode_frame(OP_TEXT, json.dumps(body, separators=(",", ":")).encode()))
                 loop.call_later(delay, self.close_connection, conn, 1001, "server shutdown")
+        elif kind == "restlag":
+            # REST answers from a replica that is this far behind the live feed.
+            self.rest_lag_ms = max(0, int(float_param(query, "seconds", -1.0, 3600.0) * 1000))
+        elif kind == "badrow":
+            self.bad_rest_ids.add(int_param(query, "id", None, low=0))
+        elif kind == "fakeid":
+            self.send_fake_id(conns, int_param(query, "ahead", 1_000_000_000, low=1, high=2 ** 52),
+                              query.get("form", "trade"))
         elif kind == "garbage":
             frames = GARBAGE_FRAMES if self.protocol is None else self.protocol.garbage_frames
             junk = b"".join(encode_frame(opcode, payload) for opcode, payload in frames)
@@ -1117,6 +1141,36 @@ class ExchangeSimulator:
             raise ParamError(f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
         log.info("fault injected: %s %s on %d connection(s)", kind,
                  {k: v for k, v in query.items() if k != "kind"}, len(conns))
+
+    def send_fake_id(self, conns: list[WsConnection], ahead: int, form: str) -> None:
+        """One record naming an id `ahead` of the newest trade, which never exists in the history:
+        a forged trade, a Coinbase heartbeat naming it, or a trade message cut right after its id
+        (the connection then drops)."""
+        if form not in FAKE_ID_FORMS or (form == "heartbeat" and self.config.mode != "coinbase"):
+            raise ParamError(f"parameter 'form' must be one of {', '.join(FAKE_ID_FORMS)} "
+                             "(heartbeat in coinbase mode only)")
+        if form == "cut" and self.config.mode == "kraken":
+            raise ParamError("a cut Kraken message names no id; use form=trade")
+        fake_id = self.history.last_id + ahead
+        prices, qty_index, sides = array.array("i", [CENTER_PRICE_CENTS]), array.array("H", [0]), bytearray(1)
+        now_ms = time.time_ns() // 1_000_000
+        if form == "heartbeat":
+            payload = self.protocol.heartbeat(fake_id)
+        else:
+            payload = self.trade_payloads(fake_id, prices, qty_index, sides, now_ms)[0]
+        for conn in conns:
+            if conn.closing or self.trade_stream not in conn.streams:
+                continue
+            message = payload
+            if conn.combined:
+                message = f'{{"stream":"{self.trade_stream}","data":'.encode() + payload + b"}"
+            if form == "cut":
+                self.connections.discard(conn)
+                conn.transport.write(cut_after_id(message, fake_id))
+                conn.drop()
+            else:
+                conn.send(encode_message(message))
+        log.info("fake id %d (%s, %d ahead of %d)", fake_id, form, ahead, self.history.last_id)
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -1328,7 +1382,7 @@ class ExchangeSimulator:
         if refusal:
             return refusal
         if from_id is None:
-            from_id = self.history.next_id - limit
+            from_id = self.rest_last_id() + 1 - limit
         return self.agg_trades_response(max(from_id, self.history.first_id), limit, headers)
 
     async def rest_recent_trades(self, request: HttpRequest) -> HttpResponse:
@@ -1362,7 +1416,14 @@ class ExchangeSimulator:
         return int(raw)
 
     def recent_trades_response(self, limit: int, headers: dict[str, str]) -> HttpResponse:
-        return self.trades_response(max(self.history.first_id, self.history.next_id - limit), limit, headers)
+        oldest = max(self.history.first_id, self.rest_last_id() + 1 - limit)
+        return self.trades_response(oldest, limit, headers)
+
+    def rest_last_id(self) -> int:
+        """The newest trade REST shows: with a "restlag" fault, the newest one at least that old."""
+        if not self.rest_lag_ms:
+            return self.history.last_id
+        return self.history.first_id_after_time(time.time_ns() // 1_000_000 - self.rest_lag_ms) - 1
 
     def trades_response(self, from_id: int, limit: int, headers: dict[str, str]) -> HttpResponse:
         qty_units = self.generator.qty_units
@@ -1371,17 +1432,20 @@ class ExchangeSimulator:
             {"id": trade_id, "price": price_text(cents), "qty": qty_text[qty],
              "quoteQty": quote_qty_text(cents, qty_units[qty]), "time": ms,
              "isBuyerMaker": bool(side), "isBestMatch": True}
-            for part in self.history.slices(from_id, from_id + limit - 1)
+            for part in self.history.slices(from_id, min(from_id + limit - 1, self.rest_last_id()))
             for trade_id, cents, qty, ms, side in
             zip(itertools.count(part.first_id), part.prices, part.qty_index, part.times, part.sides)]
+        for trade in trades:
+            if trade["id"] in self.bad_rest_ids:
+                trade["price"] = "NaN"
         return json_response(200, trades, headers)
 
     def agg_trades_response(self, from_id: int, limit: int, headers: dict[str, str]) -> HttpResponse:
         qty_text = self.generator.qty_text
-        rows = [{"a": trade_id, "p": price_text(cents), "q": qty_text[qty], "f": trade_id, "l": trade_id,
-                 "T": ms, "m": bool(side), "M": True}
+        rows = [{"a": trade_id, "p": "NaN" if trade_id in self.bad_rest_ids else price_text(cents),
+                 "q": qty_text[qty], "f": trade_id, "l": trade_id, "T": ms, "m": bool(side), "M": True}
                 for trade_id, cents, qty, ms, side in
-                trade_rows(list(self.history.slices(from_id, from_id + limit - 1)))]
+                trade_rows(list(self.history.slices(from_id, min(from_id + limit - 1, self.rest_last_id()))))]
         return json_response(200, rows, headers)
 
     # -- control API ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import queue
 import socket
 import threading
 import time
+from typing import NamedTuple, Optional
 
+import orjson
 import redis
 import websocket
 
@@ -18,6 +20,7 @@ from common.backoff import Backoff
 from common.binance import BinanceAdapter
 from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
 from common.coinbase import CoinbaseAdapter
+from common.events import record_event
 from common.exchange import RateLimited, RestError
 from common.kraken import KrakenAdapter
 from common.lifecycle import EXIT_FAILURE, Process, run_process
@@ -36,9 +39,31 @@ BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
 BUS_FULL_ALARM_EVERY_S = 10.0
-# A REST answer may lag the stream by a moment: when a gap is not filled yet, ask again this often.
-REST_BEHIND_RETRIES = 10
-REST_BEHIND_WAIT_S = 0.2
+# REST may lag the stream by seconds or minutes: a gap REST has nothing for yet is asked about
+# again with a growing pause (up to the cap) and kept until REST has its ids or it is older than
+# the retention window (then no consumer could read the trades anyway). Once it has waited a while,
+# an alarm event says so, again every GAP_ALARM_EVERY_S.
+GAP_RETRY_BASE_S = 0.2
+GAP_RETRY_CAP_S = 5.0
+GAP_ALARM_AFTER_S = 5.0
+GAP_ALARM_EVERY_S = 30.0
+# A forward jump in trade ids is believed at once only if the exchange could have printed that many
+# trades since our last one. The busiest BTC spot markets print a few thousand trades in their
+# busiest seconds: 50,000 a second is an order of magnitude above that, and the constant covers
+# bursts delivered at once and coarse clocks. A jump beyond it (one corrupt or forged id) would
+# otherwise become the cursor and turn every real trade after it into a "duplicate": it is held in
+# quarantine instead, and moves the cursor only once REST confirms the id exists.
+MAX_PLAUSIBLE_TRADES_PER_S = 50_000
+PLAUSIBLE_JUMP_IDS = 100_000
+# A quarantined id is refuted (dropped, never a trade, never the cursor) when the exchange itself
+# shows it did not exist: a later trade or heartbeat with a lower id, printed (by the exchange's
+# clock, or received) more than this margin after the id was seen; the margin absorbs clock skew
+# and delivery delay. Or when REST skips it, or when REST has not confirmed it after the longest wait.
+QUARANTINE_EVIDENCE_MARGIN_MS = 5_000
+QUARANTINE_MAX_WAIT_S = 600.0
+QUARANTINE_MAX_HELD = 10_000       # held ids; later ones are left to the backfill once one is confirmed
+QUARANTINE_RETRY_BASE_S = 0.2
+QUARANTINE_RETRY_CAP_S = 5.0
 
 
 def adapter_for(source, cfg):
@@ -181,33 +206,97 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+class Held(NamedTuple):
+    """A quarantined id: the trade that named it (None for a heartbeat or a cut message), where it was
+    seen, when (local wall ms), and the exchange time of our last trade then (where REST paging by
+    time starts looking for it)."""
+    id: int
+    trade: Optional[Trade]
+    seen_in: str
+    seen_ms: int
+    after_ts: Optional[int]
+
+
+class Quarantine:
+    """Ids too far ahead of the cursor to believe at once (see MAX_PLAUSIBLE_TRADES_PER_S). The feed
+    thread holds, releases and refutes them; the backfill thread asks REST about the lowest one."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = {}                 # id -> Held
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def hold(self, item: Held) -> bool:
+        """False when the id is held already or the quarantine is full."""
+        with self.lock:
+            if item.id in self.held or len(self.held) >= QUARANTINE_MAX_HELD:
+                return False
+            self.held[item.id] = item
+            return True
+
+    def lowest(self) -> Optional[Held]:
+        with self.lock:
+            return self.held[min(self.held)] if self.held else None
+
+    def pop(self, item_id: int) -> Optional[Held]:
+        with self.lock:
+            return self.held.pop(item_id, None)
+
+    def take(self, keep) -> list:
+        """Remove and return (ids ascending) the held items for which keep(item) is false."""
+        with self.lock:
+            gone = sorted((item for item in self.held.values() if not keep(item)), key=lambda item: item.id)
+            for item in gone:
+                del self.held[item.id]
+            return gone
+
+
+class GapWait(NamedTuple):
+    """A gap REST had nothing for yet: the record as read, tries so far, when to ask again
+    (monotonic), since when it waits (monotonic) and when it last raised the alarm."""
+    record: str
+    tries: int
+    next_at: float
+    since: float
+    alarmed_at: float
+
+
 class Backfiller(threading.Thread):
-    """Fills a source's recorded gaps over REST while its live trades keep flowing.
+    """Fills a source's recorded gaps over REST while its live trades keep flowing, and asks REST
+    about the ids in quarantine.
 
     The gaps live in the local Redis with the cursor (common/bus.py), so a restart in the middle
     of a long backfill goes on where it stopped. Oldest gap first; the open catch-up after a
-    reconnect last. Each page is published with a script that shrinks its gap in the same step.
+    reconnect last; a gap REST has nothing for yet waits (with backoff) without holding up the
+    others. Each page is published with a script that shrinks its gap in the same step.
     """
 
     def __init__(self, feed):
         super().__init__(name=f"backfill:{feed.source}", daemon=True)
         self.feed, self.source, self.bus, self.log = feed, feed.source, feed.bus, feed.log
         self.adapter, self.stopping = feed.adapter, feed.stopping
+        self.retention_ms = feed.retention_ms
         self.wake = threading.Event()
         self.rest_backoff = Backoff(base_s=0.5, cap_s=30.0)
-        self.behind = {}          # gap -> times REST had nothing yet for it
-        self.progress = {"gaps_open": 0, "missing": 0, "catching_up": False}
+        self.waiting = {}         # gap field -> GapWait
+        self.asked = {}           # quarantined id -> (tries, when to ask again)
+        self.rows_deadlettered = set()
+        self.progress = {"gaps_open": 0, "missing": 0, "catching_up": False, "gaps_waiting": 0}
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
+                if self.ask_about_quarantine():
+                    continue
                 gaps = self.bus.gaps(self.source)
                 self._note_progress(gaps)
-                if not gaps:
-                    self.wake.wait(1.0)
-                    self.wake.clear()
+                gap = self._next_gap(gaps, time.monotonic())
+                if gap is None:
+                    self._idle()
                     continue
-                self.fill_one_page(_oldest(gaps))
+                self.fill_one_page(gap)
             except redis.RedisError as exc:
                 self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
                 self.stopping.wait(0.5)
@@ -215,26 +304,48 @@ class Backfiller(threading.Thread):
                 self.log.error("backfill_error", source=self.source, error=f"{type(exc).__name__}: {exc}"[:300])
                 self.stopping.wait(1.0)
 
+    def _idle(self) -> None:
+        """Sleep until a waiting gap or quarantined id is due (at most a second), or until woken."""
+        now = time.monotonic()
+        due = [wait.next_at for wait in self.waiting.values()] + [at for _, at in self.asked.values()]
+        self.wake.wait(max(0.01, min([1.0] + [at - now for at in due])))
+        self.wake.clear()
+
     def _note_progress(self, gaps) -> None:
         bounded = [g for g in gaps.values() if g.last is not None]
+        self.waiting = {field: wait for field, wait in self.waiting.items()
+                        if field in gaps and gaps[field].record == wait.record}
         self.progress = {"gaps_open": len(bounded), "missing": sum(g.last - g.first + 1 for g in bounded),
-                         "catching_up": "open" in gaps}
+                         "catching_up": "open" in gaps, "gaps_waiting": len(self.waiting)}
 
+    def _next_gap(self, gaps: dict, now: float):
+        """The lowest bounded gap that is not waiting for REST, else the open catch-up."""
+        ready = [g for g in gaps.values()
+                 if g.field not in self.waiting or self.waiting[g.field].next_at <= now]
+        bounded = sorted((g for g in ready if g.field != "open"), key=lambda g: g.first)
+        if bounded:
+            return bounded[0]
+        return next((g for g in ready if g.field == "open"), None)
+
+    # --- filling gaps --------------------------------------------------------------------------
     def fill_one_page(self, gap) -> None:
         before = gap.before if gap.field != "open" else self.bus.cursor_time(self.source)
         answer = self._rest_page(gap.first, before)
         if answer is None:
             return
-        page, exhausted = answer
-        page = [t for t in page if t.id >= gap.first and (gap.last is None or t.id <= gap.last)]
-        if page and page[0].id != gap.first:
-            self._give_up(gap, "the exchange has no trades with these ids", keep_from=page[0].id)
-            return
-        if page:
-            self._publish(gap, page)
-        if page and gap.last is not None and page[-1].id >= gap.last:
-            return              # this gap is filled
-        if exhausted or not page:
+        page, _exhausted = answer
+        rejected = getattr(page, "rejected", ())
+        self._dead_letter_rows(rejected)
+        page = [t for t in page if t.id >= gap.first]
+        run = _run_from(page, gap.first, gap.last)
+        if run:
+            self._publish(gap, run)
+        elif page:
+            # REST's first valid trade is past the gap's start: the ids before it have no valid row.
+            self._skip_to(gap, page[0].id, rejected)
+        elif any(row.id == gap.first for row in rejected):
+            self._skip_to(gap, gap.first + 1, rejected)
+        else:
             self._rest_has_nothing_newer(gap)
 
     def _publish(self, gap, page) -> None:
@@ -254,25 +365,93 @@ class Backfiller(threading.Thread):
         self.log.info("backfilled", source=self.source, from_id=page[0].id, to_id=page[-1].id,
                       trades=len(page), gap="catch-up" if gap.field == "open" else gap.field)
 
+    def _skip_to(self, gap, keep_from: int, rejected) -> None:
+        """Give up the gap's ids before keep_from: REST has no valid row for them (a valid trade is
+        never skipped, and a bad row never becomes a trade)."""
+        bad = [row for row in rejected if row.id is None or gap.first <= row.id < keep_from]
+        why = ("REST rows for these ids are invalid (dead-lettered)" if bad
+               else "the exchange has no trades with these ids")
+        self._give_up(gap, why, keep_from=keep_from)
+
+    def _dead_letter_rows(self, rejected) -> None:
+        """Each refused REST row goes to the dead letters once (REST may show it again and again)."""
+        for row in rejected:
+            key = (row.id, row.reason, row.raw)
+            if key in self.rows_deadlettered:
+                continue
+            if len(self.rows_deadlettered) >= 10_000:
+                self.rows_deadlettered.clear()
+            self.rows_deadlettered.add(key)
+            self.feed.reject(f"REST row: {row.reason}", row.raw)
+
     def _rest_has_nothing_newer(self, gap) -> None:
         if gap.field == "open":
             # Caught up with the exchange: whatever comes next arrives live.
             self.bus.give_up_gap(self.source, "open", self.bus.gaps(self.source).get("open", gap).record)
             return
-        # The stream (or a heartbeat) showed these ids, but REST does not have them yet: ask again.
-        tries = self.behind.get(gap.record, 0) + 1
-        self.behind[gap.record] = tries
-        if tries > REST_BEHIND_RETRIES:
-            self._give_up(gap, "REST does not have these ids")
-        else:
-            self.stopping.wait(REST_BEHIND_WAIT_S)
+        # The stream (or a heartbeat) showed these ids, but REST does not have them yet: ask again
+        # later, for as long as the trades could still matter (the retention window).
+        now = time.monotonic()
+        wait = self.waiting.get(gap.field)
+        if wait is None or wait.record != gap.record:
+            wait = GapWait(gap.record, 0, now, now, 0.0)
+        if self._gap_age_ms(gap, wait, now) > self.retention_ms:
+            self.waiting.pop(gap.field, None)
+            self._give_up(gap, "REST did not have these ids within the retention window")
+            return
+        delay = min(GAP_RETRY_CAP_S, GAP_RETRY_BASE_S * 2 ** wait.tries)
+        wait = wait._replace(tries=wait.tries + 1, next_at=now + delay)
+        if now - wait.since >= GAP_ALARM_AFTER_S and now - wait.alarmed_at >= GAP_ALARM_EVERY_S:
+            wait = wait._replace(alarmed_at=now)
+            record_event(self.bus.client, self.log, "ingest", "gap_waiting_for_rest", level="error",
+                         source=self.source, first_missing=gap.first, last_missing=gap.last,
+                         waited_s=round(now - wait.since, 1), retry_in_s=round(delay, 2))
+        self.waiting[gap.field] = wait
+
+    @staticmethod
+    def _gap_age_ms(gap, wait: GapWait, now: float) -> float:
+        """How old the missing trades are: by the exchange time of the trade before them when the
+        record has it, else by how long this process has waited for them."""
+        if gap.before is not None:
+            return time.time() * 1000 - gap.before
+        return (now - wait.since) * 1000
 
     def _give_up(self, gap, why: str, keep_from: int = None) -> None:
-        last = (keep_from - 1) if keep_from is not None else gap.last
-        self.log.error("gap_unfillable", source=self.source, first_missing=gap.first, last_missing=last, why=why)
+        last = gap.last if keep_from is None else keep_from - 1
+        if gap.last is not None:
+            last = min(last, gap.last)
+        record_event(self.bus.client, self.log, "ingest", "gap_unfillable", level="error", source=self.source,
+                     first_missing=gap.first, last_missing=last, why=why)
         self.bus.give_up_gap(self.source, gap.field, gap.record, keep_from)
-        self.behind.pop(gap.record, None)
+        self.waiting.pop(gap.field, None)
 
+    # --- quarantine ----------------------------------------------------------------------------
+    def ask_about_quarantine(self) -> bool:
+        """Ask REST about the lowest quarantined id when it is due; True when REST was asked."""
+        item = self.feed.quarantine.lowest()
+        now = time.monotonic()
+        self.asked = {key: value for key, value in self.asked.items() if key in self.feed.quarantine.held}
+        if item is None or self.asked.get(item.id, (0, 0.0))[1] > now:
+            return False
+        answer = self._rest_page(item.id, item.after_ts)
+        if answer is None:
+            return True
+        verdict = _rest_verdict(item.id, answer[0])
+        tries = self.asked.get(item.id, (0, 0.0))[0]
+        if verdict is None:          # REST has nothing at or after it (yet): ask again later
+            delay = min(QUARANTINE_RETRY_CAP_S, QUARANTINE_RETRY_BASE_S * 2 ** tries)
+            self.asked[item.id] = (tries + 1, now + delay)
+            return True
+        self.asked[item.id] = (tries + 1, now + 1.0)    # until the feed thread has taken the verdict
+        while not self.stopping.is_set():
+            try:
+                self.feed.inbox.put(("quarantine", None, (item.id,) + verdict), timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        return True
+
+    # --- REST ----------------------------------------------------------------------------------
     def _rest_page(self, from_id: int, before_ts):
         while not self.stopping.is_set():
             pause = self.adapter.rest_pause_s()
@@ -298,10 +477,27 @@ class Backfiller(threading.Thread):
         return None
 
 
-def _oldest(gaps: dict):
-    """The gap to work on: the lowest bounded one, else the open catch-up."""
-    bounded = sorted((g for g in gaps.values() if g.field != "open"), key=lambda g: g.first)
-    return bounded[0] if bounded else gaps["open"]
+def _run_from(page, first: int, last: Optional[int]) -> list:
+    """The trades of page (ids ascending) that continue the sequence from first without a hole,
+    up to last (None: no bound)."""
+    run = []
+    for trade in page:
+        if trade.id != first + len(run) or (last is not None and trade.id > last):
+            break
+        run.append(trade)
+    return run
+
+
+def _rest_verdict(item_id: int, page):
+    """What a REST page from item_id says of it: (True, why) it exists, (False, why) it does not,
+    or None when REST has nothing at or after it yet."""
+    ids = [t.id for t in page if t.id >= item_id]
+    ids += [row.id for row in getattr(page, "rejected", ()) if row.id is not None and row.id >= item_id]
+    if item_id in ids:
+        return True, "REST has it"
+    if ids:
+        return False, f"REST skips it (its next id is {min(ids)})"
+    return None
 
 
 class SourceFeed(threading.Thread):
@@ -314,6 +510,7 @@ class SourceFeed(threading.Thread):
         self.adapter = adapter_for(source, cfg)
         self.ws_url = self.adapter.ws_url
         self.max_conn_s = cfg.max_conn_hours * 3600
+        self.retention_ms = cfg.retention_ms
         self.bus = bus
         self.log = log
         self.stopping = stopping
@@ -325,20 +522,32 @@ class SourceFeed(threading.Thread):
         self.next_connect_at = 0.0
         self.connections_made = 0
         self.last_id = None           # highest id accepted (published or pending)
+        self.last_id_ms = None        # when last_id was reached (local wall ms): how far ids may jump
+        self.cursor_ts_at_start = None
+        self.quarantine = Quarantine()
+        self._next_quarantine_check = 0.0
         self.pending = []
         self.resets = 0               # times ingest restarted from the local cursor
         self.crashed = None
         self._last_full_alarm = 0.0
         # cut_messages: connections that ended inside a message; cut_ids_recovered: of which the
         # received part named the trade's id (and the backfill fetched up to it).
+        # quarantined: implausible forward ids held; quarantine_confirmed / quarantine_dropped: of
+        # which REST confirmed / that were refuted (never a trade, never the cursor).
         self.counts = dict(trades=0, duplicates=0, gaps=0, backfilled=0, deadlettered=0,
-                           reconnects=0, batches=0, last_trade_ts=0, cut_messages=0, cut_ids_recovered=0)
+                           reconnects=0, batches=0, last_trade_ts=0, cut_messages=0, cut_ids_recovered=0,
+                           quarantined=0, quarantine_confirmed=0, quarantine_dropped=0)
         self.backfiller = Backfiller(self)
 
     # --- thread body -------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            self._claim_id_space()
             self.last_id = self.bus.cursor(self.source)
+            if self.last_id is not None:
+                # The cursor's trade time, when known, bounds how far the first ids may jump.
+                self.cursor_ts_at_start = self.bus.cursor_time(self.source)
+                self.last_id_ms = self.cursor_ts_at_start or int(time.time() * 1000)
             self.log.info("feed_start", source=self.source, url=self.ws_url, cursor=self.last_id,
                           gaps=len(self.bus.gaps(self.source)))
             self.backfiller.start()
@@ -352,8 +561,21 @@ class SourceFeed(threading.Thread):
                 if conn is not None:
                     conn.close()
 
+    def _claim_id_space(self) -> None:
+        """Binance trade ids and aggregate ids are different sequences: state kept for the other
+        kind is dropped (and said once), and this kind starts from the live stream like a first start."""
+        dropped = self.bus.claim_id_space(self.source, self.adapter.id_space)
+        if dropped:
+            record_event(self.bus.client, self.log, "ingest", "id_space_changed", level="warning",
+                         source=self.source, old=dropped["old"], new=self.adapter.id_space,
+                         dropped_cursor=dropped["cursor"], dropped_gaps=dropped["gaps"],
+                         note="starting from the live stream; the other kind's ids are never compared")
+
     def step(self, now: float) -> None:
         self.manage_connections(now)
+        if self.quarantine.held and now >= self._next_quarantine_check:
+            self._next_quarantine_check = now + 0.5
+            self._expire_quarantine()
         try:
             kind, conn, data = self.inbox.get(timeout=FLUSH_WAIT_S if self.pending else 0.2)
         except queue.Empty:
@@ -399,6 +621,8 @@ class SourceFeed(threading.Thread):
                 self.catch_up()
         elif kind == "heartbeat":
             self._heartbeat(data)
+        elif kind == "quarantine":
+            self._quarantine_verdict(*data)
         elif kind == "shutdown_notice":
             self._replace_soon(conn, now)
         elif kind in ("failed", "disconnected"):
@@ -423,7 +647,15 @@ class SourceFeed(threading.Thread):
 
     def _heartbeat(self, exchange_last_id) -> None:
         """A heartbeat that names a newer trade than ours reveals a gap even in a quiet market."""
-        if exchange_last_id is None or self.last_id is None or exchange_last_id <= self.last_id:
+        if exchange_last_id is None or self.last_id is None:
+            return
+        now_ms = int(time.time() * 1000)
+        if self.quarantine.held:
+            self._refute_quarantined(exchange_last_id, now_ms, "a later heartbeat names a lower newest id")
+        if exchange_last_id <= self.last_id:
+            return
+        if not self._plausible(exchange_last_id, now_ms):
+            self._quarantine(Held(exchange_last_id, None, "heartbeat", now_ms, self._last_trade_ts()))
             return
         self._note_gap(exchange_last_id, "heartbeat")
 
@@ -436,7 +668,9 @@ class SourceFeed(threading.Thread):
             self.log.warning("gap", source=self.source, after=self.last_id, next=newest_id + 1,
                              missing=newest_id - self.last_id, seen_in=seen_in)
             self.backfiller.wake.set()
-        self.last_id = max(self.last_id, newest_id)
+        if newest_id > self.last_id:
+            self.last_id = newest_id
+            self.last_id_ms = int(time.time() * 1000)
 
     def _durably(self, call, *args):
         """A bus call that must happen: on a local Redis failure, hold and restart from the cursor."""
@@ -451,8 +685,13 @@ class SourceFeed(threading.Thread):
         self.counts["cut_messages"] += conn.reassembler.partial_seen
         self.counts["cut_ids_recovered"] += conn.reassembler.recovered
         if conn.cut_id is not None and self.last_id is not None and conn.cut_id > self.last_id:
-            # The connection died inside a trade message: that trade exists, fetch up to it.
-            self._note_gap(conn.cut_id, "cut message")
+            # The connection died inside a trade message: that trade exists, fetch up to it (once
+            # REST confirms it, if the id is implausibly far ahead).
+            now_ms = int(time.time() * 1000)
+            if self._plausible(conn.cut_id, now_ms):
+                self._note_gap(conn.cut_id, "cut message")
+            else:
+                self._quarantine(Held(conn.cut_id, None, "cut message", now_ms, self._last_trade_ts()))
         if conn is self.replacement:
             self.replacement = None
         if conn is not self.current:
@@ -502,14 +741,94 @@ class SourceFeed(threading.Thread):
     # --- sequencing ----------------------------------------------------------------------------
     def accept_live(self, trade) -> None:
         self.counts["trades"] += 1
+        self._sequence(trade)
+
+    def _sequence(self, trade) -> None:
         if self.last_id is not None and trade.id <= self.last_id:
             self.counts["duplicates"] += 1
             return
         if self.last_id is not None and trade.id > self.last_id + 1:
+            if not self._plausible(trade.id, trade.rts):
+                self._quarantine(Held(trade.id, trade, "stream", trade.rts, self._last_trade_ts()))
+                return
             # A bus batch holds contiguous ids: the publish of the next one records the skipped
             # ids as a gap, which the backfill fills while live trades keep flowing.
             self.flush()
         self._append(trade)
+
+    # --- quarantine of implausible forward ids --------------------------------------------------
+    def _plausible(self, new_id: int, at_ms: int) -> bool:
+        """Whether the exchange could have printed trades up to new_id since we reached last_id."""
+        if self.last_id is None or self.last_id_ms is None:
+            return True
+        elapsed_s = max(0.0, (at_ms - self.last_id_ms) / 1000.0)
+        return new_id - self.last_id <= PLAUSIBLE_JUMP_IDS + MAX_PLAUSIBLE_TRADES_PER_S * elapsed_s
+
+    def _last_trade_ts(self) -> Optional[int]:
+        """The exchange time of our last trade (where a REST search by time for a newer id starts)."""
+        return self.counts["last_trade_ts"] or self.cursor_ts_at_start
+
+    def _quarantine(self, item: Held) -> None:
+        """Hold an implausible id: it moves nothing until REST confirms it (see Backfiller)."""
+        first = not self.quarantine.held
+        if not self.quarantine.hold(item):
+            return
+        self.counts["quarantined"] += 1
+        if first or item.trade is None:
+            self.log.warning("implausible_id_quarantined", source=self.source, id=item.id,
+                             seen_in=item.seen_in, after=self.last_id, ahead=item.id - self.last_id)
+        self.backfiller.wake.set()
+
+    def _quarantine_verdict(self, item_id: int, exists: bool, why: str) -> None:
+        """REST's answer about a quarantined id, applied on the feed thread (which owns the cursor)."""
+        item = self.quarantine.pop(item_id)
+        if item is None:
+            return              # passed by the live stream, or refuted, meanwhile
+        if not exists:
+            self._drop_quarantined(item, why)
+            return
+        self.counts["quarantine_confirmed"] += 1
+        self.log.info("implausible_id_confirmed", source=self.source, id=item.id, seen_in=item.seen_in,
+                      why=why)
+        if self.last_id is None or item.id > self.last_id:
+            if item.trade is not None:
+                self.flush()
+                self._append(item.trade)
+            else:
+                self._note_gap(item.id, item.seen_in)
+        # What was held behind it is judged again from the new cursor.
+        for held in self.quarantine.take(lambda other: False):
+            if held.trade is not None:
+                self._sequence(held.trade)
+            elif self.last_id is not None and held.id > self.last_id:
+                if self._plausible(held.id, held.seen_ms):
+                    self._note_gap(held.id, held.seen_in)
+                else:
+                    self.quarantine.hold(held)
+
+    def _refute_quarantined(self, newer_id: int, at_ms: int, why: str) -> None:
+        """The exchange showed trade newer_id as its newest at at_ms: every held id above it that was
+        seen clearly before then never existed."""
+        margin = QUARANTINE_EVIDENCE_MARGIN_MS
+        passed = self.quarantine.take(lambda item: item.id > self.last_id)
+        refuted = self.quarantine.take(
+            lambda item: not (item.id > newer_id and at_ms > item.seen_ms + margin))
+        for item in refuted:
+            self._drop_quarantined(item, why)
+        if passed:
+            self.log.info("quarantine_passed", source=self.source, ids=len(passed), last_id=self.last_id)
+
+    def _expire_quarantine(self) -> None:
+        limit_ms = int(time.time() * 1000) - QUARANTINE_MAX_WAIT_S * 1000
+        for item in self.quarantine.take(lambda item: item.seen_ms >= limit_ms):
+            self._drop_quarantined(item, f"REST did not confirm it within {QUARANTINE_MAX_WAIT_S:.0f}s")
+
+    def _drop_quarantined(self, item: Held, why: str) -> None:
+        self.counts["quarantine_dropped"] += 1
+        record_event(self.bus.client, self.log, "ingest", "implausible_id_dropped", level="warning",
+                     source=self.source, id=item.id, seen_in=item.seen_in, cursor=self.last_id, why=why)
+        if item.trade is not None:
+            self.reject(f"implausible trade id dropped: {why}", orjson.dumps(item.trade._asdict()))
 
     def _is_next_run(self, trades) -> bool:
         """The common case: the burst continues the sequence exactly, with no gap or repeat inside."""
@@ -525,18 +844,25 @@ class SourceFeed(threading.Thread):
             chunk, trades = trades[:room], trades[room:]
             self.pending.extend(chunk)
             self.last_id = chunk[-1].id
+            self.last_id_ms = chunk[-1].rts
             self.counts["last_trade_ts"] = chunk[-1].ts
             self.counts["last_price"] = chunk[-1].p
             if len(self.pending) >= BUS_BATCH_MAX:
                 self.flush()
             if self.resets != resets:
                 return      # restarted from the local cursor: the backfill brings the rest
+        if self.quarantine.held:
+            self._refute_quarantined(self.last_id, self.counts["last_trade_ts"],
+                                     "a later trade has a lower id")
 
     def _append(self, trade) -> None:
         self.pending.append(trade)
         self.last_id = trade.id
+        self.last_id_ms = trade.rts
         self.counts["last_trade_ts"] = trade.ts
         self.counts["last_price"] = trade.p
+        if self.quarantine.held:
+            self._refute_quarantined(trade.id, trade.ts, "a later trade has a lower id")
         if len(self.pending) >= BUS_BATCH_MAX:
             self.flush()
 
@@ -579,6 +905,7 @@ class SourceFeed(threading.Thread):
             self.resets += 1
             self.pending = []
             self.last_id = cursor
+            self.last_id_ms = int(time.time() * 1000)
             try:
                 self.bus.open_gap(self.source)      # what the lost trades were, REST brings back
             except redis.RedisError:
@@ -588,7 +915,8 @@ class SourceFeed(threading.Thread):
 
     def stats(self) -> dict:
         return {**self.counts, **self.backfiller.progress, "source": self.source,
-                "connected": self.current is not None, "last_id": self.last_id, "pending": len(self.pending)}
+                "connected": self.current is not None, "last_id": self.last_id, "pending": len(self.pending),
+                "quarantine": len(self.quarantine)}
 
 
 class Ingest(Process):
