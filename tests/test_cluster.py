@@ -17,8 +17,10 @@ from redis.crc import key_slot
 
 from common import config as config_module, verify
 from common import keys
+from common.events import recent_events
 from common.redis_process import RedisProcess
-from harness import SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_derived, verify_primary, wait_for
+from harness import (SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_derived, verify_primary, wait_for,
+                     wait_verified)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
@@ -148,6 +150,51 @@ def test_exactly_once_on_a_cluster_while_the_slot_master_fails_over(cluster, sim
         document = status(stack)
         assert document["redis"]["primary"]["role"] == "cluster (ok)"
         assert len(document["redis"]["primary"]["masters"]) == 3
+    finally:
+        remove_stack(stack)
+
+
+def migrate_slot_slowly(cluster, key: str, keys_per_step: int = 2, pause_s: float = 0.5) -> None:
+    """A real slot migration (what `redis-cli --cluster reshard` does), a few keys at a time, so the
+    slot stays MIGRATING/IMPORTING for seconds while trades flow: new keys answer ASK, a half-moved
+    source answers TRYAGAIN."""
+    source = cluster.master_of(key)
+    slot = cluster.client().keyslot(key)
+    masters = [n for n in cluster.nodes
+               if n.process.poll() is None and n.client().info("replication")["role"] == "master"]
+    target = next(n for n in masters if n.port != source.port)
+    source_id, target_id = source.client().cluster("myid"), target.client().cluster("myid")
+    target.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while True:
+        moving = source.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, keys_per_step)
+        if not moving:
+            break
+        source.client().execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *moving)
+        time.sleep(pause_s)
+    for node in masters:
+        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def test_exactly_once_while_the_source_slot_migrates(cluster, sim):
+    stack = start_stack(cluster.nodes[0], sim, BTCFEED_PRIMARY_URL=cluster.url, BTCFEED_COMPAT_KEYS="false")
+    try:
+        client = cluster.client()
+        wait_for(lambda: last_id(client) > 2 * RATE, 30, "trades in the cluster")
+        before = cluster.master_of(keys.trades(SOURCE)).port
+        migrate_slot_slowly(cluster, keys.trades(SOURCE))
+        client = cluster.client()
+        assert cluster.master_of(keys.trades(SOURCE)).port != before
+        wait_for(lambda: writer_state(stack) == "primary", 60, "the writer on the slot's new master")
+        last = drain(client, sim)
+        wait_verified(stack)
+        first = verify.lowest_trade_id(client, SOURCE)
+        verdict = verify_primary(client, sim, from_id=first)
+        assert verdict.exact(), str(verdict)
+        verify_derived(client, sim, first, last)
+        local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
+        refusals = [e["fields"]["reason"] for e in recent_events(local, 300) if e["event"] == "failover"]
+        print(f"slot migrated; the writer failed over {len(refusals)} times meanwhile: {refusals[:2]}")
     finally:
         remove_stack(stack)
 
