@@ -11,8 +11,12 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
                                   documents, keeping a cut last one for the next message)
   fetch_page(from_id, after_ts)   (trades with id >= from_id ascending, exhausted): exhausted says the
                                   exchange had nothing newer; after_ts is the time (ms) of trade
-                                  from_id - 1 when known (Kraken pages by time); raises RateLimited,
-                                  RestError or BadMessage
+                                  from_id - 1 when known (Kraken pages by time); the trades are a
+                                  TradePage whose `rejected` lists the rows refused one by one;
+                                  raises RateLimited, RestError (also past MAX_REST_BYTES or the
+                                  REST_DEADLINE_S of a request) or BadMessage (a page unusable whole)
+  id_space                        which id sequence the records count in ("trade", or Binance's
+                                  "aggTrade"): a cursor kept for one is meaningless for another
   rest_pause_s()                  how long to wait before the next REST call to stay under its limits
   pages_by_time                   True when REST pages start at a time (Kraken): ingest then keeps the
                                   time of the cursor's trade in the local Redis for backfills

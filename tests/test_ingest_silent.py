@@ -261,7 +261,7 @@ def coinbase_sim():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("mode, form", [("binance", "trade"), ("binance", "cut"), ("coinbase", "heartbeat"),
-                                        ("coinbase", "trade")])
+                                        ("coinbase", "trade"), ("kraken", "trade")])
 def test_a_far_forward_id_never_blackholes_the_source(primary, primary_client, mode, form):
     sim = Simulator(rate=RATE, mode=mode)
     stack = start_stack(primary, sim)
@@ -332,3 +332,31 @@ def test_an_invalid_rest_row_is_dead_lettered_and_later_gaps_still_fill(primary,
         assert event["fields"]["last_missing"] == poisoned
     finally:
         remove_stack(stack)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["binance", "coinbase", "kraken"])
+def test_each_adapter_keeps_the_valid_rows_of_a_page_with_a_bad_one(mode):
+    from common.coinbase import CoinbaseAdapter
+    from common.kraken import KrakenAdapter, RequestPacer
+    sim = Simulator(rate=500, mode=mode)
+    try:
+        wait_for(lambda: (lambda st: st["last_id"] >= st["first_id"] + 100)(sim.client.status()), 10,
+                 "trades")
+        sim.client.pause()
+        status = sim.client.status()
+        start, bad_id = status["first_id"] + 10, status["first_id"] + 20
+        sim.client.fault("badrow", id=bad_id)
+        rest = f"http://127.0.0.1:{sim.port}"
+        adapter = {"binance": lambda: binance.BinanceAdapter("BTCUSDT", "ws://unused", rest),
+                   "coinbase": lambda: CoinbaseAdapter("BTC-USD", "ws://unused", rest),
+                   "kraken": lambda: KrakenAdapter("BTC/USD", "ws://unused/v2", rest)}[mode]()
+        if mode == "kraken":
+            adapter.pacer = RequestPacer(1000, 1000)           # the simulator sets no limit
+        after_ts = sim.client.history(start - 1, start - 1)[0][3]
+        page, exhausted = adapter.fetch_page(start, after_ts)
+        assert [t.id for t in page] == [i for i in range(start, status["last_id"] + 1) if i != bad_id]
+        assert exhausted and [row.id for row in page.rejected] == [bad_id]
+        assert "NaN" in page.rejected[0].reason and str(bad_id).encode() in page.rejected[0].raw
+    finally:
+        sim.stop()
