@@ -236,9 +236,13 @@ class Quarantine:
             self.held[item.id] = item
             return True
 
-    def lowest(self) -> Optional[Held]:
+    def heads(self) -> list:
+        """The lowest held id of each cluster (ids within PLAUSIBLE_JUMP_IDS of the one before), ids
+        ascending: REST is asked about these, so a forged id REST never has cannot hold up a real
+        jump the stream goes on from (whose trades are all one cluster)."""
         with self.lock:
-            return self.held[min(self.held)] if self.held else None
+            ids = sorted(self.held)
+            return [self.held[i] for n, i in enumerate(ids) if n == 0 or i - ids[n - 1] > PLAUSIBLE_JUMP_IDS]
 
     def pop(self, item_id: int) -> Optional[Held]:
         with self.lock:
@@ -427,11 +431,12 @@ class Backfiller(threading.Thread):
 
     # --- quarantine ----------------------------------------------------------------------------
     def ask_about_quarantine(self) -> bool:
-        """Ask REST about the lowest quarantined id when it is due; True when REST was asked."""
-        item = self.feed.quarantine.lowest()
+        """Ask REST about a quarantined id (the head of its cluster) that is due; True when asked."""
         now = time.monotonic()
         self.asked = {key: value for key, value in self.asked.items() if key in self.feed.quarantine.held}
-        if item is None or self.asked.get(item.id, (0, 0.0))[1] > now:
+        due = [head for head in self.feed.quarantine.heads() if self.asked.get(head.id, (0, 0.0))[1] <= now]
+        item = due[0] if due else None
+        if item is None:
             return False
         answer = self._rest_page(item.id, item.after_ts)
         if answer is None:
@@ -749,7 +754,10 @@ class SourceFeed(threading.Thread):
             return
         if self.last_id is not None and trade.id > self.last_id + 1:
             if not self._plausible(trade.id, trade.rts):
-                self._quarantine(Held(trade.id, trade, "stream", trade.rts, self._last_trade_ts()))
+                # REST paging by time looks from the trade's own time (never before our last trade's:
+                # a forged time in the past must not send it reading through old pages).
+                after_ts = max(trade.ts, self._last_trade_ts() or 0)
+                self._quarantine(Held(trade.id, trade, "stream", trade.rts, after_ts))
                 return
             # A bus batch holds contiguous ids: the publish of the next one records the skipped
             # ids as a gap, which the backfill fills while live trades keep flowing.
@@ -796,8 +804,11 @@ class SourceFeed(threading.Thread):
                 self._append(item.trade)
             else:
                 self._note_gap(item.id, item.seen_in)
-        # What was held behind it is judged again from the new cursor.
+        # What was held beside it is judged again from the new cursor (what it passed is dropped
+        # quietly: those ids are now in the gap before it, and REST brings the real trades).
         for held in self.quarantine.take(lambda other: False):
+            if self.last_id is not None and held.id <= self.last_id:
+                continue
             if held.trade is not None:
                 self._sequence(held.trade)
             elif self.last_id is not None and held.id > self.last_id:

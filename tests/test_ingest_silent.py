@@ -176,6 +176,29 @@ def test_a_confirmed_far_jump_records_the_gap_and_releases_what_was_held(bus):
     assert {f: (g.first, g.last) for f, g in bus.gaps(SOURCE).items()} == {"101": (101, far - 1)}
 
 
+def test_a_forged_id_rest_never_has_does_not_hold_up_a_real_far_jump(bus):
+    feed = feed_for(bus)
+    feed.handle("trades", None, [trade(100)], 0.0)
+    feed.flush()
+    forged, real = 100 + 10**6, 100 + 10**9          # both beyond belief; REST only has the real one
+    feed.handle("trades", None, [trade(forged)], 0.0)
+    feed.handle("trades", None, [trade(real), trade(real + 1)], 0.0)
+
+    def fetch_page(from_id, after=None):
+        return TradePage([trade(from_id)] if from_id >= real else []), True
+
+    feed.adapter.fetch_page = fetch_page
+    feed.adapter.rest_pause_s = lambda: 0.0
+    assert feed.backfiller.ask_about_quarantine()      # the forged one: REST has nothing yet, asked later
+    assert feed.inbox.empty()
+    assert feed.backfiller.ask_about_quarantine()      # the real jump's first id: REST has it
+    kind, _, data = feed.inbox.get_nowait()
+    feed.handle(kind, None, data, 0.0)
+    feed.flush()
+    assert bus_ids(bus) == [100, real, real + 1] and len(feed.quarantine) == 0
+    assert {f: (g.first, g.last) for f, g in bus.gaps(SOURCE).items()} == {"101": (101, real - 1)}
+
+
 def test_an_invalid_rest_row_is_dead_lettered_and_no_valid_id_is_skipped(bus):
     feed = feed_for(bus)
     feed.handle("trades", None, [trade(3)], 0.0)
