@@ -913,7 +913,8 @@ class KrakenProtocol:
         else:                                      # trades after `since` (ns), oldest first
             oldest = history.first_id_after_time(since // 1_000_000)
         rows = [["NaN" if trade_id in sim.bad_rest_ids else kraken_rest_price_text(cents),
-                 sim.generator.qty_text[qty], RawJson(f"{ms // 1000}.{ms % 1000:03d}"), "s" if side else "b", "m", "", trade_id]
+                 sim.generator.qty_text[qty], RawJson(f"{ms // 1000}.{ms % 1000:03d}"), "s" if side else "b",
+                 "m", "", trade_id]
                 for trade_id, cents, qty, ms, side in
                 trade_rows(list(history.slices(oldest, min(visible, oldest + count - 1))))]
         last = rows[-1][2].text.replace(".", "") + "000000" if rows else str(since or 0)
@@ -1128,6 +1129,8 @@ class ExchangeSimulator:
             # REST answers from a replica that is this far behind the live feed.
             self.rest_lag_ms = max(0, int(float_param(query, "seconds", -1.0, 3600.0) * 1000))
         elif kind == "badrow":
+            if not query.get("id"):
+                raise ParamError("parameter 'id' (the trade id whose REST rows turn invalid) is required")
             self.bad_rest_ids.add(int_param(query, "id", None, low=0))
         elif kind == "fakeid":
             self.send_fake_id(conns, int_param(query, "ahead", 1_000_000_000, low=1, high=2 ** 52),

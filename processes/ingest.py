@@ -312,7 +312,7 @@ class Backfiller(threading.Thread):
         """Sleep until a waiting gap or quarantined id is due (at most a second), or until woken."""
         now = time.monotonic()
         due = [wait.next_at for wait in self.waiting.values()] + [at for _, at in self.asked.values()]
-        self.wake.wait(max(0.01, min([1.0] + [at - now for at in due])))
+        self.wake.wait(min([1.0] + [at - now for at in due if at > now]))
         self.wake.clear()
 
     def _note_progress(self, gaps) -> None:
@@ -403,7 +403,7 @@ class Backfiller(threading.Thread):
             self.waiting.pop(gap.field, None)
             self._give_up(gap, "REST did not have these ids within the retention window")
             return
-        delay = min(GAP_RETRY_CAP_S, GAP_RETRY_BASE_S * 2 ** wait.tries)
+        delay = min(GAP_RETRY_CAP_S, GAP_RETRY_BASE_S * 2 ** min(wait.tries, 16))
         wait = wait._replace(tries=wait.tries + 1, next_at=now + delay)
         if now - wait.since >= GAP_ALARM_AFTER_S and now - wait.alarmed_at >= GAP_ALARM_EVERY_S:
             wait = wait._replace(alarmed_at=now)
@@ -444,7 +444,7 @@ class Backfiller(threading.Thread):
         verdict = _rest_verdict(item.id, answer[0])
         tries = self.asked.get(item.id, (0, 0.0))[0]
         if verdict is None:          # REST has nothing at or after it (yet): ask again later
-            delay = min(QUARANTINE_RETRY_CAP_S, QUARANTINE_RETRY_BASE_S * 2 ** tries)
+            delay = min(QUARANTINE_RETRY_CAP_S, QUARANTINE_RETRY_BASE_S * 2 ** min(tries, 16))
             self.asked[item.id] = (tries + 1, now + delay)
             return True
         self.asked[item.id] = (tries + 1, now + 1.0)    # until the feed thread has taken the verdict
