@@ -90,8 +90,11 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entry_ms(entry_id) -> int:
-    return int(_text(entry_id).partition("-")[0])
+def _before(a: str, b: str) -> bool:
+    """Stream entry id a is older than b."""
+    a_ms, _, a_seq = a.partition("-")
+    b_ms, _, b_seq = b.partition("-")
+    return (int(a_ms), int(a_seq or 0)) < (int(b_ms), int(b_seq or 0))
 
 
 class HeldIndex:
@@ -151,6 +154,30 @@ class HeldIndex:
             args += [number, letter, spans[number][0], spans[number][1], bytes(delta)]
         self.merge(keys=[keys.held_where(self.source), keys.held_cursor(self.source)], args=args)
         return set(deltas)
+
+    def prune(self) -> int:
+        """Forget segments whose every entry has left the local copy (trimmed by retention or memory
+        pressure): the local copy cannot re-send them any more, and the index stays bounded."""
+        oldest = {}
+        for stream, letter in ((keys.mirror(self.source), MIRROR), (keys.trades(self.source), FAILOVER_COPY)):
+            first = self.local.xrange(stream, count=1)
+            oldest[letter] = _text(first[0][0]) if first else None
+        gone = []
+        for field_name, value in self.local.hgetall(keys.held_where(self.source)).items():
+            name = _text(field_name)
+            last = _text(value).split()[1]
+            if oldest[name[0]] is None or _before(last, oldest[name[0]]):
+                gone.append(name)
+        numbers = {int(name[1:]) for name in gone}
+        remaining = {int(_text(f)[1:]) for f in self.local.hkeys(keys.held_where(self.source))
+                     if _text(f) not in gone}
+        pipe = self.local.pipeline(transaction=True)
+        if gone:
+            pipe.hdel(keys.held_where(self.source), *gone)
+        for number in numbers - remaining:
+            pipe.delete(keys.held_prefix(self.source) + str(number))
+        pipe.execute()
+        return len(numbers - remaining)
 
     def segments(self) -> List[int]:
         """Every segment the index knows, newest first."""

@@ -1,8 +1,10 @@
 """bin/btcfeed chaos: a seeded, randomized fault soak of the real stack, judged id by id at the end.
 
 One fault at a time, each restored before the next: the primary killed, frozen, wiped, demoted to a
-replica or out of memory; the local Redis or a stack process SIGKILLed; the exchange's websocket
-dropped, cut, stalled or fragmented; its REST API refusing with 429. The same seed gives the same
+replica or out of memory; the primary losing data silently (FLUSHALL, an empty restart faster than
+the writer's retry, the tail of its AOF as a host crash loses it); the local Redis or a stack process
+SIGKILLed; the exchange's websocket dropped, cut, stalled or fragmented; its REST API refusing with
+429. (A Cluster slot migration needs a cluster: tests/test_cluster.py runs it.) The same seed gives the same
 sequence of faults (their timing follows the machine). Afterwards the exchange is paused, the stack
 settles, and the primary (and the local copy a re-seed would restore it from) is compared with the
 exchange's history, id by id, from the first trade the primary held.
@@ -32,7 +34,8 @@ EXIT_EXACT, EXIT_NOT_EXACT, EXIT_COULD_NOT_RUN = 0, 1, 2
 # The kinds of fault, in the order the schedule draws from (changing it changes every seed's run).
 FAULT_KINDS = ("primary-kill", "primary-stop", "primary-wipe", "primary-replica", "primary-oom",
                "local-kill", "ingest-kill", "writer-kill", "sync-kill",
-               "ws-drop", "ws-cut", "ws-stall", "ws-fragment", "rest-429")
+               "ws-drop", "ws-cut", "ws-stall", "ws-fragment", "rest-429",
+               "primary-flush", "primary-empty-restart", "primary-aof-tail")
 GAP_S = (2.0, 8.0)                  # quiet time before each fault
 HOLD_S = {                          # how long a fault lasts before it is restored; absent = one shot
     "primary-kill": (1.0, 4.0),     # down, then restarted with its data (AOF)
@@ -45,6 +48,7 @@ HOLD_S = {                          # how long a fault lasts before it is restor
     "rest-429": (1.0, 3.0),         # market-data REST refused, with a reconnect that needs it
 }
 REST_429_COUNT = (2, 6)             # refused REST requests in one burst
+AOF_TAIL_LOST = 0.3                 # share of the newest AOF file a host crash takes
 
 STATE_SAMPLE_S = 0.1                # how often the writer state is looked at during a fault
 RESTART_WAIT_S = 30.0               # for supervisord to bring a killed program back
@@ -53,8 +57,8 @@ COOL_DOWN_S = 3.0                   # live trades after the last fault, so a gap
 SETTLE_WAIT_S = 120.0               # after pausing the exchange, for everything to land
 SETTLE_STABLE_S = 3.0               # longer than sync's identity check of a healthy primary
 SHOW_IDS = 20                       # ids printed per kind of discrepancy
-STACK_EVENTS = ("failover", "primary_changed", "drain_start", "hand_back", "reseed_done", "reseed_failed",
-                "drain_failed")
+STACK_EVENTS = ("failover", "primary_changed", "drain_start", "hand_back", "reseed_done", "repair",
+                "repair_failed", "drain_failed", "local_memory_full")
 SIM_CALL_TIMEOUT_S = 10.0
 
 
@@ -110,6 +114,7 @@ class ChaosSoak:
         self.started = 0.0
         self.first_id = None
         self.last_id = None
+        self.paused_ms = 0
         self.fault_counts = collections.Counter()
         self.verdict = None
         self.local_verdict = None
@@ -312,6 +317,27 @@ class ChaosSoak:
         finally:
             client.close()
 
+    def _primary_flush(self, fault: Fault) -> None:
+        client = self.primary.client()
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+    def _primary_empty_restart(self, fault: Fault) -> None:
+        self.primary.kill()
+        try:
+            self.primary.wipe()
+        finally:
+            self.primary.start()
+
+    def _primary_aof_tail(self, fault: Fault) -> None:
+        self.primary.kill()
+        try:
+            self.primary.lose_aof_tail(AOF_TAIL_LOST)
+        finally:
+            self.primary.start()
+
     def _local_kill(self, fault: Fault) -> None:
         self.kill_program("redis-local")
 
@@ -399,6 +425,7 @@ class ChaosSoak:
         self._states = []
         self.restore_everything()
         self.sim.pause()
+        self.paused_ms = int(time.time() * 1000)
         self.last_id = self.sim.status()["last_id"]
         paused_at = time.monotonic()
         self.say(f"{self.elapsed():7.1f}s  exchange paused at trade {self.last_id}; waiting for the stack "
@@ -449,11 +476,13 @@ class ChaosSoak:
             return []
 
     def not_settled(self) -> str:
-        """'' once the writer is back on the primary with nothing left to replay or re-seed."""
+        """'' once the writer is back on the primary with nothing left to replay or re-seed, and sync
+        has verified the primary against the local copy since the exchange paused."""
         try:
             state = self.writer_state()
             backlog = self.local.xlen(keys.BACKLOG)
-            reseed = self.local.hget(keys.SYNC_PRIMARY, "reseed") == b"1"
+            sync = self.local.hmget(keys.SYNC_PRIMARY, "sweep", "verified_ms")
+            reseed = sync[0] is not None or int(sync[1] or 0) < self.paused_ms
             client = self.primary.client()
             try:
                 last = client.hget(keys.last(SOURCE), "id")
@@ -464,7 +493,8 @@ class ChaosSoak:
         last = int(last) if last is not None else None
         if state == "primary" and backlog == 0 and not reseed and last == self.last_id:
             return ""
-        return (f"writer {state}, backlog {backlog} entries, re-seed {'pending' if reseed else 'none'}, "
+        return (f"writer {state}, backlog {backlog} entries, re-seed or verification "
+                f"{'pending' if reseed else 'done'}, "
                 f"primary's last trade {last}, exchange's {self.last_id}")
 
     def judge(self, settled: bool) -> bool:

@@ -138,6 +138,15 @@ def bench_failover(seconds, rate):
     sys.exit(run_failover_bench(outage_s=seconds, rate=rate, echo=click.echo))
 
 
+@cli.command("bench-reseed")
+@click.option("--trades", default=5_000_000, show_default=True, help="Trades in the local copy before the loss.")
+@click.option("--rate", default=1000, show_default=True, help="Live trades per second meanwhile.")
+def bench_reseed(trades, rate):
+    """A primary back empty under a full local copy: first live trade, re-seed time and rate."""
+    from common.reseed_bench import run_reseed_bench
+    sys.exit(run_reseed_bench(trades=trades, rate=rate, echo=click.echo))
+
+
 @cli.command("bench-primary")
 def bench_primary():
     """The write path into a primary over plain TCP and TLS, and into a Redis Cluster (sources on one

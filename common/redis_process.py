@@ -88,3 +88,17 @@ class RedisProcess:
                     os.rmdir(path)
                 else:
                     os.unlink(path)
+
+    def lose_aof_tail(self, fraction: float) -> int:
+        """What a host crash does to a server whose AOF was not yet fsynced: cut the newest part of the
+        AOF (the last incremental file, the tail of the multi-part AOF). Call between kill() and start();
+        the server loads up to the last whole command (aof-load-truncated). Returns the bytes cut."""
+        directory = os.path.join(self.directory, "appendonlydir")
+        tails = sorted((name for name in os.listdir(directory) if name.endswith(".incr.aof")),
+                       key=lambda name: int(name.split(".")[-3]))
+        path = os.path.join(directory, tails[-1])
+        size = os.path.getsize(path)
+        cut = int(size * fraction)
+        with open(path, "r+b") as handle:
+            handle.truncate(size - cut)
+        return cut

@@ -318,6 +318,8 @@ class Sync(Process):
 
     def finish_sweep(self) -> None:
         sweep, self.sweep = self.sweep, None
+        for index in self.indexes.values():
+            index.prune()
         self.next_full_sweep = time.monotonic() + FULL_SWEEP_EVERY_S
         self.counts["sweeps"] += 1
         seconds = round(time.monotonic() - sweep["started"], 3)

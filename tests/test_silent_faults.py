@@ -77,22 +77,23 @@ def test_primary_restarted_empty_within_a_fifth_of_a_second(primary, sim, stack)
 
 
 def test_primary_losing_the_tail_of_a_replay(primary, sim, stack):
-    """appendfsync no: a SIGKILL right after the hand-back takes the replay's last writes with it, while
-    the primary comes back with its epoch and most of its data."""
+    """A host crash right after the hand-back: the primary comes back with its epoch and its older
+    data, but the newest part of its AOF (the replay's tail and the live writes after it) is gone."""
     client = primary.client()
-    client.config_set("appendfsync", "no")
     wait_trades(client, RATE)
     first = verify.lowest_trade_id(client, SOURCE)
     client.client_pause(3000, all=True)      # an outage the writer fails over for, then a replay
     wait_for(lambda: writer_state(stack) == "failover", 10, "failover")
     wait_for(lambda: writer_state(stack) == "primary", 30, "hand-back")
     fault_ms = int(time.time() * 1000)
-    primary.kill()                       # the replay's tail was never written to the AOF file
+    primary.kill()
+    assert primary.lose_aof_tail(0.3) > 0
     primary.start()
-    primary.client().config_set("appendfsync", "no")
+    lost_last = primary_last_id(primary.client())
     wait_trades(primary.client(), RATE)
     assert_exact_since(primary, sim, stack, first)
     report("AOF tail", fault_ms, stack)
+    assert lost_last < primary_last_id(primary.client())
 
 
 def test_local_redis_at_its_memory_limit_never_wedges_the_writer(primary, sim, stack):

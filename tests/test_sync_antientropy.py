@@ -173,3 +173,19 @@ def test_unhealthy_probe_resets_the_streak(servers, tmp_path):
     sync.await_recovery()
     assert sync.streak == 0 and read_state(lc) == FAILOVER
     assert any("replica" in str(e["fields"]) for e in recent_events(lc) if e["event"] == "primary_unhealthy")
+
+
+def test_the_held_index_forgets_segments_the_local_copy_no_longer_holds(servers):
+    local_server, _ = servers
+    local = local_server.client()
+    trades = make_trades(65_536 - 100, 300)          # segments 0 and 1
+    first = local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[:50])))   # segment 0 only
+    last = local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[50:])))    # segments 0 and 1
+    index = HeldIndex(local, SOURCE)
+    assert index.follow(last) == {0, 1}
+    assert index.prune() == 0
+    local.xdel(keys.mirror(SOURCE), first)            # trimmed: segment 0 still has trades in `last`
+    assert index.prune() == 0 and index.segments() == [1, 0]
+    local.xdel(keys.mirror(SOURCE), last)
+    assert index.prune() == 2 and index.segments() == []
+    assert not local.exists(keys.held_prefix(SOURCE) + "0", keys.held_prefix(SOURCE) + "1")
