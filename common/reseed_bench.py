@@ -8,17 +8,18 @@ the primary is SIGKILLed, its files removed, and started again empty. Printed:
   - exactness: every re-seeded id once, and the live trades exact against the simulator.
 """
 
+import collections
 import time
 
 import psutil
 
 from common import epochs, keys
-from common.apply import BatchApplier, mirror_entry
+from common.apply import BatchApplier, mirror_entry, read_trades_since
 from common.bus import read_heartbeats
 from common.events import recent_events
 from common.stack import SimulatedStack, StackError
 from common.trade import Trade, encode_batch
-from common.verify import SOURCE, verify_primary
+from common.verify import SOURCE, compare_with_exchange
 
 BATCH = 2_000                     # trades per mirrored batch, as the writer's largest
 APPLY_BATCHES_PER_CALL = 16
@@ -151,10 +152,13 @@ def measure(rig, trades: int, echo) -> bool:
          "came back (target under 1,000 ms)")
     echo(f"  re-seed: {added:,} trades in {seconds:.1f} s ({added / seconds:,.0f} trades/s), done "
          f"{all_back:.1f} s after the return; the live feed went on meanwhile")
-    live = verify_primary(client, rig.sim, from_id=LIVE_START_ID, to_id=last_id)
-    old = client.xlen(keys.trades(SOURCE)) - live.present
-    exact = live.exact() and old == trades
-    echo(f"  exact: old trades {old:,} of {trades:,}; live {live}")
+    stored = [trade for chunk in read_trades_since(client, SOURCE, 50_000) for trade in chunk]
+    old_ids = collections.Counter(trade.id for trade in stored if trade.id < LIVE_START_ID)
+    old_exact = (len(old_ids) == trades and set(old_ids.values()) == {1}
+                 and min(old_ids) == LIVE_START_ID - trades)
+    live = compare_with_exchange([t for t in stored if t.id >= LIVE_START_ID], rig.sim, LIVE_START_ID, last_id)
+    exact = live.exact() and old_exact
+    echo(f"  exact: old trades {len(old_ids):,} distinct of {trades:,} (each once: {old_exact}); live {live}")
     echo("result: " + ("EXACT" if exact else "NOT EXACT (state kept in " + rig.root + ")"))
     return not exact
 
