@@ -5,7 +5,7 @@ import time
 
 import redis
 
-from common import keys
+from btcfeed import keys
 
 EVENTS_MAX = 10_000
 

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 import redis
 
-from common import config as config_module
-from common.bus import connect_local, wait_for_local, write_heartbeat
+from btcfeed import config as config_module
+from btcfeed.storage.bus import connect_local, wait_for_local, write_heartbeat
 
 HEARTBEAT_INTERVAL_S = 1.0
 LOCAL_WAIT_AT_START_S = 5.0

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import orjson
 
-from common.wsframes import OP_BINARY, OP_TEXT
+from btcfeed.wsframes import OP_BINARY, OP_TEXT
 
 # Quantities are summed into candles as integers of 1e-8 (the finest step Binance, Coinbase and
 # Kraken use for BTC), so volumes stay exact however a replay orders the trades.

@@ -1,7 +1,7 @@
 """health: the HTTP API with the state of everything.
 
 GET /health   200 while trades reach the primary or the local copy durably, else 503 (short JSON)
-GET /status   the whole status document (common/status.py)
+GET /status   the whole status document (common/observability/status.py)
 GET /metrics  the same figures in Prometheus text format
 
 A background sampler refreshes the status document every STATUS_REFRESH_S (rates and the price
@@ -21,11 +21,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from common.config import ConfigError, is_loopback
-from common.events import record_event
-from common.lifecycle import Process, run_process
-from common.metrics import CONTENT_TYPE, render_metrics
-from common.status import StatusCollector
+from btcfeed.config import ConfigError, is_loopback
+from btcfeed.events import record_event
+from btcfeed.lifecycle import Process, run_process
+from btcfeed.observability.metrics import CONTENT_TYPE, render_metrics
+from btcfeed.observability.status import StatusCollector
 
 STATUS_REFRESH_S = 0.5
 PATHS = ("/health", "/status", "/metrics")

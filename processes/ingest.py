@@ -3,7 +3,7 @@
 Each source runs in its own SourceFeed thread with its own connections, cursor, gap detection and
 REST backfill, so one exchange that refuses, stalls, rate-limits or sends garbage never holds up
 another. Everything exchange-specific (URLs, subscription, parsing, REST paging, rate limits) is in
-that exchange's adapter: common/binance.py, common/coinbase.py, common/kraken.py.
+that exchange's adapter: common/exchanges/binance.py, common/exchanges/coinbase.py, common/exchanges/kraken.py.
 """
 
 import queue
@@ -16,16 +16,16 @@ import orjson
 import redis
 import websocket
 
-from common.backoff import Backoff
-from common.binance import BinanceAdapter
-from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
-from common.coinbase import CoinbaseAdapter
-from common.events import record_event
-from common.exchange import RateLimited, RestError
-from common.kraken import KrakenAdapter
-from common.lifecycle import EXIT_FAILURE, Process, run_process
-from common.trade import BadMessage, ServerShutdown, Trade, parse_socket_read
-from common.wsframes import OP_CLOSE, OP_PING, OP_TEXT, FrameError
+from btcfeed.backoff import Backoff
+from btcfeed.exchanges.binance import BinanceAdapter
+from btcfeed.storage.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
+from btcfeed.exchanges.coinbase import CoinbaseAdapter
+from btcfeed.events import record_event
+from btcfeed.exchanges.base import RateLimited, RestError
+from btcfeed.exchanges.kraken import KrakenAdapter
+from btcfeed.lifecycle import EXIT_FAILURE, Process, run_process
+from btcfeed.trade import BadMessage, ServerShutdown, Trade, parse_socket_read
+from btcfeed.wsframes import OP_CLOSE, OP_PING, OP_TEXT, FrameError
 
 CONNECT_TIMEOUT_S = 10.0
 # A connection that stayed up this long was healthy: the next failure starts backoff afresh.
@@ -271,7 +271,7 @@ class Backfiller(threading.Thread):
     """Fills a source's recorded gaps over REST while its live trades keep flowing, and asks REST
     about the ids in quarantine.
 
-    The gaps live in the local Redis with the cursor (common/bus.py), so a restart in the middle
+    The gaps live in the local Redis with the cursor (common/storage/bus.py), so a restart in the middle
     of a long backfill goes on where it stopped. Oldest gap first; the open catch-up after a
     reconnect last; a gap REST has nothing for yet waits (with backoff) without holding up the
     others. Each page is published with a script that shrinks its gap in the same step.

@@ -19,11 +19,11 @@ import xmlrpc.client
 import redis
 from supervisor import childutils
 
-from common import config as config_module
-from common import keys
-from common.bus import connect_local
-from common.events import record_event
-from common.lifecycle import EXIT_CONFIG, EventLog
+from btcfeed import config as config_module
+from btcfeed import keys
+from btcfeed.storage.bus import connect_local
+from btcfeed.events import record_event
+from btcfeed.lifecycle import EXIT_CONFIG, EventLog
 
 FIRST_RESTART_DELAY_S = 2.0
 MAX_RESTART_DELAY_S = 300.0

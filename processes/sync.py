@@ -1,8 +1,8 @@
 """sync: watches the primary, replays the backlog when it is healthy again, hands the writer back,
-and keeps the primary holding everything the local copy holds (anti-entropy, common/antientropy.py).
+and keeps the primary holding everything the local copy holds (anti-entropy, common/storage/antientropy.py).
 
 What it knows, rather than guesses:
-  - the epoch (common/epochs.py): a primary that lost btcfeed's data refuses the writer's next batch,
+  - the epoch (common/storage/epochs.py): a primary that lost btcfeed's data refuses the writer's next batch,
     sync verifies the epochs before it hands back, and a new epoch means a full sweep;
   - the seen-sets: every second the segments touched in the last RECENT_S are compared with the
     held index, every segment on a schedule and after any change of the primary; every trade the
@@ -16,14 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from common import epochs, keys
-from common.antientropy import HeldIndex, compare, resend
-from common.apply import BatchApplier, is_epoch_error
-from common.config import redact_url
-from common.events import record_event
-from common.lifecycle import Process, run_process
-from common.primary import cluster_probe, connect_primary, is_cluster
-from common.writerstate import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
+from btcfeed.storage import epochs
+
+from btcfeed import keys
+from btcfeed.storage.antientropy import HeldIndex, compare, resend
+from btcfeed.storage.apply import BatchApplier, is_epoch_error
+from btcfeed.config import redact_url
+from btcfeed.events import record_event
+from btcfeed.lifecycle import Process, run_process
+from btcfeed.storage.primary import cluster_probe, connect_primary, is_cluster
+from btcfeed.storage.writerstate import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 WATCH_INTERVAL_S = 1.0          # identity and epoch check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)

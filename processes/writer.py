@@ -12,17 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from common import epochs, keys
-from common.apply import BatchApplier, mirror_entry
-from common.config import redact_url
-from common.events import record_event
-from common.latency import LatencyHistogram, newest_trade_ts
-from common.lifecycle import Process, run_process
-from common.primary import connect_primary
+from btcfeed.storage import epochs
+
+from btcfeed import keys
+from btcfeed.storage.apply import BatchApplier, mirror_entry
+from btcfeed.config import redact_url
+from btcfeed.events import record_event
+from btcfeed.latency import LatencyHistogram, newest_trade_ts
+from btcfeed.lifecycle import Process, run_process
+from btcfeed.storage.primary import connect_primary
 # The state names and describe_error live in a library module (tools must not import a process);
 # they stay importable from here, DRAINING too, which the writer itself does not use.
-from common.writerstate import DRAINING  # noqa: F401
-from common.writerstate import FAILOVER, PRIMARY, describe_error, read_state, set_state
+from btcfeed.storage.writerstate import DRAINING  # noqa: F401
+from btcfeed.storage.writerstate import FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 CONSUMER = "writer"
 READ_COUNT = 64                 # bus entries per read (each holds up to 2,000 trades)

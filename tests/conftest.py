@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from common.redis_process import RedisProcess
+from tools.redis_process import RedisProcess
 from harness import Simulator, short_tmpdir
 
 

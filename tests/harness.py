@@ -8,11 +8,13 @@ import time
 
 import redis
 
-from common import keys, verify
-from common.redis_process import RedisProcess, free_port
-from common.stack import Stack
-from common.verify import SOURCE, Verdict
-from processes.exchange_sim import SimulatorClient, start_simulator
+from btcfeed import keys
+
+from tools import verify
+from tools.redis_process import RedisProcess, free_port
+from btcfeed.commands.stack import Stack
+from tools.verify import SOURCE, Verdict
+from tools.simulator import SimulatorClient, start_simulator
 
 
 def short_tmpdir(prefix: str = "bf-") -> str:

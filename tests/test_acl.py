@@ -13,8 +13,8 @@ import time
 import pytest
 import redis
 
-from common import keys
-from common.redis_process import RedisProcess
+from btcfeed import keys
+from tools.redis_process import RedisProcess
 from harness import (Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_primary, wait_for)
 

@@ -7,9 +7,9 @@ import time
 import pytest
 import redis
 
-from common import keys
-from common.apply import BatchApplier, expected_candles, is_epoch_error, iso_time, read_candles, read_trades
-from common.trade import Trade, encode_batch
+from btcfeed import keys
+from btcfeed.storage.apply import BatchApplier, expected_candles, is_epoch_error, iso_time, read_candles, read_trades
+from btcfeed.trade import Trade, encode_batch
 
 SOURCE = "binance:BTCUSDT"
 NOW = int(time.time() * 1000) // 60000 * 60000   # trades inside the retention window
@@ -186,7 +186,7 @@ def test_script_reloads_after_script_flush(redis_client, applier):
 
 
 def test_bus_trim_never_removes_a_pending_entry(redis_client):
-    from processes.writer import TRIM_BUS_SCRIPT, _next_id
+    from btcfeed.processes.writer import TRIM_BUS_SCRIPT, _next_id
     bus = keys.BUS
     redis_client.xgroup_create(bus, keys.BUS_GROUP, id="0", mkstream=True)
     ids = [redis_client.xadd(bus, {"n": i}) for i in range(300)]

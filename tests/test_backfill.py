@@ -8,7 +8,9 @@ import time
 import pytest
 import redis
 
-from common import keys, verify
+from btcfeed import keys
+
+from tools import verify
 from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,9 +92,9 @@ class FakeSocket:
 
 def test_never_more_than_five_messages_a_second_to_the_exchange(redis_server):
     import threading
-    from common.bus import Bus
-    from common.config import Source, load
-    from processes.ingest import Connection, SourceFeed
+    from btcfeed.storage.bus import Bus
+    from btcfeed.config import Source, load
+    from btcfeed.processes.ingest import Connection, SourceFeed
 
     class SilentLog:
         def __getattr__(self, name):

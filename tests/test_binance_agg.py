@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import websocket
 
-from common import binance, keys, verify
-from common.binance import REST_ENDPOINTS, BinanceAdapter, BinanceRest, stream_url
-from common.config import BINANCE_TRADE_KINDS
-from common.trade import BINANCE_KINDS, MalformedJSON, Trade, parse_socket_read
+from btcfeed.exchanges import binance
+
+
+from tools import verify
+from btcfeed.exchanges.binance import REST_ENDPOINTS, BinanceAdapter, BinanceRest, stream_url
+from btcfeed.config import BINANCE_TRADE_KINDS
+from btcfeed.trade import BINANCE_KINDS, MalformedJSON, Trade, parse_socket_read
 from harness import (drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary,
                      wait_for)
-from processes.exchange_sim import SimulatorClient, encode_message, start_simulator, stop_simulator
+from tools.simulator import SimulatorClient, encode_message, start_simulator, stop_simulator
 
 RATE = 1000
 RTS = 1_700_000_000_500

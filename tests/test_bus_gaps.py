@@ -1,4 +1,4 @@
-"""The bus scripts that keep a source's cursor and gap records (common/bus.py), against a real
+"""The bus scripts that keep a source's cursor and gap records (common/storage/bus.py), against a real
 redis-server: the invariant is that every id up to the cursor is on the bus or inside a gap
 record, whatever mix of live batches, backfills, heartbeats and reconnects comes, and that every
 script can be repeated after a lost reply."""
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import keys
-from common.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
-from common.trade import Trade, decode_batch
+from btcfeed import keys
+from btcfeed.storage.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
+from btcfeed.trade import Trade, decode_batch
 
 SOURCE = "binance:BTCUSDT"
 

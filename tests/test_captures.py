@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.trade import BadMessage, Trade, parse_binance_ws
-from common.wsframes import OP_TEXT, Reassembler
+from btcfeed.trade import BadMessage, Trade, parse_binance_ws
+from btcfeed.wsframes import OP_TEXT, Reassembler
 from test_reassembly import fragments_with_pings, split_at
 
 RTS = 1_700_000_000_123

@@ -1,10 +1,10 @@
-"""The randomized fault soak (common/chaos.py): a short fixed-seed run by default, a longer one on demand."""
+"""The randomized fault soak (tools/chaos.py): a short fixed-seed run by default, a longer one on demand."""
 
 import itertools
 
 import pytest
 
-from common.chaos import (EXIT_COULD_NOT_RUN, EXIT_EXACT, FAULT_KINDS, HOLD_S, ChaosSoak, fault_schedule,
+from tools.chaos import (EXIT_COULD_NOT_RUN, EXIT_EXACT, FAULT_KINDS, HOLD_S, ChaosSoak, fault_schedule,
                           run_chaos)
 
 SHORT_SEED = 9          # its first faults touch the primary, the local Redis, a process and the websocket

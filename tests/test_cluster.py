@@ -15,10 +15,12 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-from common import config as config_module, verify
-from common import keys
-from common.events import recent_events
-from common.redis_process import RedisProcess
+from btcfeed import config as config_module
+
+from tools import verify
+from btcfeed import keys
+from btcfeed.events import recent_events
+from tools.redis_process import RedisProcess
 from harness import (SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_derived, verify_primary, wait_for,
                      wait_verified)
 

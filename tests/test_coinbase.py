@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from common import coinbase, keys
-from common.bus import Bus
-from common.config import ConfigError, Source, load
-from common.exchange import Heartbeat, iso_to_ms
-from common.trade import BadMessage, MalformedJSON, Trade, decode_batch, parse_socket_read
+from btcfeed.exchanges import coinbase
+
+from btcfeed import keys
+from btcfeed.storage.bus import Bus
+from btcfeed.config import ConfigError, Source, load
+from btcfeed.exchanges.base import Heartbeat, iso_to_ms
+from btcfeed.trade import BadMessage, MalformedJSON, Trade, decode_batch, parse_socket_read
 from harness import (Simulator, assert_exact, primary_last_id, remove_stack, start_stack, wait_for,
                      wait_source_trades)
-from processes.exchange_sim import encode_message, stop_simulator
-from processes.ingest import SourceFeed
+from tools.simulator import encode_message, stop_simulator
+from btcfeed.processes.ingest import SourceFeed
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "coinbase-exchange-feed.jsonl"
 SHARED_CAPTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures"

@@ -7,7 +7,7 @@ import redis.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import (ConfigError, Source, check_redis_url, is_loopback, load, parse_addr, parse_sources,
+from btcfeed.config import (ConfigError, Source, check_redis_url, is_loopback, load, parse_addr, parse_sources,
                            redact_url)
 
 

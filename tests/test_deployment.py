@@ -13,9 +13,9 @@ import time
 import pytest
 import redis
 
-from common import config
-from common.redis_process import RedisProcess, free_port
-from common.stack import PROGRAMS, Stack
+from btcfeed import config
+from tools.redis_process import RedisProcess, free_port
+from btcfeed.commands.stack import PROGRAMS, Stack
 
 try:
     import tomllib

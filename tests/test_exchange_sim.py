@@ -17,7 +17,7 @@ from decimal import Decimal
 import pytest
 import websocket
 
-from processes.exchange_sim import (PACKAGE_ROOT, SimulatorClient, SimulatorError, start_simulator,
+from tools.simulator import (PACKAGE_ROOT, SimulatorClient, SimulatorError, start_simulator,
                                     stop_simulator)
 
 pytestmark = pytest.mark.integration
@@ -608,7 +608,7 @@ def test_sigterm_exits_zero_and_says_goodbye(make_sim):
 
 @pytest.mark.parametrize("args", [["--rate", "abc"], ["--rate", "0"], ["--no-such-flag"]])
 def test_bad_command_line_is_one_readable_error_and_exit_2(args):
-    result = subprocess.run([sys.executable, "-m", "processes.exchange_sim", *args], cwd=PACKAGE_ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.simulator", *args], cwd=PACKAGE_ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "error:" in result.stderr.strip().splitlines()[-1]
@@ -618,7 +618,7 @@ def test_bad_command_line_is_one_readable_error_and_exit_2(args):
 
 def subscribed(sim, mode):
     """A websocket client subscribed to the mode's trade channel, and the replies to that."""
-    from common import coinbase, kraken
+    from btcfeed.exchanges import coinbase, kraken
     path, message = {"coinbase": ("/", coinbase.subscribe_message("BTC-USD")),
                      "kraken": ("/v2", kraken.subscribe_message("BTC/USD"))}[mode]
     ws = sim.connect(path)
@@ -729,6 +729,6 @@ def test_kraken_mode_rest_since_last_and_rate_limit_error(make_sim):
 
 @pytest.mark.parametrize("mode, symbol", [("coinbase", "BTCUSD"), ("kraken", "BTC-USD"), ("binance", "BTC/USD")])
 def test_mode_rejects_another_exchanges_symbol(mode, symbol):
-    result = subprocess.run([sys.executable, "-m", "processes.exchange_sim", "--mode", mode, "--symbol", symbol],
+    result = subprocess.run([sys.executable, "-m", "tools.simulator", "--mode", mode, "--symbol", symbol],
                             cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--symbol must be" in result.stderr

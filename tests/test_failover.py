@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from common import keys, verify
-from common.events import recent_events
-from common.redis_process import RedisProcess
+from btcfeed import keys
+
+from tools import verify
+from btcfeed.events import recent_events
+from tools.redis_process import RedisProcess
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_derived, verify_primary, wait_for, wait_verified)
 
@@ -51,6 +53,7 @@ def settle_and_verify(primary, sim, stack):
     wait_for(lambda: writer_state(stack) == "primary", 60, "hand-back to the primary")
     client = primary.client()
     last_id = drain(client, sim)
+    wait_verified(stack)
     first = verify.lowest_trade_id(client, SOURCE)
     verdict = verify_primary(client, sim, from_id=first)
     assert verdict.exact(), f"{verdict}; events: {recent_events(local_client(stack), 30)}"

@@ -11,9 +11,9 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import (BadMessage, Trade, check_decimal, check_qty, parse_binance_rest, parse_binance_ws,
+from btcfeed.trade import (BadMessage, Trade, check_decimal, check_qty, parse_binance_rest, parse_binance_ws,
                           parse_socket_read)
-from common.wsframes import OP_TEXT, FrameError, MessageSplitter, Reassembler, sample_prefix
+from btcfeed.wsframes import OP_TEXT, FrameError, MessageSplitter, Reassembler, sample_prefix
 from test_wsframes import fragmented
 
 SYMBOL = "BTCUSDT"

@@ -21,12 +21,12 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import config as config_module
-from common import keys
-from common.bus import write_heartbeat
-from common.events import record_event
-from common.lifecycle import EventLog
-from common.redis_process import RedisProcess, free_port
+from btcfeed import config as config_module
+from btcfeed import keys
+from btcfeed.storage.bus import write_heartbeat
+from btcfeed.events import record_event
+from btcfeed.lifecycle import EventLog
+from tools.redis_process import RedisProcess, free_port
 from harness import short_tmpdir, wait_for
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ SECRET = "pw-Hardening-Secret-77"
 
 # --- a health process of its own --------------------------------------------------------------------
 class HealthProcess:
-    """processes.health on a free loopback port, its log in a file."""
+    """btcfeed.processes.health on a free loopback port, its log in a file."""
 
     def __init__(self, tmp_path, local: RedisProcess, primary_url: str, **extra):
         self.port = free_port()
@@ -46,7 +46,7 @@ class HealthProcess:
                     "BTCFEED_PRIMARY_URL": primary_url, "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{self.port}",
                     "BTCFEED_HEALTH_TOKEN": "", "BTCFEED_HEALTH_TOKEN_FILE": "", **extra}
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "processes.health"], cwd=ROOT,
+            self.process = subprocess.Popen([sys.executable, "-m", "btcfeed.processes.health"], cwd=ROOT,
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self.answers, 20, "the health API to listen")
 
@@ -121,7 +121,7 @@ def timed_get(health: HealthProcess, path: str = "/health"):
 
 # --- idle and slow clients, and the connection cap --------------------------------------------------
 def test_idle_and_slow_clients_are_dropped_while_the_api_answers(health):
-    from processes.health import REQUEST_DEADLINE_S
+    from btcfeed.processes.health import REQUEST_DEADLINE_S
     idle = [connect(health.port) for _ in range(40)]
     slow = connect(health.port)
     slow.sendall(b"GET /health HTTP/1.0\r\nX-Slow: ")
@@ -149,7 +149,7 @@ def test_idle_and_slow_clients_are_dropped_while_the_api_answers(health):
 
 
 def test_connections_beyond_the_cap_are_closed_at_once_and_the_api_recovers(health):
-    from processes.health import MAX_CONNECTIONS, REQUEST_DEADLINE_S
+    from btcfeed.processes.health import MAX_CONNECTIONS, REQUEST_DEADLINE_S
     held = [connect(health.port) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.5)                                      # all accepted, each holding a slot
@@ -220,7 +220,7 @@ def test_bin_health_never_follows_a_redirect_with_the_token(tmp_path, code, as_j
 
 # --- secrets in the failover periods ----------------------------------------------------------------
 def test_failover_reasons_in_the_status_are_scrubbed(tmp_path, local):
-    from common.status import StatusCollector
+    from btcfeed.observability.status import StatusCollector
     cfg = config_module.load({"BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_LOCAL_URL": local.url,
                               "BTCFEED_PRIMARY_URL": f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"})
     client = local.client()
@@ -241,7 +241,7 @@ def test_a_name_that_looks_like_loopback_needs_a_token(tmp_path):
            "BTCFEED_HEALTH_ADDR": f"127.evil.example:{free_port()}",
            "BTCFEED_HEALTH_TOKEN": "", "BTCFEED_HEALTH_TOKEN_FILE": "",
            "BTCFEED_LOCAL_URL": f"unix://{tmp_path}/none.sock"}
-    result = subprocess.run([sys.executable, "-m", "processes.health"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "btcfeed.processes.health"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     text = result.stdout + result.stderr
     assert result.returncode == 2 and "BTCFEED_HEALTH_TOKEN" in text and "Traceback" not in text
@@ -250,7 +250,7 @@ def test_a_name_that_looks_like_loopback_needs_a_token(tmp_path):
 
 # --- a primary that can evict btcfeed's keys --------------------------------------------------------
 def test_eviction_risk_reads_the_policy_of_a_real_server(evicting_primary, primary):
-    from common.primary import eviction_risk
+    from btcfeed.storage.primary import eviction_risk
     reason = eviction_risk(evicting_primary.client())
     assert "allkeys-lru" in reason and "noeviction" in reason and "\n" not in reason
     assert eviction_risk(primary.client()) is None
@@ -311,8 +311,8 @@ def test_a_safe_primary_has_no_eviction_risk(tmp_path, local, primary):
 
 
 def test_every_master_of_a_cluster_is_checked(tmp_path):
-    from common.primary import eviction_risk
-    from common.status import StatusCollector
+    from btcfeed.storage.primary import eviction_risk
+    from btcfeed.observability.status import StatusCollector
     from test_cluster import Cluster
     cluster = Cluster(masters=3, replicas=0)
     try:

@@ -14,15 +14,17 @@ import time
 import pytest
 import redis
 
-from common import binance, keys
-from common.bus import Bus
-from common.config import Source, load
-from common.events import recent_events
-from common.exchange import RestError, TradePage, RejectedRow, http_get_json, iso_to_ms
-from common.trade import BadMessage, Trade, decode_batch
+from btcfeed.exchanges import binance
+
+from btcfeed import keys
+from btcfeed.storage.bus import Bus
+from btcfeed.config import Source, load
+from btcfeed.events import recent_events
+from btcfeed.exchanges.base import RestError, TradePage, RejectedRow, http_get_json, iso_to_ms
+from btcfeed.trade import BadMessage, Trade, decode_batch
 from harness import (Simulator, assert_exact, drain, primary_last_id, remove_stack, start_stack,
                      verify_primary, wait_for, wait_source_trades)
-from processes.ingest import SourceFeed
+from btcfeed.processes.ingest import SourceFeed
 
 RATE = 1000
 SOURCE = "binance:BTCUSDT"
@@ -223,7 +225,7 @@ def test_an_invalid_rest_row_is_dead_lettered_and_no_valid_id_is_skipped(bus):
 
 
 def test_a_gap_rest_has_nothing_for_is_kept_with_backoff_and_an_alarm(bus, monkeypatch):
-    import processes.ingest as ingest
+    import btcfeed.processes.ingest as ingest
     monkeypatch.setattr(ingest, "GAP_ALARM_AFTER_S", 0.0)
     feed = feed_for(bus)
     feed.handle("trades", None, [trade(3)], 0.0)
@@ -360,8 +362,8 @@ def test_an_invalid_rest_row_is_dead_lettered_and_later_gaps_still_fill(primary,
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["binance", "coinbase", "kraken"])
 def test_each_adapter_keeps_the_valid_rows_of_a_page_with_a_bad_one(mode):
-    from common.coinbase import CoinbaseAdapter
-    from common.kraken import KrakenAdapter, RequestPacer
+    from btcfeed.exchanges.coinbase import CoinbaseAdapter
+    from btcfeed.exchanges.kraken import KrakenAdapter, RequestPacer
     sim = Simulator(rate=500, mode=mode)
     try:
         wait_for(lambda: (lambda st: st["last_id"] >= st["first_id"] + 100)(sim.client.status()), 10,

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from common import keys, kraken
-from common.config import ConfigError, load
-from common.exchange import Heartbeat, RateLimited, RestError
-from common.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
+from btcfeed import keys
+
+from btcfeed.exchanges import kraken
+from btcfeed.config import ConfigError, load
+from btcfeed.exchanges.base import Heartbeat, RateLimited, RestError
+from btcfeed.trade import BadMessage, MalformedJSON, Trade, parse_socket_read
 from harness import Simulator, assert_exact, remove_stack, start_stack, wait_for, wait_source_trades
-from processes.exchange_sim import encode_message, stop_simulator
+from tools.simulator import encode_message, stop_simulator
 
 LOCAL_CAPTURE = Path(__file__).resolve().parent / "fixtures" / "kraken-v1-trade.jsonl"
 SHARED_CAPTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchange-captures"

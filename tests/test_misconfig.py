@@ -6,9 +6,9 @@ import urllib.request
 import pytest
 import redis
 
-from common import keys
-from common.redis_process import RedisProcess
-from common.stack import Stack
+from btcfeed import keys
+from tools.redis_process import RedisProcess
+from btcfeed.commands.stack import Stack
 from harness import (SOURCE, Simulator, drain, remove_stack, short_tmpdir, stack_env, verify_derived, verify_primary,
                      wait_for)
 

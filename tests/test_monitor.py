@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import monitor
-from common.monitor import failover_timeline, render_text, sparkline
+from btcfeed.commands import monitor
+from btcfeed.commands.monitor import failover_timeline, render_text, sparkline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin", "monitor")

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from common import keys
-from common.config import Source, load
+from btcfeed import keys
+from btcfeed.config import Source, load
 from harness import Simulator, assert_exact, primary_last_id, remove_stack, start_sources_stack, wait_for
 
 pytestmark = pytest.mark.integration

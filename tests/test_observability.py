@@ -16,9 +16,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import keys, verify
-from common.events import recent_events
-from common.redis_process import RedisProcess
+
+from tools import verify
+from btcfeed.events import recent_events
+from tools.redis_process import RedisProcess
 from harness import SOURCE, drain, remove_stack, short_tmpdir, start_stack, verify_primary, wait_for
 
 pytestmark = pytest.mark.integration
@@ -291,7 +292,7 @@ def test_json_log_format(redis_server, tmp_path):
     env = {**os.environ, "BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_LOG_FORMAT": "json",
            "BTCFEED_LOCAL_URL": redis_server.url, "BTCFEED_HEALTH_ADDR": "127.0.0.1:0",
            "BTCFEED_PRIMARY_URL": "redis://127.0.0.1:1/0"}
-    process = subprocess.Popen([sys.executable, "-m", "processes.health"], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "btcfeed.processes.health"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3)
     process.send_signal(signal.SIGTERM)

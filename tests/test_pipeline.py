@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from common import keys
-from common.stack import PROGRAMS
+from btcfeed import keys
+from btcfeed.commands.stack import PROGRAMS
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_derived, verify_primary, wait_for)
 
@@ -169,7 +169,7 @@ def run_process_main(module, **env):
     ("BTCFEED_BINANCE_WS_URL", "wss://stream.binance.com:9443/ws", "without a path"),
 ])
 def test_bad_configuration_is_one_clear_line(variable, value, needle):
-    for module in ("processes.ingest", "processes.writer", "processes.health"):
+    for module in ("btcfeed.processes.ingest", "btcfeed.processes.writer", "btcfeed.processes.health"):
         result = run_process_main(module, **{variable: value})
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
@@ -178,6 +178,6 @@ def test_bad_configuration_is_one_clear_line(variable, value, needle):
 
 
 def test_unreachable_local_redis_at_start_is_one_clear_line():
-    result = run_process_main("processes.writer", BTCFEED_LOCAL_URL="unix:///tmp/no-such-dir/redis.sock")
+    result = run_process_main("btcfeed.processes.writer", BTCFEED_LOCAL_URL="unix:///tmp/no-such-dir/redis.sock")
     assert result.returncode == 1
     assert "local_redis_unreachable" in result.stdout and "Traceback" not in result.stdout + result.stderr

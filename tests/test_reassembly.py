@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from common.trade import BadMessage, binance_cut_record_id, parse_binance_ws, parse_socket_read
-from common.wsframes import (OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameReader,
+from btcfeed.trade import BadMessage, binance_cut_record_id, parse_binance_ws, parse_socket_read
+from btcfeed.wsframes import (OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameReader,
                              MessageSplitter, Reassembler, _is_whole_document, sample_prefix)
 from test_wsframes import frame
 
@@ -444,7 +444,7 @@ trade_shaped = st.builds(envelope, st.lists(st.sampled_from([b'"', b"{", b"}", b
 @given(trade_shaped | st.binary(max_size=30))
 def test_the_lone_document_shortcut_agrees_with_the_scan(message):
     # The shortcut must never claim a lone document where the bracket scan finds something else.
-    from common.wsframes import _is_lone_trade_shaped_document
+    from btcfeed.wsframes import _is_lone_trade_shaped_document
     if _is_lone_trade_shaped_document(message):
         scanner = MessageSplitter(MAX)
         documents = []

@@ -6,7 +6,9 @@ import signal
 
 import pytest
 
-from common import keys, verify
+from btcfeed import keys
+
+from tools import verify
 from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import redis
 
-from common.redis_process import RedisProcess, free_port
+from tools.redis_process import RedisProcess, free_port
 from harness import Simulator, remove_stack, short_tmpdir, start_stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_health_beyond_loopback_needs_a_token(tmp_path):
     env = {**os.environ, "BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_HEALTH_ADDR": f"0.0.0.0:{free_port()}",
            "BTCFEED_HEALTH_TOKEN": "", "BTCFEED_HEALTH_TOKEN_FILE": "",
            "BTCFEED_LOCAL_URL": f"unix://{tmp_path}/none.sock"}
-    result = subprocess.run([sys.executable, "-m", "processes.health"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "btcfeed.processes.health"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     text = result.stdout + result.stderr
@@ -100,6 +100,6 @@ def test_health_beyond_loopback_needs_a_token(tmp_path):
 
 def test_short_token_is_refused(tmp_path):
     env = {**os.environ, "BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_HEALTH_TOKEN": "short"}
-    result = subprocess.run([sys.executable, "-m", "processes.health"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "btcfeed.processes.health"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "too short" in result.stderr and "short" not in result.stdout

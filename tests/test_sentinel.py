@@ -13,8 +13,10 @@ import urllib.request
 import pytest
 import redis
 
-from common import keys, verify
-from common.redis_process import RedisProcess, free_port
+from btcfeed import keys
+
+from tools import verify
+from tools.redis_process import RedisProcess, free_port
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack, verify_primary, wait_for,
                      wait_verified)
 

@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from common import keys, verify
-from common.events import recent_events
+from btcfeed import keys
+
+from tools import verify
+from btcfeed.events import recent_events
 from harness import (SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary,
                      wait_for, wait_verified)
 from test_failover import local_client, writer_state

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.latency import BUCKETS_MS, LatencyHistogram, newest_trade_ts, quantile_ms
-from common.metrics import render_metrics
-from common.config import scrub, secrets_of
-from common.status import Thresholds, WATCHED, _failovers, assess, exit_code
-from common.trade import Trade, encode_batch
+from btcfeed.latency import BUCKETS_MS, LatencyHistogram, newest_trade_ts, quantile_ms
+from btcfeed.observability.metrics import render_metrics
+from btcfeed.config import scrub, secrets_of
+from btcfeed.observability.status import Thresholds, WATCHED, _failovers, assess, exit_code
+from btcfeed.trade import Trade, encode_batch
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "status-sample.json")
 
@@ -197,7 +197,7 @@ def test_label_values_are_escaped():
 
 # --- a primary that can evict btcfeed's keys ----------------------------------------------------------
 def test_eviction_reason_names_the_policy_and_every_unsafe_master():
-    from common.primary import eviction_reason
+    from btcfeed.storage.primary import eviction_reason
     assert eviction_reason({"primary": "noeviction"}) is None
     assert eviction_reason({"primary": None}) is None                 # not shown: not guessed at
     single = eviction_reason({"primary": "allkeys-lru"})

@@ -6,16 +6,17 @@ import time
 
 import pytest
 
-from common import config, epochs, keys
-from common.antientropy import HeldIndex, compare
-from common.apply import BatchApplier, expected_candles, is_epoch_error, mirror_entry, read_candles, read_trades
-from common.events import recent_events
-from common.lifecycle import EventLog
-from common.redis_process import RedisProcess
-from common.trade import encode_batch
-from processes import sync as sync_module
-from processes.sync import Sync
-from processes.writer import DRAINING, FAILOVER, PRIMARY, read_state, set_state
+from btcfeed import config, keys
+
+from btcfeed.storage import epochs
+from btcfeed.storage.antientropy import HeldIndex, compare
+from btcfeed.storage.apply import BatchApplier, expected_candles, is_epoch_error, mirror_entry, read_candles, read_trades
+from btcfeed.events import recent_events
+from btcfeed.lifecycle import EventLog
+from tools.redis_process import RedisProcess
+from btcfeed.trade import encode_batch
+from btcfeed.processes.sync import Sync
+from btcfeed.processes.writer import DRAINING, FAILOVER, PRIMARY, read_state, set_state
 from test_apply import make_trades
 
 pytestmark = pytest.mark.integration

@@ -16,13 +16,17 @@ import time
 import pytest
 import redis
 
-from common import epochs, keys, synccheck
-from common.antientropy import HeldIndex
-from common.apply import BatchApplier, expected_candles, mirror_entry, read_candles, read_trades
-from common.events import recent_events
-from common.redis_process import RedisProcess, free_port
-from common.synccheck import IdSet, main, scrub_secrets
-from common.trade import Trade, encode_batch
+from btcfeed.storage import epochs
+
+from btcfeed import keys
+
+from btcfeed.commands import synccheck
+from btcfeed.storage.antientropy import HeldIndex
+from btcfeed.storage.apply import BatchApplier, expected_candles, mirror_entry, read_candles, read_trades
+from btcfeed.events import recent_events
+from tools.redis_process import RedisProcess, free_port
+from btcfeed.commands.synccheck import IdSet, main, scrub_secrets
+from btcfeed.trade import Trade, encode_batch
 from harness import short_tmpdir
 
 pytestmark = pytest.mark.integration
@@ -459,12 +463,12 @@ def test_the_command_runs_from_anywhere(setup, tmp_path):
 
 def test_sync_check_imports_no_process():
     """A library module never imports a process; the writer's public names stay where they were."""
-    probe = ("import sys, common.synccheck; "
-             "print(sorted(m for m in sys.modules if m == 'processes' or m.startswith('processes.')))")
+    probe = ("import sys, btcfeed.commands.synccheck; "
+             "print(sorted(m for m in sys.modules if m.startswith(('btcfeed.processes', 'tools'))))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-    from common import writerstate
-    from processes.writer import PRIMARY, describe_error, read_state, set_state
+    from btcfeed.storage import writerstate
+    from btcfeed.processes.writer import PRIMARY, describe_error, read_state, set_state
     assert (PRIMARY, describe_error, read_state, set_state) == (
         writerstate.PRIMARY, writerstate.describe_error, writerstate.read_state, writerstate.set_state)
 

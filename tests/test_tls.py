@@ -9,10 +9,12 @@ import subprocess
 
 import pytest
 
-from common import config as config_module, verify
-from common import keys
-from common.redis_process import RedisProcess, free_port
-from common.tlscerts import make_test_pki, tls_server_args
+from btcfeed import config as config_module
+
+from tools import verify
+from btcfeed import keys
+from tools.redis_process import RedisProcess, free_port
+from tools.tlscerts import make_test_pki, tls_server_args
 from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_primary, wait_for)
 
@@ -146,11 +148,11 @@ def test_password_from_a_file_is_used_and_kept_out_of_repr(tmp_path):
     secret.write_text("file-Secret-77\n")
     cfg = config_module.load({"BTCFEED_PRIMARY_USERNAME": "btcfeed", "BTCFEED_PRIMARY_PASSWORD_FILE": str(secret)})
     assert cfg.primary_password == "file-Secret-77" and "file-Secret-77" not in repr(cfg)
-    from common.primary import credentials
+    from btcfeed.storage.primary import credentials
     assert credentials(cfg) == {"username": "btcfeed", "password": "file-Secret-77"}
 
 
 def test_verification_is_on_by_default_for_rediss():
-    from common.primary import tls_options
+    from btcfeed.storage.primary import tls_options
     cfg = config_module.load({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0"})
     assert tls_options(cfg) == {"ssl_cert_reqs": "required", "ssl_check_hostname": True}

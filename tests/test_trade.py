@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest,
+from btcfeed.trade import (BadMessage, Trade, decode_batch, encode_batch, parse_binance_rest,
                           parse_binance_rest_agg, parse_binance_ws, qty_units)
 
 SYMBOL = "BTCUSDT"
@@ -573,7 +573,7 @@ def test_non_json_numbers_and_lone_surrogates_are_malformed(text):
 
 
 def test_server_shutdown_notice_is_recognised_raw_and_combined():
-    from common.trade import ServerShutdown
+    from btcfeed.trade import ServerShutdown
     assert parse_binance_ws(b'{"e":"serverShutdown","E":1700000000000}', "BTCUSDT", 1) == ServerShutdown(1700000000000)
     combined = b'{"stream":"btcusdt@trade","data":{"e":"serverShutdown","E":5}}'
     assert parse_binance_ws(combined, "BTCUSDT", 1) == ServerShutdown(5)

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from common.backoff import Backoff
-from processes.writer import _next_id
+from btcfeed.backoff import Backoff
+from btcfeed.processes.writer import _next_id
 
 
 # --- backoff ------------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""The one idempotent write of trades into a Redis with the primary's layout (DESIGN.md §2, §3)."""
+
+import datetime
+import os
+import zlib
+from decimal import Decimal
+from typing import Dict, Iterable, Iterator, List, Sequence
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from btcfeed import keys
+from btcfeed.trade import Trade, decode_batch, encode_batch, qty_units
+
+SCRIPT_PATH = os.path.join(os.path.dirname(__file__), "apply_batch.lua")
+# Candle hashes outlive the retention window by this much (the script's floor follows the candle
+# index, not the hashes, so this only bounds memory).
+CANDLE_TTL_MARGIN_S = 3600
+# The prefix of the script's refusal when the primary does not hold the epoch the feed host expects.
+EPOCH_ERROR = "BTCFEED-EPOCH"
+# An epoch that no primary holds: the first write to a primary whose epoch is not known yet fails.
+UNKNOWN_EPOCH = "unknown"
+
+
+def is_epoch_error(exc: Exception) -> bool:
+    """Whether a Redis error is the apply script's refusal of a primary that lost btcfeed's data."""
+    return isinstance(exc, ResponseError) and EPOCH_ERROR in str(exc)
+
+
+def load_script_source() -> str:
+    with open(SCRIPT_PATH) as handle:
+        return handle.read()
+
+
+class BatchApplier:
+    """Builds and runs the apply script for batches of one source's trades."""
+
+    def __init__(self, client, retention_ms: int, compat_source: str = None, compat_history_len: int = 1000,
+                 publish: bool = True, epochs: Dict[str, str] = None):
+        # register_script runs EVALSHA and loads the script on NOSCRIPT (a restarted primary).
+        self.script = client.register_script(load_script_source())
+        self.client = client
+        self.retention_ms = retention_ms
+        self.compat_source = compat_source
+        self.compat_history_len = compat_history_len
+        # The local failover copy keeps the same data but has no subscribers to publish to.
+        self.publish = publish
+        # source -> the epoch the primary must hold (kept up to date by the owner); None: no check.
+        self.epochs = epochs
+
+    def apply(self, source: str, payload: str, client=None):
+        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped, floored]."""
+        keys_, args = self.script_arguments(source, payload)
+        return self.script(keys=keys_, args=args, client=client)
+
+    def apply_many(self, batches: Sequence, client=None) -> list:
+        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each.
+
+        EVALSHA is sent directly (not through redis-py's pipeline script loading, which costs a
+        SCRIPT EXISTS round trip per call); a server that lost its scripts gets the script loaded
+        and the whole pipeline again, which is harmless because every apply is idempotent.
+        """
+        client = client or self.client
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for source, payload in batches:
+                script_keys, args = self.script_arguments(source, payload)
+                # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
+                # but routes the former by its first key (a source's keys share one slot).
+                pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
+            try:
+                return pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                client.script_load(self.script.script)
+
+    def queue_in_transaction(self, pipe, source: str, payload) -> None:
+        """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a transaction."""
+        script_keys, args = self.script_arguments(source, payload)
+        pipe.eval(self.script.script, len(script_keys), *script_keys, *args)
+
+    def apply_trades(self, source: str, trades: Sequence[Trade], client=None):
+        return self.apply(source, encode_batch(trades), client)
+
+    def script_arguments(self, source: str, payload):
+        compat = source == self.compat_source
+        script_keys = keys.primary_keys(source)
+        if compat:
+            script_keys += [keys.COMPAT_LAST_PRICE, keys.COMPAT_LAST_UPDATE, keys.COMPAT_HISTORY]
+        epoch = "" if self.epochs is None else self.epochs.get(source) or UNKNOWN_EPOCH
+        args = [keys.seen_prefix(source), keys.candle_prefix(source),
+                keys.live_channel(source) if self.publish else "",
+                self.retention_ms, self.retention_ms // 1000 + CANDLE_TTL_MARGIN_S,
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, epoch, payload]
+        return script_keys, args
+
+
+def iso_time(ms: int) -> str:
+    """The same ISO 8601 text the apply script writes to last_btc_update_time."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (ms % 1000)
+
+
+def expected_candles(trades: Iterable[Trade]) -> Dict[int, dict]:
+    """1-minute candles recomputed from scratch, as the apply script must leave them."""
+    candles: Dict[int, dict] = {}
+    for trade in trades:
+        minute = trade.ts // 60000 * 60000
+        c = candles.get(minute)
+        if c is None:
+            c = candles[minute] = {"t": minute, "n": 0, "vu": 0, "fid": trade.id, "o": trade.p,
+                                   "lid": trade.id, "c": trade.p, "h": trade.p, "l": trade.p}
+        c["n"] += 1
+        c["vu"] += qty_units(trade.q)
+        if trade.id < c["fid"]:
+            c["fid"], c["o"] = trade.id, trade.p
+        if trade.id > c["lid"]:
+            c["lid"], c["c"] = trade.id, trade.p
+        if Decimal(trade.p) > Decimal(c["h"]):
+            c["h"] = trade.p
+        if Decimal(trade.p) < Decimal(c["l"]):
+            c["l"] = trade.p
+    for c in candles.values():
+        c["v"] = "%d.%08d" % divmod(c["vu"], 10 ** 8)
+    return candles
+
+
+def read_candles(client, source: str) -> Dict[int, dict]:
+    """All candles of a source in a Redis with the primary's layout, values normalized to int/str."""
+    minutes = [int(m) for m in client.zrange(keys.candles_index(source), 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for minute in minutes:
+        pipe.hgetall(keys.candle(source, minute))
+    result = {}
+    for minute, raw in zip(minutes, pipe.execute()):
+        c = {_text(k): _text(v) for k, v in raw.items()}
+        for name in ("t", "n", "vu", "fid", "lid"):
+            c[name] = int(c[name])
+        result[minute] = c
+    return result
+
+
+def read_trades_since(client, source: str, chunk: int = 10000, start: str = "-") -> Iterator[List[Trade]]:
+    """A source's trade stream in stream order, chunk by chunk."""
+    while True:
+        entries = client.xrange(keys.trades(source), min=start, max="+", count=chunk)
+        if not entries:
+            return
+        yield [trade_from_fields(fields) for _, fields in entries]
+        start = "(" + _text(entries[-1][0])
+
+
+def read_local_copy(client, source: str, chunk: int = 10000, start: str = "-") -> Iterator[List[Trade]]:
+    """Every trade the local Redis holds for a source: the mirrored batches (primary healthy) and
+    the local trade stream (written in failover). Order is not meaningful; duplicates are possible
+    (a batch delivered twice), which every reader tolerates (the apply is idempotent)."""
+    for _, trades in read_mirror_since(client, source, start=start):
+        yield trades
+    yield from read_trades_since(client, source, chunk, start=start)
+
+
+def mirror_entry(payload: bytes) -> dict:
+    """A batch as the local mirror keeps it: compressed (fast level), since it is only read back by
+    Python and it is most of what the local Redis holds."""
+    return {"z": zlib.compress(payload, 1)}
+
+
+def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
+    """(entry time ms, trades) of each mirrored batch from start on."""
+    while True:
+        entries = client.xrange(keys.mirror(source), min=start, max="+", count=count)
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            yield int(_text(entry_id).partition("-")[0]), decode_batch(zlib.decompress(fields[b"z"]))
+        start = "(" + _text(entries[-1][0])
+
+
+def read_trades(client, source: str) -> List[Trade]:
+    """Every trade in a source's trade stream, in stream order."""
+    return [trade for chunk in read_trades_since(client, source) for trade in chunk]
+
+
+def trade_from_fields(fields) -> Trade:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    return Trade(int(f["id"]), f["p"], f["q"], f["side"], int(f["ts"]), int(f["rts"]))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,71 @@
+"""The writer's state as every process and tool reads it, and the one-line reason for a primary failure.
+
+The state lives in the local Redis (keys.WRITER_STATE) so that sync can see and change it (DESIGN.md §4):
+  primary   the writer applies to the primary and keeps each batch in the local mirror;
+  failover  the primary failed: the writer applies to the local copy and appends to the backlog;
+  draining  as failover, while sync replays the backlog into the primary; sync hands back.
+A library module, so that tools (bin/sync-check) need not import a process.
+"""
+
+import re
+import time
+
+import redis
+from redis.sentinel import MasterNotFoundError
+
+from btcfeed import keys
+from btcfeed.storage.apply import is_epoch_error
+
+PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
+
+# What an operator should check, by the kind of error the primary gave.
+CREDENTIALS_HINT = ("the primary refused the credentials: check the user name and password in "
+                    "BTCFEED_PRIMARY_URL (or BTCFEED_PRIMARY_USERNAME / BTCFEED_PRIMARY_PASSWORD[_FILE])")
+ERROR_HINTS = (
+    (redis.AuthenticationError, "", CREDENTIALS_HINT),
+    (redis.exceptions.NoPermissionError, "", "the primary's ACL does not allow btcfeed's commands or keys"),
+    (redis.exceptions.ReadOnlyError, "", "the primary is a read-only replica, not a master"),
+    (redis.exceptions.OutOfMemoryError, "", "the primary is out of memory (maxmemory reached)"),
+    (redis.BusyLoadingError, "", "the primary is loading its data set"),
+    (redis.exceptions.MasterDownError, "", "the primary's link to its master is down"),
+    (MasterNotFoundError, "", "no sentinel named a reachable master: check the sentinels and the "
+                              "master name in BTCFEED_PRIMARY_URL (a Sentinel failover may be under way)"),
+    (redis.ResponseError, "WRONGPASS", CREDENTIALS_HINT),
+    (redis.ResponseError, "NOAUTH", CREDENTIALS_HINT),
+    (redis.ResponseError, "DB index is out of range",
+     "the database index in BTCFEED_PRIMARY_URL does not exist"),
+)
+PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
+
+
+EPOCH_HINT = ("the primary lost btcfeed's data (flushed, restarted empty, or a replica that never had it): "
+              "the local copy re-seeds it")
+
+
+def describe_error(exc: Exception, url: str = "") -> str:
+    """A one-line reason for a primary failure with what to check, never containing credentials."""
+    text = PIPELINE_PREFIX.sub("", str(exc).splitlines()[0] if str(exc) else "")
+    if is_epoch_error(exc):
+        return f"epoch refused: {text[:160]} — {EPOCH_HINT}"
+    if isinstance(exc, MasterNotFoundError):
+        text = text.split(" : ")[0]          # the rest is the repr of every sentinel client
+    reason = f"{type(exc).__name__}: {text[:160]}"
+    for kind, needle, hint in ERROR_HINTS:
+        if isinstance(exc, kind) and needle in text:
+            return f"{reason} — {hint}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (f"{reason} — the primary's TLS certificate was not accepted: give its CA certificate "
+                "with BTCFEED_PRIMARY_TLS_CA_FILE (and check the host name in BTCFEED_PRIMARY_URL)")
+    if url.startswith("rediss://") and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"{reason} — TLS (rediss://) handshake did not complete: is that port serving TLS?"
+    return reason
+
+
+def read_state(client) -> str:
+    state = client.hget(keys.WRITER_STATE, "state")
+    return state.decode() if state else PRIMARY
+
+
+def set_state(client, state: str, reason: str) -> None:
+    client.hset(keys.WRITER_STATE,
+                mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
