@@ -1,10 +1,15 @@
 # The two commands a new user needs: `make demo` and `make test`. Both set the machine up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-all soak bench benches up down clean
+.PHONY: setup lock demo test test-all soak bench benches up down clean
 
 setup:
 	@bin/setup
+
+# After a change to the dependencies in setup.cfg: the hashed locks in requirements/ that bin/setup and
+# the image install from (needs python3.11 and PyPI).
+lock:
+	requirements/compile
 
 demo: setup
 	bin/btcfeed demo

@@ -12,6 +12,8 @@ import time
 
 import pytest
 import redis
+import yaml
+from packaging.requirements import Requirement
 
 from btcfeed import config
 from tools.redis_process import RedisProcess, free_port
@@ -22,16 +24,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-try:
-    import yaml
-except ImportError:
-    yaml = None
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deployment")
 INSTALL_DIR = "/opt/btcfeed"          # where the unit, crontab and cloud-init expect the checkout
 STATE_DIR = "/var/lib/btcfeed"
-NO_YAML = "PyYAML is not installed in .venv (not a btcfeed dependency); the YAML structure check is skipped"
 
 
 def read(name: str) -> str:
@@ -202,7 +198,8 @@ def test_dockerfile_is_consistent_with_the_checkout():
     text = read("Dockerfile")
     instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines()
                     if line and not line.startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim"
+    # A fixed Python release, not a moving tag: a rebuild gets the interpreter the lock was made for.
+    assert re.fullmatch(r"FROM python:3\.11\.\d+-slim-bookworm", instructions[0]), instructions[0]
     assert re.search(r"apt-get install [^\n]*redis-server", text)
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
@@ -210,7 +207,24 @@ def test_dockerfile_is_consistent_with_the_checkout():
     assert any(line.startswith("HEALTHCHECK") and f"{INSTALL_DIR}/bin/health" in line
                for line in instructions)
     cmd = [line for line in instructions if line.startswith("CMD ")][-1]
-    assert f"supervisord -n -c {INSTALL_DIR}/supervisord.conf" in cmd
+    assert cmd == f'CMD ["{INSTALL_DIR}/deployment/container-start"]'
+    start = read("container-start")
+    assert 'exec "$root/.venv/bin/supervisord" -n -c "$conf"' in start
+    assert 'conf="$root/supervisord.conf"' in start
+    assert 'conf="$root/deployment/supervisord-docker.conf"' in start
+    assert os.access(os.path.join(DEPLOY, "container-start"), os.X_OK)
+    # The packages come from the runtime lock, hashes checked, before btcfeed itself, which is built
+    # with the lock's setuptools and installed as a regular (not editable) package.
+    runs = [line for line in instructions if line.startswith("RUN ")]
+    lock_run = next(i for i, line in enumerate(runs) if "-r requirements/runtime.txt" in line)
+    assert "--require-hashes" in runs[lock_run]
+    own = [line for line in runs if re.search(r"pip install .*--no-deps", line)]
+    assert len(own) == 1 and runs.index(own[0]) > lock_run
+    assert "--no-build-isolation ." in own[0] and " -e " not in own[0] and "pip check" in own[0]
+    assert not any("--upgrade" in line for line in runs), "an unpinned upgrade undoes the lock"
+    copy_lock = instructions.index("COPY requirements/runtime.txt requirements/")
+    assert copy_lock < instructions.index(runs[lock_run])
+    assert "BTCFEED_LOG_TO_STDOUT" in text
     assert f"WORKDIR {INSTALL_DIR}" in instructions
     # Everything copied exists here and is not excluded from the build context.
     ignored = dockerignore_patterns()
@@ -224,7 +238,8 @@ def test_dockerfile_is_consistent_with_the_checkout():
         assert source.rstrip("/") not in ignored, \
             f"{source} is copied but excluded by Dockerfile.dockerignore"
     # What supervisord.conf and bin/ need at run time is in the image.
-    for needed in ("supervisord.conf", "bin/", "common/", "processes/", "deployment/", "setup.cfg"):
+    for needed in ("supervisord.conf", "bin/", "common/", "processes/", "deployment/", "setup.cfg",
+                   "requirements/runtime.txt"):
         assert needed in copied, needed
     for excluded in (".venv", "var", ".git"):
         assert excluded in ignored
@@ -234,8 +249,6 @@ def test_compose_file():
     text = read("docker-compose.yml")
     # Text-level checks that do not need a YAML parser.
     assert "bin/health" in text and "profiles: [sentinel]" in text
-    if yaml is None:
-        pytest.skip(NO_YAML)
     doc = yaml.safe_load(text)
     services = doc["services"]
     assert {"btcfeed", "primary", "primary-replica", "sentinel-1", "sentinel-2",
@@ -244,13 +257,157 @@ def test_compose_file():
     assert app["build"]["dockerfile"] == "deployment/Dockerfile" and app["build"]["context"] == ".."
     assert any("bin/health" in part for part in app["healthcheck"]["test"])
     assert any(volume.endswith(":" + STATE_DIR) for volume in app["volumes"])
-    assert set(app["environment"]) <= setting_names()
+    assert set(app["environment"]) <= setting_names() | {"BTCFEED_LOG_TO_STDOUT"}
+    # The processes' logs reach `docker compose logs`, and the engine bounds what it keeps of them.
+    assert app["environment"]["BTCFEED_LOG_TO_STDOUT"] == "1"
+    assert app["logging"]["driver"] == "json-file" and app["logging"]["options"]["max-size"]
     primary = " ".join(services["primary"]["command"])
     assert "--appendonly yes" in primary and "--maxmemory-policy noeviction" in primary
     assert "profiles" not in services["primary"] and "profiles" not in app
     for name in ("primary-replica", "sentinel-1", "sentinel-2", "sentinel-3"):
         assert services[name]["profiles"] == ["sentinel"], name
     assert "ports" not in services["primary"]       # the stand-in primary is not published
+
+
+def supervisor_sections(path: str) -> dict:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",), strict=True)
+    parser.read(path)
+    return {name: dict(parser[name]) for name in parser.sections()}
+
+
+def test_container_log_switch_covers_every_program():
+    """deployment/supervisord-docker.conf is supervisord.conf with the output of every program moved to
+    supervisord's stdout/stderr: nothing else changes, and no program is left writing to a file."""
+    entry = supervisor_sections(os.path.join(DEPLOY, "supervisord-docker.conf"))
+    assert entry == {"include": {"files": "../supervisord.conf supervisord-stdout-logs.conf"}}
+    programs = {name for name in supervisor_sections(os.path.join(ROOT, "supervisord.conf"))
+                if name.startswith(("program:", "eventlistener:"))}
+    overrides = supervisor_sections(os.path.join(DEPLOY, "supervisord-stdout-logs.conf"))
+    assert set(overrides) == programs
+    for name, values in overrides.items():
+        # an event listener's stdout is its protocol with supervisord
+        stream = "stderr" if name.startswith("eventlistener:") else "stdout"
+        assert values == {f"{stream}_logfile": f"/dev/{stream}", f"{stream}_logfile_maxbytes": "0",
+                          f"{stream}_logfile_backups": "0"}, name
+
+
+def test_container_start_refuses_an_unknown_log_switch(tmp_path):
+    env = {"PATH": os.environ["PATH"], "BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_LOG_TO_STDOUT": "yes"}
+    done = subprocess.run([os.path.join(DEPLOY, "container-start")], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "BTCFEED_LOG_TO_STDOUT must be 0 or 1" in done.stderr
+
+
+@pytest.mark.integration
+def test_container_start_sends_program_logs_to_stdout():
+    """The container's command with BTCFEED_LOG_TO_STDOUT=1, run from this checkout: every program's
+    lines come out of supervisord's stdout/stderr (what `docker logs` shows), no program log file is
+    written, bin/btcfeed status still reaches supervisord, and SIGTERM stops everything."""
+    from harness import Simulator, short_tmpdir
+
+    state_dir = short_tmpdir("bf-cstart-")
+    primary = RedisProcess(short_tmpdir("bf-cstartprimary-")).start()
+    sim = Simulator(rate=50)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTCFEED_")}
+    env.update(sim.env, BTCFEED_PRIMARY_URL=primary.url, BTCFEED_SOURCES=sim.source,
+               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_STATE_DIR=state_dir,
+               BTCFEED_LOG_TO_STDOUT="1")
+    out_path = os.path.join(state_dir + "-out")
+    supervisord = None
+    try:
+        with open(out_path, "wb") as out:
+            supervisord = subprocess.Popen([os.path.join(DEPLOY, "container-start")], env=env, cwd="/",
+                                           start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        Stack(state_dir).wait_running(PROGRAMS, 30)
+        deadline = time.monotonic() + 30
+        wanted = {f"proc={name}" for name in ("ingest", "writer", "sync", "health", "listener")}
+        while True:
+            with open(out_path, errors="replace") as handle:
+                output = handle.read()
+            missing = {w for w in wanted if w not in output}
+            if not missing and re.search(r"(?i)ready to accept connections", output):     # redis-local
+                break
+            assert time.monotonic() < deadline, f"no lines from {sorted(missing)} in:\n{output[-3000:]}"
+            time.sleep(0.2)
+        status = subprocess.run([os.path.join(ROOT, "bin", "btcfeed"), "status"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert re.search(r"(?m)^writer +RUNNING", status.stdout), status.stdout + status.stderr
+        program_logs = [name for name in os.listdir(os.path.join(state_dir, "logs"))
+                        if name != "supervisord.log"]
+        assert program_logs == [], program_logs
+        supervisord.send_signal(signal.SIGTERM)
+        assert supervisord.wait(60) == 0
+    finally:
+        if supervisord is not None and supervisord.poll() is None:
+            os.killpg(supervisord.pid, signal.SIGKILL)
+            supervisord.wait(10)
+        sim.stop()
+        primary.stop()
+        shutil.rmtree(primary.directory, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+
+
+# --- the Python packages: locked with hashes ----------------------------------------------------------
+def locked(name: str) -> dict:
+    """package name (normalized) -> (version, hash count) of a lock file in requirements/."""
+    pins = {}
+    with open(os.path.join(ROOT, "requirements", name)) as handle:
+        text = handle.read()
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", text):      # one entry: a pin, its hashes, its "via" lines
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", entry)
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = (match.group(2),
+                                                                    entry.count("--hash=sha256:"))
+    return pins
+
+
+def declared(*extras: str) -> list:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    lines = parser["options"]["install_requires"].splitlines()
+    for extra in extras:
+        lines += parser["options.extras_require"][extra].splitlines()
+    return [Requirement(line) for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("lock, extras", [("lock.txt", ("test", "bench")), ("runtime.txt", ())])
+def test_locks_pin_what_setup_cfg_declares_with_hashes(lock, extras):
+    pins = locked(lock)
+    assert pins, lock
+    for name, (version, hashes) in pins.items():
+        assert hashes >= 1, f"{lock}: {name} has no hash (pip --require-hashes would refuse it)"
+    for requirement in declared(*extras):
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{lock} lacks {requirement}: run requirements/compile"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), \
+            f"{lock} pins {name}=={pins[name][0]}, setup.cfg wants {requirement}: run requirements/compile"
+    # What installs and builds btcfeed is locked too.
+    assert {"pip", "setuptools"} <= set(pins)
+
+
+def test_runtime_lock_is_the_test_lock_minus_test_packages():
+    runtime, full = locked("runtime.txt"), locked("lock.txt")
+    assert {name: pin[0] for name, pin in runtime.items()} == {name: full[name][0] for name in runtime}
+    assert "pytest" not in runtime and "hypothesis" not in runtime
+
+
+def test_fakeredis_is_not_declared():
+    names = {re.sub(r"[-_.]+", "-", r.name).lower() for r in declared("test", "bench")}
+    assert "fakeredis" not in names and {"pyyaml", "pybreaker"} <= names
+
+
+def test_setup_installs_from_the_lock():
+    text = open(os.path.join(ROOT, "bin", "setup")).read()
+    assert "lock=requirements/lock.txt" in text and "--runtime) lock=requirements/runtime.txt" in text
+    assert 'pip install -q --require-hashes -r "$lock"' in text
+    assert re.search(r"pip install -q --no-deps --no-build-isolation --use-pep517 -e \.$", text, re.M)
+    # Idempotent, and installs again when the lock or setup.cfg changes.
+    assert re.search(r'stamp=.*\$lock.*cat "\$lock" setup\.cfg setup\.py', text)
+    assert not re.search(r"pip install [^\n]*(--upgrade|\.\[test\])", text), "an unlocked install"
 
 
 # --- configuration examples -------------------------------------------------------------------------
@@ -324,10 +481,11 @@ def test_cloud_init_matches_the_other_files():
     assert "crontab -u btcfeed /opt/btcfeed/deployment/crontab" in text
     assert "/etc/systemd/system/btcfeed.service" in text and "systemctl enable btcfeed" in text
     assert "primary-password" in text and "PASSWORD=" not in text.upper().replace("_FILE=", "")
-    if yaml is None:
-        pytest.skip(NO_YAML)
     doc = yaml.safe_load(text)
     assert {"packages", "users", "write_files", "runcmd"} <= set(doc)
+    # A server gets only what the service runs, from the runtime lock (bin/setup --runtime).
+    commands = [" ".join(c) if isinstance(c, list) else c for c in doc["runcmd"]]
+    assert [c for c in commands if "bin/setup" in c] == ["sh -c cd /opt/btcfeed && bin/setup --runtime"]
 
 
 def test_crontab_lines_name_existing_files():
