@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from btcfeed import config as config_module
 from btcfeed.commands import monitor
+from btcfeed.commands.healthcheck import status_url
 from btcfeed.commands.monitor import failover_timeline, render_text, sparkline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,28 +237,13 @@ def test_human_formats():
 # --- configuration of the command -----------------------------------------------------------------
 
 def test_default_url_follows_the_health_address():
-    assert monitor.default_status_url({}) == "http://127.0.0.1:8079/status"
+    def url(**environ):
+        return status_url(config_module.load({"BTCFEED_STATE_DIR": "/tmp/unused", **environ}))
+    assert url() == "http://127.0.0.1:8079/status"
     # A wildcard bind address is reached through the loopback interface.
-    assert monitor.default_status_url({"BTCFEED_HEALTH_ADDR": "0.0.0.0:9001"}) \
-        == "http://127.0.0.1:9001/status"
-    assert monitor.default_status_url({"BTCFEED_HEALTH_ADDR": "[::1]:9002"}) == "http://[::1]:9002/status"
-    # Another setting being wrong does not hide where the health API is.
-    environ = {"BTCFEED_SOURCES": "foo:BAR", "BTCFEED_HEALTH_ADDR": "10.0.0.5:9003"}
-    assert monitor.default_status_url(environ) == "http://10.0.0.5:9003/status"
-
-
-def test_token_sources_in_order(tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("from-file\n")
-    assert monitor.read_token(None, {}) is None
-    assert monitor.read_token(None, {"BTCFEED_HEALTH_TOKEN": "from-env"}) == "from-env"
-    assert monitor.read_token(None, {"BTCFEED_HEALTH_TOKEN_FILE": str(token_file)}) == "from-file"
-    assert monitor.read_token(str(token_file), {"BTCFEED_HEALTH_TOKEN": "from-env"}) == "from-file"
-    (tmp_path / "empty").write_text("\n")
-    with pytest.raises(monitor.TokenError, match="empty"):
-        monitor.read_token(str(tmp_path / "empty"), {})
-    with pytest.raises(monitor.TokenError, match="cannot read"):
-        monitor.read_token(str(tmp_path / "missing"), {})
+    assert url(BTCFEED_HEALTH_ADDR="0.0.0.0:9001") == "http://127.0.0.1:9001/status"
+    assert url(BTCFEED_HEALTH_ADDR="[::1]:9002") == "http://[::1]:9002/status"
+    assert url(BTCFEED_HEALTH_ADDR="10.0.0.5:9003") == "http://10.0.0.5:9003/status"
 
 
 # --- the real command -----------------------------------------------------------------------------
@@ -365,10 +352,29 @@ def test_once_with_nothing_reachable_says_so_and_fails(isolated_env):
     assert time.monotonic() - started < 15
 
 
-def test_bad_arguments_are_one_line_errors():
+def test_bad_arguments_are_usage_errors():
     result = subprocess.run([BIN, "--interval", "0"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "positive number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_configuration_error_is_one_line_and_exit_2(isolated_env):
+    result = run_once({**isolated_env, "BTCFEED_SOURCES": "foo:BAR"}, "--url", "http://127.0.0.1:1/status")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("btcfeed: configuration error: BTCFEED_SOURCES: unknown exchange 'foo'"), line
+
+
+def test_the_timeout_is_the_one_given(isolated_env):
+    """A health API that accepts the connection and never answers: the message names --timeout's value."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/status"
+        started = time.monotonic()
+        result = run_once(isolated_env, "--url", url, "--timeout", "0.5")
+    assert result.returncode == 3 and "no answer within 0.5s" in result.stderr, result.stderr
+    assert time.monotonic() - started < 10
 
 
 def read_available(fd, into: bytearray, seconds: float, until: bytes = None) -> None:

@@ -25,7 +25,8 @@ from btcfeed.storage.antientropy import HeldIndex
 from btcfeed.storage.apply import BatchApplier, expected_candles, mirror_entry, read_candles, read_trades
 from btcfeed.events import recent_events
 from tools.redis_process import RedisProcess, free_port
-from btcfeed.commands.synccheck import IdSet, main, scrub_secrets
+from btcfeed.commands import cli
+from btcfeed.commands.synccheck import IdSet, scrub_secrets
 from btcfeed.trade import Trade, encode_batch
 from harness import short_tmpdir
 
@@ -152,7 +153,10 @@ def setup(servers, monkeypatch, tmp_path):
 
 
 def run(capsys, *args):
-    code = main(list(args))
+    """`btcfeed sync-check ARGS` in this process: its exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["sync-check", *args])
+    code = exited.value.code or 0
     out, err = capsys.readouterr()
     assert PASSWORD not in out + err
     assert "Traceback" not in out + err
@@ -248,8 +252,7 @@ def test_repair_adds_exactly_the_missing_trades(setup, capsys):
     trades = make_trades()
     lost = MIDDLE_LOSS + SINGLE_LOSS + TAIL_LOSS
     setup.write_like_the_writer(trades, primary_trades=without(trades, lost))
-    assert main([]) == 2
-    capsys.readouterr()
+    assert run(capsys)[0] == 2
 
     code, out, err = run(capsys, "--repair")
     assert code == 0, out + err
@@ -431,18 +434,27 @@ def test_unreachable_primary_is_critical_and_keeps_the_password(setup, capsys, m
     assert code == 2 and json.loads(out)["status"] == "critical"
 
 
-@pytest.mark.parametrize("variable, value, expected, lines", [
-    ("BTCFEED_PRIMARY_URL", f"http://:{PASSWORD}@example.com", "configuration error: BTCFEED_PRIMARY_URL", 1),
-    ("BTCFEED_SOURCES", "binance:", "configuration error: BTCFEED_SOURCES", 1),
-    ("BTCFEED_LOCAL_URL", f"redis://127.0.0.1:{free_port()}/0", "unreachable: ConnectionError", 2),
+@pytest.mark.parametrize("variable, value, expected", [
+    ("BTCFEED_PRIMARY_URL", f"http://:{PASSWORD}@example.com", "configuration error: BTCFEED_PRIMARY_URL"),
+    ("BTCFEED_SOURCES", "binance:", "configuration error: BTCFEED_SOURCES"),
 ])
-def test_bad_configuration_or_local_redis_is_unknown(setup, capsys, monkeypatch, variable, value, expected,
-                                                     lines):
+def test_bad_configuration_is_critical_exit_2(setup, capsys, monkeypatch, variable, value, expected):
+    """Exit 2 for a wrong setting, as from every btcfeed command; the status line agrees with it."""
     monkeypatch.setenv(variable, value)
     code, out, _ = run(capsys)
+    assert code == 2
+    assert out.startswith("SYNC-CHECK CRITICAL - ") and expected in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    code, out, _ = run(capsys, "--json")
+    assert code == 2 and json.loads(out)["status"] == "critical" and json.loads(out)["exit_code"] == 2
+
+
+def test_unreachable_local_redis_is_unknown(setup, capsys, monkeypatch):
+    monkeypatch.setenv("BTCFEED_LOCAL_URL", f"redis://127.0.0.1:{free_port()}/0")
+    code, out, _ = run(capsys)
     assert code == 3
-    assert out.startswith("SYNC-CHECK UNKNOWN - ") and expected in out, out
-    assert len(out.strip().splitlines()) == lines, out
+    assert out.startswith("SYNC-CHECK UNKNOWN - ") and "unreachable: ConnectionError" in out, out
+    assert len(out.strip().splitlines()) == 2, out
 
 
 def test_usage_error_is_unknown(setup, capsys):

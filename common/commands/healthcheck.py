@@ -1,5 +1,6 @@
-"""bin/health: is every trade flowing? A short summary (or the JSON) and a Nagios exit code:
-0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+"""`btcfeed health` (bin/health): is every trade flowing? A short summary (or the JSON) and a Nagios
+exit code: 0 OK, 1 WARNING, 2 CRITICAL (a configuration error too: 2 from every btcfeed command),
+3 UNKNOWN. Its options are defined in commands/cli.py with the other commands'.
 
 It asks the health API for /status; when that does not answer it reads the local Redis, the
 primary and supervisor itself and says so. The verdict is computed here from the document with
@@ -10,18 +11,17 @@ UNKNOWN (the URL is wrong, or something answers in the API's place), not a reaso
 """
 
 import json
-import sys
 import urllib.error
 import urllib.request
 
 import click
 
-from btcfeed import config as config_module
 from btcfeed.config import scrub, secrets_of
 from btcfeed.observability.status import Thresholds, assess, collect_status, exit_code
 
-UNKNOWN = 3
+CRITICAL, UNKNOWN = 2, 3
 LABELS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+STATUS_OF = {2: "critical", 3: "unknown"}
 
 
 class RedirectRefused(Exception):
@@ -99,40 +99,12 @@ def _seconds(value) -> str:
     return f"{value:.1f}s" if value < 60 else f"{value / 60:.1f}min"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--json", "as_json", is_flag=True, help="Print the status document with the verdict.")
-@click.option("--url", default=None, help="Status URL (default http://BTCFEED_HEALTH_ADDR/status).")
-@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for the health API.")
-@click.option("--trade-age-warn", default=Thresholds.trade_age_warn_s, show_default=True,
-              help="Seconds without a trade from a source before WARNING.")
-@click.option("--trade-age-crit", default=Thresholds.trade_age_crit_s, show_default=True,
-              help="Seconds without a trade from a source before CRITICAL.")
-@click.option("--backlog-warn", default=Thresholds.backlog_warn, show_default=True,
-              help="Backlog entries before WARNING.")
-@click.option("--backlog-crit", default=Thresholds.backlog_crit, show_default=True,
-              help="Backlog entries before CRITICAL.")
-@click.option("--failover-warn", default=Thresholds.failover_warn_s, show_default=True,
-              help="Seconds in failover before WARNING (0: any failover).")
-@click.option("--failover-crit", default=Thresholds.failover_crit_s, show_default=True,
-              help="Seconds in failover before CRITICAL.")
-def main(as_json, url, timeout, trade_age_warn, trade_age_crit, backlog_warn, backlog_crit,
-         failover_warn, failover_crit):
-    """Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+def run(cfg, url: str, token: str, timeout_s: float, thresholds: Thresholds, as_json: bool) -> int:
+    """Print the verdict (summary or JSON) and return its Nagios exit code."""
     try:
-        cfg = config_module.load()
-    except config_module.ConfigError as exc:
-        click.echo(f"btcfeed UNKNOWN: configuration error: {exc}")
-        sys.exit(UNKNOWN)
-    thresholds = Thresholds(trade_age_warn, trade_age_crit, backlog_warn, backlog_crit,
-                            failover_warn, failover_crit)
-    url = url or f"http://{_host_for_url(cfg.health_host)}:{cfg.health_port}/status"
-    try:
-        document, note = obtain(cfg, url, cfg.health_token, timeout)
+        document, note = obtain(cfg, url, token, timeout_s)
     except RedirectRefused as exc:
-        reason = f"health API at {url}: {scrub(str(exc), secrets_of(cfg))}"
-        click.echo(json.dumps({"health": {"status": "unknown", "reasons": [reason]}, "exit_code": UNKNOWN})
-                   if as_json else f"btcfeed UNKNOWN: {reason}")
-        sys.exit(UNKNOWN)
+        return report_only(f"health API at {url}: {scrub(str(exc), secrets_of(cfg))}", UNKNOWN, as_json)
     local_down = (document.get("redis") or {}).get("local", {}).get("reachable") is False
     supervisor_down = "_supervisor" in (document.get("processes") or {})
     if note and local_down and supervisor_down:
@@ -147,7 +119,37 @@ def main(as_json, url, timeout, trade_age_warn, trade_age_crit, backlog_warn, ba
         click.echo(json.dumps({**document, "health": verdict, "exit_code": code, "note": note}))
     else:
         click.echo(summary(document, verdict, code, note))
-    sys.exit(code)
+    return code
+
+
+def configuration_error(reason: str, as_json: bool) -> int:
+    """A wrong setting is exit 2 from every btcfeed command; here the status line says CRITICAL to match."""
+    return report_only(f"configuration error: {reason}", CRITICAL, as_json)
+
+
+def report_only(reason: str, code: int, as_json: bool) -> int:
+    """A verdict with no status document behind it: one line, or a JSON document with the verdict."""
+    status = STATUS_OF[code]
+    click.echo(json.dumps({"health": {"status": status, "reasons": [reason]}, "exit_code": code})
+               if as_json else f"btcfeed {LABELS[code]}: {reason}")
+    return code
+
+
+def read_verdict(cfg, url: str, token: str, timeout_s: float):
+    """The health API's own verdict from its status document, or (None, why there is none)."""
+    try:
+        document, why = fetch_status(url, token, timeout_s)
+    except RedirectRefused as exc:
+        document, why = None, scrub(str(exc), secrets_of(cfg))
+    verdict = document.get("health") if isinstance(document, dict) else None
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("status"), str):
+        return None, f"no answer from {url} ({why or 'no verdict in the document'})"
+    return verdict, None
+
+
+def status_url(cfg) -> str:
+    """The health API's /status on the configured address (a wildcard bind is reached on loopback)."""
+    return f"http://{_host_for_url(cfg.health_host)}:{cfg.health_port}/status"
 
 
 def _host_for_url(host: str) -> str:
@@ -156,18 +158,3 @@ def _host_for_url(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
-
-
-def run() -> None:
-    """Usage errors exit 3 (UNKNOWN), not click's 2, which a monitoring system would read as CRITICAL."""
-    try:
-        main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(UNKNOWN)
-    except click.ClickException as exc:
-        click.echo(f"btcfeed UNKNOWN: {exc.format_message()}")
-        sys.exit(UNKNOWN)
-
-
-if __name__ == "__main__":
-    run()

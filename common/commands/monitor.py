@@ -1,16 +1,14 @@
-"""bin/monitor: a live terminal dashboard of the health API's GET /status document.
+"""`btcfeed monitor` (bin/monitor): a live terminal dashboard of the health API's GET /status document.
 
 The screen is built by a pure function, render(status, width, height), so tests (and --once)
 can draw the same frame the live view shows. Every field of the document may be missing or null:
 the dashboard shows "-" for it instead of failing.
 """
 
-import argparse
 import http.client
 import io
 import json
 import math
-import os
 import re
 import signal
 import socket
@@ -28,7 +26,6 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from btcfeed import config as config_module
 from btcfeed.observability.status import StatusCollector
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -536,11 +533,11 @@ class FetchError(Exception):
     """Why no status document could be had, in one line for the operator."""
 
 
-def describe_network_error(reason) -> str:
+def describe_network_error(reason, timeout_s: float = FETCH_TIMEOUT_S) -> str:
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return f"no answer within {FETCH_TIMEOUT_S:g}s"
+        return f"no answer within {timeout_s:g}s"
     if isinstance(reason, socket.gaierror):
         return "unknown host"
     if isinstance(reason, OSError) and reason.strerror:
@@ -584,27 +581,9 @@ def fetch_status(url: str, token: Optional[str], timeout_s: float = FETCH_TIMEOU
                 404: " (no /status here)"}.get(exc.code, "")
         raise FetchError(f"HTTP {exc.code} {exc.reason}{hint}")
     except urllib.error.URLError as exc:
-        raise FetchError(describe_network_error(exc.reason))
+        raise FetchError(describe_network_error(exc.reason, timeout_s))
     except (OSError, http.client.HTTPException) as exc:
-        raise FetchError(describe_network_error(exc))
-
-
-_direct_collector = None
-
-
-def collect_directly() -> dict:
-    """The same document read straight from Redis and supervisord (origin "direct"). One collector
-    is kept between frames, so trade rates, CPU and the price history fill in as in the API."""
-    global _direct_collector
-    try:
-        if _direct_collector is None:
-            _direct_collector = StatusCollector(config_module.load(), origin="direct")
-        document = _direct_collector.collect()
-    except config_module.ConfigError as exc:
-        raise FetchError(f"configuration error: {exc}")
-    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the operator gets one line
-        raise FetchError(f"{type(exc).__name__}: {one_line_message(exc)}")
-    return document
+        raise FetchError(describe_network_error(exc, timeout_s))
 
 
 def reached_anything(document: dict) -> bool:
@@ -626,17 +605,20 @@ class Reading:
 
 
 class StatusSource:
-    def __init__(self, url: str, token: Optional[str]):
+    def __init__(self, url: str, token: Optional[str], cfg, timeout_s: float = FETCH_TIMEOUT_S):
         self.url = url
         self.token = token
+        self.timeout_s = timeout_s
+        self.cfg = cfg
+        self.collector = None
 
     def read(self) -> Reading:
         try:
-            return Reading(fetch_status(self.url, self.token))
+            return Reading(fetch_status(self.url, self.token, self.timeout_s))
         except FetchError as api_error:
             api_problem = self.scrub(str(api_error))
         try:
-            document = collect_directly()
+            document = self.collect_directly()
         except FetchError as direct_error:
             return Reading(None, api_problem, self.scrub(str(direct_error)))
         if not reached_anything(document):
@@ -644,80 +626,22 @@ class StatusSource:
             return Reading(None, api_problem, self.scrub(first))
         return Reading(document, api_problem)
 
+    def collect_directly(self) -> dict:
+        """The same document read straight from Redis and supervisord (origin "direct"). One collector
+        is kept between frames, so trade rates, CPU and the price history fill in as in the API; it is
+        made at the first direct reading, as making it connects to the primary (a Cluster's, say)."""
+        try:
+            if self.collector is None:
+                self.collector = StatusCollector(self.cfg, origin="direct")
+            return self.collector.collect()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the operator gets one line
+            raise FetchError(f"{type(exc).__name__}: {one_line_message(exc)}")
+
     def scrub(self, message: str) -> str:
         return message.replace(self.token, "***") if self.token else message
 
 
-# --- command line ----------------------------------------------------------------------------------
-
-def default_status_url(environ=None) -> str:
-    environ = os.environ if environ is None else environ
-    try:
-        cfg = config_module.load(environ)
-        host, port = cfg.health_host, cfg.health_port
-    except config_module.ConfigError:
-        # Some other setting is wrong; the health address alone may still be usable.
-        try:
-            host, port = config_module.parse_addr(
-                "BTCFEED_HEALTH_ADDR", environ.get("BTCFEED_HEALTH_ADDR", "127.0.0.1:8079"))
-        except config_module.ConfigError:
-            host, port = "127.0.0.1", 8079
-    # A wildcard bind address is reached through the loopback interface.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/status"
-
-
-class TokenError(Exception):
-    pass
-
-
-def read_token(token_file: Optional[str], environ=None) -> Optional[str]:
-    """--token-file, else BTCFEED_HEALTH_TOKEN, else BTCFEED_HEALTH_TOKEN_FILE; None without any."""
-    environ = os.environ if environ is None else environ
-    path = token_file
-    if path is None:
-        if environ.get("BTCFEED_HEALTH_TOKEN", "").strip():
-            return environ["BTCFEED_HEALTH_TOKEN"].strip()
-        path = environ.get("BTCFEED_HEALTH_TOKEN_FILE") or None
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            token = handle.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenError(f"cannot read the token file {path}: {describe_network_error(exc)}")
-    if not token:
-        raise TokenError(f"the token file {path} is empty")
-    return token
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="monitor", description="Live terminal dashboard of the btcfeed health API (GET /status).")
-    parser.add_argument("--url", help="status URL (default: http://BTCFEED_HEALTH_ADDR/status)")
-    parser.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
-                        help="refresh period (default 1.0)")
-    parser.add_argument("--once", action="store_true", help="print one frame and exit")
-    parser.add_argument("--token-file", metavar="PATH",
-                        help="file holding the bearer token "
-                             "(else BTCFEED_HEALTH_TOKEN or BTCFEED_HEALTH_TOKEN_FILE)")
-    args = parser.parse_args(argv)
-    if args.url and not re.match(r"^https?://", args.url):
-        parser.error(f"--url must be an http:// or https:// URL, got {args.url!r}")
-    return args
-
+# --- showing it (the command's options are in commands/cli.py) -----------------------------------
 
 def show_once(source: StatusSource) -> int:
     reading = source.read()
@@ -816,20 +740,3 @@ def log_frames(source: StatusSource, interval_s: float, console: Console, stop: 
 def pause(seconds: float, stop: StopSignals) -> None:
     if seconds > 0 and not stop.requested:
         time.sleep(seconds)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        token = read_token(args.token_file)
-    except TokenError as exc:
-        print(f"monitor: {exc}", file=sys.stderr)
-        return 2
-    source = StatusSource(args.url or default_status_url(), token)
-    if args.once:
-        return show_once(source)
-    return run_live(source, args.interval)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

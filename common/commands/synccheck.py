@@ -1,4 +1,5 @@
-"""bin/sync-check: does the primary hold every trade the local copy holds? Report it; re-send what it lacks.
+"""`btcfeed sync-check` (bin/sync-check): does the primary hold every trade the local copy holds?
+Report it; re-send what it lacks.
 
 Two checks per source:
 
@@ -17,10 +18,10 @@ inside the retention window (less a grace for each side's own trimming, up to a 
     twin while the stream behind it lost or doubled entries;
   - the last hashes (the highest id each side has seen).
 
-Exit codes follow the Nagios convention of bin/health: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+Exit codes follow the Nagios convention of bin/health: 0 OK, 1 WARNING, 2 CRITICAL (a configuration error
+too, as from every btcfeed command), 3 UNKNOWN (a usage error too).
 """
 
-import argparse
 import json
 import sys
 import time
@@ -701,47 +702,23 @@ def document(check: Check) -> dict:
 
 
 def unknown_check(reason: str, primary_url: str = "", local_url: str = "") -> Check:
-    return Check(UNKNOWN, [(UNKNOWN, reason)], {}, None, [], 0.0, primary_url, local_url)
+    return failed_check(UNKNOWN, reason, primary_url, local_url)
 
 
-# --- command ------------------------------------------------------------------------------------
-class UsageError(Exception):
-    pass
+def failed_check(status: int, reason: str, primary_url: str = "", local_url: str = "") -> Check:
+    """A check that could not run. A configuration error is CRITICAL: exit 2, as from every command."""
+    return Check(status, [(status, reason)], {}, None, [], 0.0, primary_url, local_url)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # argparse would exit 2, which is CRITICAL to a monitoring system; a usage error is UNKNOWN.
-        raise UsageError(message)
-
-
-def parse_arguments(argv):
-    parser = ArgumentParser(prog="sync-check", description=(
-        "Compare the local copy with the primary Redis: the held index with the primary's seen-set (as sync "
-        "does; trades missing from the primary), and both trade streams over the retention window "
-        "(duplicates, entries lost although marked applied, per-minute counts, last ids). "
-        "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."))
-    parser.add_argument("--repair", action="store_true",
-                        help="re-send the trades missing from the primary from the local copy, through the "
-                             "idempotent apply under the primary's epoch, then check again")
-    parser.add_argument("--json", action="store_true", help="print the report as a JSON document")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    try:
-        args = parse_arguments(argv)
-    except UsageError as exc:
-        print(f"SYNC-CHECK UNKNOWN - usage: {exc} (see --help)")
-        return UNKNOWN
-    except SystemExit as exc:     # --help
-        return exc.code or OK
-    out = Output(args.json)
+# --- command (its options are defined in commands/cli.py) --------------------------------------
+def run(repair: bool, as_json: bool) -> int:
+    """Print the check (and the repair, with --repair) as text or JSON; returns the exit code."""
+    out = Output(as_json)
     emit = out.emit
     try:
         cfg = config_module.load()
     except config_module.ConfigError as exc:
-        return emit(unknown_check(f"configuration error: {exc}"))
+        return emit(failed_check(CRITICAL, f"configuration error: {exc}"))
     out.secrets = secrets_of(cfg)
     primary_url, local_url = redact_url(cfg.primary_url), redact_url(cfg.local_url)
     try:
@@ -750,7 +727,7 @@ def main(argv=None) -> int:
         primary = connect_primary(cfg, max(cfg.primary_timeout_ms, SCAN_TIMEOUT_MS))
     except ValueError as exc:
         reason = scrub_secrets(str(exc), cfg.primary_url)
-        return emit(unknown_check(f"configuration error: {reason}", primary_url, local_url))
+        return emit(failed_check(CRITICAL, f"configuration error: {reason}", primary_url, local_url))
     try:
         local.ping()
     except redis.RedisError as exc:
@@ -758,7 +735,7 @@ def main(argv=None) -> int:
                                   primary_url, local_url))
     try:
         check = run_check(cfg, local, probe, primary)
-        if not args.repair:
+        if not repair:
             return emit(check)
         return repair_and_recheck(cfg, local, probe, primary, check, out)
     except LocalFailure as exc:
@@ -845,7 +822,3 @@ def _iso(ms: int) -> str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
