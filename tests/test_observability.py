@@ -131,20 +131,21 @@ def test_metrics_parse_with_the_prometheus_parser(stack):
     code, body = api(stack, "/metrics")
     assert code == 200
     families = {family.name: family for family in text_string_to_metric_families(body)}
-    assert families["btcfeed_health_status"].samples[0].value == 0
+    verdict = {s.labels["status"]: s.value for s in families["btcfeed_health_status"].samples}
+    assert verdict == {"ok": 1, "degraded": 0, "critical": 0}
     latency = families["btcfeed_end_to_end_latency_seconds"]
     assert latency.type == "histogram"
     buckets = [s for s in latency.samples if s.name.endswith("_bucket")]
     assert buckets[-1].labels["le"] == "+Inf"
     counts = [s.value for s in buckets]
     assert counts == sorted(counts) and counts[-1] > 0          # cumulative, not empty
-    trades = families["btcfeed_source_trades"]                  # the parser strips _total
+    trades = families["btcfeed_source_trades_received"]         # the parser strips _total
     assert trades.type == "counter" and trades.samples[0].labels["source"] == "binance:BTCUSDT"
     assert trades.samples[0].value > 0
     up = {s.labels["process"]: s.value for s in families["btcfeed_process_up"].samples}
     assert up["writer"] == 1 and up["listener"] == 1
     state = {s.labels["state"]: s.value for s in families["btcfeed_writer_state"].samples}
-    assert state == {"primary": 1, "failover": 0, "draining": 0}
+    assert state == {"primary": 1, "failover": 0, "draining": 0, "maintenance": 0}
 
 
 def test_unknown_path_is_404(stack):

@@ -174,9 +174,10 @@ def test_metrics_of_the_sample_document_parse():
         doc = json.load(handle)
     body = render_metrics(doc)
     families = {family.name: family for family in text_string_to_metric_families(body)}
-    assert families["btcfeed_health_status"].samples[0].value == 1          # degraded
+    verdict = {s.labels["status"]: s.value for s in families["btcfeed_health_status"].samples}
+    assert verdict == {"ok": 0, "degraded": 1, "critical": 0}
     states = {s.labels["state"]: s.value for s in families["btcfeed_writer_state"].samples}
-    assert states == {"primary": 0, "failover": 0, "draining": 1}
+    assert states == {"primary": 0, "failover": 0, "draining": 1, "maintenance": 0}
     connected = {s.labels["source"]: s.value for s in families["btcfeed_source_connected"].samples}
     assert connected == {"binance:BTCUSDT": 1, "coinbase:BTC-USD": 0}
     latency = families["btcfeed_end_to_end_latency_seconds"]
