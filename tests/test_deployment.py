@@ -332,15 +332,26 @@ def test_container_start_sends_program_logs_to_stdout():
         status = subprocess.run([os.path.join(ROOT, "bin", "btcfeed"), "status"], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert re.search(r"(?m)^writer +RUNNING", status.stdout), status.stdout + status.stderr
+        # supervisord's own log stays (it also goes to stdout); so does the AUTO file that supervisord.conf
+        # gives the listener's stdout (the event protocol, no log lines), named NAME-stdout---*.log.
         program_logs = [name for name in os.listdir(os.path.join(state_dir, "logs"))
-                        if name != "supervisord.log"]
+                        if name != "supervisord.log" and "---" not in name]
         assert program_logs == [], program_logs
+        children = [p["pid"] for p in Stack(state_dir).processes()]
+        assert all(children)
         supervisord.send_signal(signal.SIGTERM)
         assert supervisord.wait(60) == 0
+        for pid in children:
+            assert not _alive(pid), f"process {pid} outlived supervisord"
     finally:
         if supervisord is not None and supervisord.poll() is None:
-            os.killpg(supervisord.pid, signal.SIGKILL)
-            supervisord.wait(10)
+            # supervisord stops its children (each in a process group of its own) only on SIGTERM.
+            supervisord.send_signal(signal.SIGTERM)
+            try:
+                supervisord.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(supervisord.pid, signal.SIGKILL)
+                supervisord.wait(10)
         sim.stop()
         primary.stop()
         shutil.rmtree(primary.directory, ignore_errors=True)
