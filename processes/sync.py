@@ -98,6 +98,10 @@ class Sync(Process):
             self.stopping.wait(self.config.probe_interval_ms / 1000)
         elif state == DRAINING:
             self.drain_step()
+        else:                   # maintenance: the operator has the primary; nothing to probe or replay
+            self.drain = None
+            self.streak = 0
+            self.stopping.wait(0.2)
 
     # --- probing -------------------------------------------------------------------------------
     def probe(self) -> dict:

@@ -19,6 +19,7 @@ import click
 from supervisor.http import NOT_DONE_YET, tail_f_producer
 
 from btcfeed import config as config_module
+from btcfeed.commands.maintenance import primary
 from btcfeed.commands.stack import PROGRAMS, Stack, StackError
 from btcfeed.observability.status import Thresholds, exit_code
 
@@ -455,6 +456,9 @@ def chaos(minutes, seed, rate):
     """Randomized fault soak: prints trades expected / present / missing / duplicated."""
     from tools.chaos import run_chaos
     sys.exit(run_chaos(minutes=minutes, seed=seed, rate=rate, echo=click.echo))
+
+
+cli.add_command(primary)
 
 
 def main(argv=None, command: str = None):

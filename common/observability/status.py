@@ -386,7 +386,11 @@ def assess(doc: dict, thresholds: Thresholds = Thresholds(), local_error: str = 
 def _assess_writer(doc, thresholds, critical, degraded) -> None:
     writer = doc.get("writer") or {}
     state, for_s = writer.get("state"), writer.get("for_s") or 0.0
-    if state in ("failover", "draining"):
+    if state == "maintenance":
+        why = f" ({writer['reason']})" if writer.get("reason") else ""
+        degraded.append(f"primary paused for maintenance for {for_s:.0f}s{why}: trades are kept in the "
+                        "local copy and backlog until `btcfeed primary resume`")
+    elif state in ("failover", "draining"):
         why = f" ({writer['reason']})" if writer.get("reason") else ""
         message = (f"writer in {state} for {for_s:.0f}s{why}: trades are kept in the local copy "
                    "and backlog and replayed when the primary is healthy")

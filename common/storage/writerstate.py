@@ -3,7 +3,10 @@
 The state lives in the local Redis (keys.WRITER_STATE) so that sync can see and change it (DESIGN.md §4):
   primary   the writer applies to the primary and keeps each batch in the local mirror;
   failover  the primary failed: the writer applies to the local copy and appends to the backlog;
-  draining  as failover, while sync replays the backlog into the primary; sync hands back.
+  draining  as failover, while sync replays the backlog into the primary; sync hands back;
+  maintenance  an operator paused the primary (`btcfeed primary pause`): as failover, but sync leaves
+            the primary alone until `btcfeed primary resume`, which turns it into failover (replay,
+            hand-back).
 A library module, so that tools (bin/sync-check) need not import a process.
 """
 
@@ -16,7 +19,25 @@ from redis.sentinel import MasterNotFoundError
 from btcfeed import keys
 from btcfeed.storage.apply import is_epoch_error
 
-PRIMARY, FAILOVER, DRAINING = "primary", "failover", "draining"
+PRIMARY, FAILOVER, DRAINING, MAINTENANCE = "primary", "failover", "draining", "maintenance"
+
+# Pause and resume change the state in one step, whatever the writer and sync do meanwhile.
+# KEYS[1] the writer state hash; ARGV: now ms, reason, who. Returns the state it found.
+PAUSE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'primary'
+if state ~= 'maintenance' then
+  redis.call('HSET', KEYS[1], 'state', 'maintenance', 'since', ARGV[1], 'reason', ARGV[2], 'by', ARGV[3],
+             'paused_ms', ARGV[1])
+end
+return state
+"""
+RESUME_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'primary'
+if state == 'maintenance' then
+  redis.call('HSET', KEYS[1], 'state', 'failover', 'since', ARGV[1], 'reason', 'maintenance over: replaying')
+end
+return state
+"""
 
 # What an operator should check, by the kind of error the primary gave.
 CREDENTIALS_HINT = ("the primary refused the credentials: check the user name and password in "
@@ -64,6 +85,19 @@ def describe_error(exc: Exception, url: str = "") -> str:
 def read_state(client) -> str:
     state = client.hget(keys.WRITER_STATE, "state")
     return state.decode() if state else PRIMARY
+
+
+def pause(client, reason: str, who: str) -> str:
+    """Put the writer in maintenance (idempotent); returns the state it was in."""
+    found = client.eval(PAUSE_SCRIPT, 1, keys.WRITER_STATE, int(time.time() * 1000), reason, who)
+    return found.decode() if isinstance(found, bytes) else found
+
+
+def resume(client) -> str:
+    """End maintenance: sync replays the backlog and hands back as after a failure; returns the state
+    it found (anything but maintenance means there was nothing to resume)."""
+    found = client.eval(RESUME_SCRIPT, 1, keys.WRITER_STATE, int(time.time() * 1000))
+    return found.decode() if isinstance(found, bytes) else found
 
 
 def set_state(client, state: str, reason: str) -> None:
