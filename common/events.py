@@ -18,7 +18,7 @@ def record_event(client, log, process: str, event: str, level: str = "info", **f
     try:
         client.xadd(keys.EVENTS, entry, maxlen=EVENTS_MAX, approximate=True)
     except redis.RedisError:
-        log.warning("event_not_recorded", event=event)
+        log.warning("event_not_recorded", name=event)
 
 
 def recent_events(client, count: int = 20) -> list:

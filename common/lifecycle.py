@@ -19,17 +19,106 @@ LOOP_ERROR_PAUSE_S = 0.5
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
-class EventLog:
-    """One line per event: time, process, level, event name, then key=value fields (or JSON)."""
+# The attribute a btcfeed event's key=value fields ride on through the logging module.
+FIELDS_ATTR = "btcfeed_fields"
+# The names the line is built from; a field by one of these names must not overwrite them.
+HEADER_KEYS = ("time", "proc", "level", "event")
 
-    def __init__(self, process: str, fmt: str = "kv", level: str = "INFO", stream=None):
+
+class LineFormatter(logging.Formatter):
+    """Every record as the project's one line: time, process, level, event, then key=value fields
+    (or one JSON object). A btcfeed event's name is the event; another library's message is, with
+    logger= naming the library. A traceback is one field (json-escaped), never lines of its own,
+    and every secret is replaced before anything is written."""
+
+    def __init__(self, process: str, fmt: str = "kv", secrets=()):
+        super().__init__()
+        self.process = process
+        self.json = fmt == "json"
+        self.secrets = tuple(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            fields = self._fields(record)
+        except Exception as exc:   # a third-party record whose arguments do not format: say so, in one line
+            fields = {"event": "unformattable_log_record", "logger": record.name,
+                      "msg": str(record.msg)[:500], "error": _exception_text(exc)}
+        line = {"time": _utc_ms(record.created), "proc": self.process, "level": record.levelname}
+        line.update((key, self._clean(value)) for key, value in fields.items())
+        if self.json:
+            return json.dumps(line)
+        return " ".join(f"{key}={_kv_value(value)}" for key, value in line.items())
+
+    def _fields(self, record: logging.LogRecord) -> dict:
+        own = getattr(record, FIELDS_ATTR, None)
+        if own is not None:
+            fields = {"event": record.msg}
+            fields.update((f"field_{key}" if key in HEADER_KEYS else key, value)
+                          for key, value in own.items())
+        else:
+            fields = {"event": record.getMessage().strip(), "logger": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields.setdefault("error", _exception_text(record.exc_info[1]))
+            fields["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack"] = record.stack_info
+        return fields
+
+    def _clean(self, value):
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        # Lists and dicts stay structured (JSON objects in json mode), their contents cleaned.
+        if isinstance(value, dict):
+            return {str(key): self._clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._clean(item) for item in value]
+        text = value if isinstance(value, str) else str(value)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _utc_ms(created: float) -> str:
+    return datetime.fromtimestamp(created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _kv_value(value) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' ="\n'):
+        return json.dumps(text)
+    return text
+
+
+def _exception_text(exc) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class EventLog:
+    """One line per event (`log.info("event_name", key=value, ...)`) through a logging.Logger and
+    LineFormatter. With capture, it is the process's log: its handler also takes every other record
+    (third-party loggers, captured warnings, uncaught exceptions in any thread) and its level
+    applies to all of them. capture=None means: when a btcfeed program (python -m btcfeed....) logs
+    to its own stdout or stderr, so that a log made inside another program (a test, a tool) leaves
+    that program's logging and hooks alone."""
+
+    def __init__(self, process: str, fmt: str = "kv", level: str = "INFO", stream=None, secrets=(),
+                 capture=None):
         self.process = process
         self.fmt = fmt
         self.level = logging.getLevelName(level) if isinstance(level, str) else level
         if not isinstance(self.level, int):
             self.level = logging.INFO
         self.stream = stream or sys.stdout
-        self._lock = threading.Lock()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(LineFormatter(process, fmt, secrets))
+        # Its own Logger, outside the logging tree: two EventLogs of one name never share a stream.
+        self.logger = logging.Logger(f"btcfeed.{process}", self.level)
+        self.logger.propagate = False
+        self.logger.addHandler(self.handler)
+        if capture is None:
+            capture = _in_btcfeed_program() and self.stream in (sys.stdout, sys.stderr)
+        if capture:
+            self._take_all_records()
 
     def debug(self, event, **fields):
         self._write(logging.DEBUG, event, fields)
@@ -44,25 +133,37 @@ class EventLog:
         self._write(logging.ERROR, event, fields)
 
     def _write(self, level, event, fields):
-        if level < self.level:
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, event, extra={FIELDS_ATTR: fields})
+
+    def _take_all_records(self) -> None:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h.formatter, LineFormatter)]:
+            root.removeHandler(handler)         # an earlier process log in this interpreter
+        root.addHandler(self.handler)
+        root.setLevel(self.level)
+        logging.captureWarnings(True)
+        sys.excepthook = self._uncaught
+        threading.excepthook = self._uncaught_in_thread
+
+    def _uncaught(self, exc_type, exc, tb) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
             return
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        record = {"time": now, "proc": self.process, "level": logging.getLevelName(level), "event": event}
-        record.update(fields)
-        if self.fmt == "json":
-            line = json.dumps(record, default=str)
-        else:
-            line = " ".join(f"{k}={_kv_value(v)}" for k, v in record.items())
-        with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        self.logger.error("uncaught_exception", exc_info=(exc_type, exc, tb),
+                          extra={FIELDS_ATTR: {"thread": threading.current_thread().name}})
+
+    def _uncaught_in_thread(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return                              # as threading's own hook: a thread may end that way
+        thread = args.thread.name if args.thread is not None else "unknown"
+        self.logger.error("uncaught_exception", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                          extra={FIELDS_ATTR: {"thread": thread}})
 
 
-def _kv_value(value) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' ="\n'):
-        return json.dumps(text)
-    return text
+def _in_btcfeed_program() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("btcfeed.")
 
 
 class Process:
@@ -142,7 +243,8 @@ def run_process(process_class, argv=None) -> int:
     except config_module.ConfigError as exc:
         print(f"{process_class.name}: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    log = EventLog(process_class.name, cfg.log_format, cfg.log_level)
+    log = EventLog(process_class.name, cfg.log_format, cfg.log_level, secrets=config_module.secrets_of(cfg),
+                   capture=True)
     try:
         return process_class(cfg, log).run()
     except config_module.ConfigError as exc:

@@ -565,6 +565,8 @@ class SourceFeed(threading.Thread):
             for conn in (self.current, self.replacement):
                 if conn is not None:
                     conn.close()
+            # The REST client's kept connections; a request still under way closes its own when done.
+            self.adapter.close()
 
     def _claim_id_space(self) -> None:
         """Binance trade ids and aggregate ids are different sequences: state kept for the other

@@ -20,7 +20,7 @@ from btcfeed import keys
 from btcfeed.storage.bus import Bus
 from btcfeed.config import Source, load
 from btcfeed.events import recent_events
-from btcfeed.exchanges.base import RestError, TradePage, RejectedRow, http_get_json, iso_to_ms
+from btcfeed.exchanges.base import RateLimited, RestClient, RestError, TradePage, RejectedRow, iso_to_ms
 from btcfeed.trade import BadMessage, Trade, decode_batch
 from harness import (Simulator, assert_exact, drain, primary_last_id, remove_stack, start_stack,
                      verify_primary, wait_for, wait_source_trades)
@@ -85,14 +85,15 @@ def http_server():
 
 @pytest.mark.parametrize("path", ["/declared-huge", "/undeclared-huge"])
 def test_rest_answer_over_the_size_cap_is_a_rest_error(http_server, path):
+    client = RestClient(http_server)
     with pytest.raises(RestError, match="byte limit"):
-        http_get_json(http_server + path)
+        client.get_json(path)
 
 
 def test_rest_answer_dripping_past_the_total_deadline_is_a_rest_error(http_server, monkeypatch):
     started = time.monotonic()
     with pytest.raises(RestError, match="deadline"):
-        http_get_json(http_server + "/drip", timeout_s=5.0, deadline_s=1.0)
+        RestClient(http_server, timeout_s=5.0).get_json("/drip", deadline_s=1.0)
     assert time.monotonic() - started < 2.5
     # Binance's own client has the same bound.
     monkeypatch.setattr(binance, "REST_DEADLINE_S", 1.0)
@@ -101,6 +102,101 @@ def test_rest_answer_dripping_past_the_total_deadline_is_a_rest_error(http_serve
     with pytest.raises(RestError, match="deadline"):
         client._get("/drip")
     assert time.monotonic() - started < 2.5
+
+
+# --- REST keep-alive: one connection for many pages; errors stay one line ---------------------------
+
+class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"           # keeps the connection open between requests
+    disable_nagle_algorithm = True          # headers and body go in two writes: no 40 ms stall
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/api/v3/historicalTrades":
+            first = int(dict(item.split("=") for item in query.split("&"))["fromId"])
+            rows = [{"id": i, "price": "100.5", "qty": "0.1", "time": 1_700_000_000_000 + i,
+                     "isBuyerMaker": True} for i in range(first, first + binance.REST_PAGE_LIMIT)]
+            self.answer(200, json.dumps(rows).encode(), {"X-MBX-USED-WEIGHT-1M": "25"})
+        elif path == "/busy":
+            self.answer(429, b'{"msg": "slow down"}', {"Retry-After": "7"})
+        elif path == "/banned":
+            self.answer(418, b'{"msg": "banned"}', {})
+        elif path == "/broken":
+            self.answer(500, b'{"msg": "first line\\nsecond line"}', {})
+        else:
+            self.answer(200, b'{"page": "%s"}' % path.encode(), {})
+
+    def answer(self, status: int, body: bytes, headers: dict) -> None:
+        self.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class CountingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    connections = 0
+
+    def get_request(self):
+        self.connections += 1
+        return super().get_request()
+
+
+@pytest.fixture
+def counting_server():
+    server = CountingServer(("127.0.0.1", 0), KeepAliveHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_many_rest_pages_share_one_connection(counting_server):
+    server, url = counting_server
+    client = RestClient(url)
+    pages = [client.get_json(f"/page/{n}")[0] for n in range(60)]
+    assert pages[-1] == {"page": "/page/59"} and server.connections == 1
+    # Errors and rate limits leave the kept connection usable too.
+    with pytest.raises(RestError):
+        client.get_json("/broken")
+    client.get_json("/page/again")
+    assert server.connections == 1
+    client.close()
+    client.get_json("/page/after-close")                  # closed: the next request opens a new one
+    assert server.connections == 2
+
+
+def test_binance_backfill_pages_share_one_connection(counting_server):
+    server, url = counting_server
+    adapter = binance.BinanceAdapter("BTCUSDT", "ws://127.0.0.1:1", url, kind="trade")
+    first = 1_000
+    for page_number in range(10):
+        page, exhausted = adapter.fetch_page(first + page_number * binance.REST_PAGE_LIMIT)
+        assert len(page) == binance.REST_PAGE_LIMIT and not exhausted
+    assert page[-1].id == first + 10 * binance.REST_PAGE_LIMIT - 1
+    assert server.connections == 1 and adapter.rest.used_weight == 25
+    adapter.close()
+
+
+def test_rate_limits_and_errors_are_one_line_rest_errors(counting_server):
+    _, url = counting_server
+    with pytest.raises(RateLimited) as limited:
+        RestClient(url).get("/busy")
+    assert limited.value.retry_after_s == 7.0
+    rest = binance.BinanceRest(url, "BTCUSDT")
+    with pytest.raises(RateLimited) as banned:                  # Binance's ban is a rate limit too
+        rest._get("/banned")
+    assert banned.value.retry_after_s == binance.DEFAULT_RETRY_AFTER_S
+    with pytest.raises(RestError) as broken:
+        RestClient(url).get("/broken")
+    assert str(broken.value) == "HTTP 500 from /broken: first line second line"
+    with pytest.raises(RestError) as refused:
+        RestClient("http://127.0.0.1:1").get("/x")
+    assert "\n" not in str(refused.value) and str(refused.value).startswith("cannot reach http://127.0.0.1:1/x: ")
 
 
 # --- the sequencer against a real local Redis (no network) ------------------------------------------

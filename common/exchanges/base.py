@@ -1,6 +1,7 @@
-"""What every exchange adapter shares: REST errors, request pacing, a plain JSON GET, heartbeats and
-exact time parsing. Each adapter (common/exchanges/binance.py, common/exchanges/coinbase.py, common/exchanges/kraken.py) has the
-same shape, so ingest's SourceFeed never needs to know which exchange it talks to:
+"""What every exchange adapter shares: REST errors, request pacing, a REST client that keeps its
+connections, heartbeats and exact time parsing. Each adapter (common/exchanges/binance.py,
+common/exchanges/coinbase.py, common/exchanges/kraken.py) has the same shape, so ingest's SourceFeed
+never needs to know which exchange it talks to:
 
   ws_url, stale_after_s           where to connect; how long silence means a dead connection
   subscribe_messages()            text messages to send once connected (empty when the URL says it all)
@@ -18,6 +19,7 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
   id_space                        which id sequence the records count in ("trade", or Binance's
                                   "aggTrade"): a cursor kept for one is meaningless for another
   rest_pause_s()                  how long to wait before the next REST call to stay under its limits
+  close()                         drop the REST client's kept connections (ingest, when the source ends)
   pages_by_time                   True when REST pages start at a time (Kraken): ingest then keeps the
                                   time of the cursor's trade in the local Redis for backfills
   make_reassembler(max_bytes)     a common.wsframes.Reassembler for one connection (frames in, JSON
@@ -31,16 +33,13 @@ same shape, so ingest's SourceFeed never needs to know which exchange it talks t
 """
 
 import calendar
-import http.client
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import NamedTuple, Optional
 
 import orjson
+import urllib3
 
 from btcfeed.trade import MAX_EXACT_INT, BadMessage
 
@@ -52,12 +51,25 @@ REST_DEADLINE_S = 30.0
 MAX_REST_BYTES = 16 << 20
 READ_CHUNK_BYTES = 1 << 16
 DEFAULT_RETRY_AFTER_S = 1.0
+# An error answer is read only for the exchange's message in it.
+ERROR_BODY_BYTES = 64 << 10
+# Backfill and the quarantine checks of one source may ask at once: two kept connections serve both.
+POOL_CONNECTIONS = 2
+# No retry inside a request: a second try would stretch its total deadline, and ingest's backoff
+# already retries. A kept connection the exchange closed while idle is found before it is reused
+# (the pool checks); statuses (429/418 included) come back as answers and redirects are not followed.
+RETRIES = False
+# "HTTPConnectionPool(host='x', port=1): " and the like, before urllib3's own words.
+POOL_PREFIX = re.compile(r"^\w*Connection(?:Pool)?\([^)]*\): ")
 # ISO-8601 in UTC as Coinbase and Kraken print trade times (fractions up to nanoseconds).
 ISO_UTC = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?(?:Z|\+00:00)")
 
 
 class RestError(Exception):
-    """The exchange's REST API did not give a usable answer."""
+    """The exchange's REST API did not give a usable answer (the message is always one line)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 class RateLimited(RestError):
@@ -91,26 +103,61 @@ class RequestPacer:
             return 0.0 if self.tokens >= 0.0 else -self.tokens / self.per_second
 
 
-def http_get_json(url: str, timeout_s: float = REST_TIMEOUT_S, rate_limited_codes=(429,), loads=orjson.loads,
-                  deadline_s: float = REST_DEADLINE_S, max_bytes: int = MAX_REST_BYTES):
-    """(decoded body, headers) of a GET; RateLimited on the given statuses, RestError otherwise
-    (also for an answer over max_bytes or one that takes longer than deadline_s in all)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "btcfeed", "Accept": "application/json"})
-    deadline = time.monotonic() + deadline_s
-    try:
-        with urllib.request.urlopen(request, timeout=min(timeout_s, deadline_s)) as response:
-            headers = response.headers
-            raw = read_body(response, url.split("?")[0], deadline, max_bytes)
-    except urllib.error.HTTPError as exc:
-        if exc.code in rate_limited_codes:
-            raise RateLimited(retry_after_s(exc.headers), exc.code)
-        raise RestError(f"HTTP {exc.code} from {url.split('?')[0]}: {_error_text(exc)}")
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError, http.client.HTTPException) as exc:
-        raise RestError(f"cannot reach {url.split('?')[0]}: {getattr(exc, 'reason', exc)!s:.200}")
-    try:
-        return loads(raw), headers
-    except (ValueError, BadMessage) as exc:
-        raise BadMessage(f"REST answer is not usable JSON: {str(exc)[:80]} {raw[:80]!r}")
+class RestClient:
+    """GETs to one exchange's REST base URL over kept-alive connections: one urllib3 pool for the
+    base URL, so a backfill of many pages pays one TCP/TLS handshake, not one per page. Every
+    request keeps the bounds of MAX_REST_BYTES and REST_DEADLINE_S; failures are one-line RestErrors.
+    Thread-safe (the backfill and the quarantine checks may share it); close() drops the connections."""
+
+    def __init__(self, base_url: str, timeout_s: float = REST_TIMEOUT_S, rate_limited_codes=(429,),
+                 default_retry_after_s: float = DEFAULT_RETRY_AFTER_S):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.rate_limited_codes = tuple(rate_limited_codes)
+        self.default_retry_after_s = default_retry_after_s
+        self.headers = {"User-Agent": "btcfeed", "Accept": "application/json"}
+        self._pools = urllib3.PoolManager(num_pools=1, maxsize=POOL_CONNECTIONS, retries=RETRIES)
+
+    def get(self, path: str, deadline_s: float = REST_DEADLINE_S, max_bytes: int = MAX_REST_BYTES,
+            on_headers=None):
+        """(body bytes, headers) of a 2xx answer to GET base_url + path; RateLimited on the
+        rate-limit statuses, RestError otherwise. on_headers(headers) sees every answer's headers,
+        errors included (Binance reports its used weight on both)."""
+        where = path.split("?")[0]
+        deadline = time.monotonic() + deadline_s
+        response = self._send(path, where, deadline_s)
+        try:
+            if on_headers is not None:
+                on_headers(response.headers)
+            if response.status in self.rate_limited_codes:
+                wait_s = retry_after_s(response.headers, self.default_retry_after_s)
+                raise RateLimited(wait_s, response.status)
+            if not 200 <= response.status < 300:
+                raise RestError(f"HTTP {response.status} from {where}: {_error_text(response, deadline)}")
+            return read_body(response, where, deadline, max_bytes), response.headers
+        finally:
+            _finish(response)
+
+    def get_json(self, path: str, loads=orjson.loads, **bounds):
+        """(decoded body, headers) of get(); BadMessage when the answer does not decode."""
+        raw, headers = self.get(path, **bounds)
+        try:
+            return loads(raw), headers
+        except (ValueError, BadMessage) as exc:
+            raise BadMessage(f"REST answer is not usable JSON: {str(exc)[:80]} {raw[:80]!r}")
+
+    def close(self) -> None:
+        self._pools.clear()
+
+    def _send(self, path: str, where: str, deadline_s: float):
+        # The body is read by read_body (preload off), under the request's total deadline.
+        per_read_s = min(self.timeout_s, deadline_s)
+        timeout = urllib3.Timeout(connect=per_read_s, read=per_read_s, total=deadline_s)
+        try:
+            return self._pools.urlopen("GET", self.base_url + path, headers=self.headers, timeout=timeout,
+                                       redirect=False, preload_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise RestError(f"cannot reach {self.base_url}{where}: {_reason(exc)}")
 
 
 def read_body(response, where: str, deadline: float, max_bytes: int = MAX_REST_BYTES) -> bytes:
@@ -127,8 +174,10 @@ def read_body(response, where: str, deadline: float, max_bytes: int = MAX_REST_B
         _bound_next_read(response, remaining)
         try:
             chunk = response.read1(READ_CHUNK_BYTES)
-        except socket.timeout:
+        except urllib3.exceptions.ReadTimeoutError:
             raise RestError(f"REST answer from {where} not complete within the request deadline")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise RestError(f"REST answer from {where} broken off: {_reason(exc)}")
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
@@ -138,29 +187,49 @@ def read_body(response, where: str, deadline: float, max_bytes: int = MAX_REST_B
 
 
 def _bound_next_read(response, remaining_s: float) -> None:
-    """Let the next socket read wait no longer than the time left (and never longer than before)."""
-    sock = getattr(getattr(response.fp, "raw", None), "_sock", None) if response.fp is not None else None
+    """Let the next socket read wait no longer than the time left (and never longer than before).
+    The pool sets the socket's timeout afresh for the next request on the same connection."""
+    sock = getattr(response.connection, "sock", None)
     if sock is None:
         return
     current = sock.gettimeout()
     sock.settimeout(remaining_s if current is None else min(current, remaining_s))
 
 
-def retry_after_s(headers) -> float:
+def _finish(response) -> None:
+    """Give the connection back for the next request when its answer was read to the end; otherwise
+    (an error, a refused answer) close it, since what is left unread would spoil the next answer."""
+    if response.connection is not None:
+        response.close()
+    response.release_conn()
+
+
+def retry_after_s(headers, default_s: float = DEFAULT_RETRY_AFTER_S) -> float:
     value = headers.get("Retry-After") if headers is not None else None
     try:
         return max(DEFAULT_RETRY_AFTER_S, float(value))
     except (TypeError, ValueError):
-        return DEFAULT_RETRY_AFTER_S
+        return default_s
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
+def _error_text(response, deadline: float) -> str:
+    """The exchange's own words for an error status (its JSON message), else the HTTP reason."""
     try:
-        body = orjson.loads(exc.read(4096))
+        body = orjson.loads(read_body(response, "", deadline, ERROR_BODY_BYTES))
         text = body.get("message") or body.get("msg") or body.get("error") or body
-        return str(text)[:200]
-    except (ValueError, AttributeError, OSError):
-        return exc.reason or "error"
+        return _one_line(str(text))[:200]
+    except (ValueError, AttributeError, RestError):
+        return response.reason or "error"
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, in one line, without the connection's repr urllib3 puts first (the caller
+    names the URL)."""
+    return _one_line(POOL_PREFIX.sub("", str(exc)))[:200]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def iso_to_ms(name: str, value) -> int:

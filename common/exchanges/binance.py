@@ -8,21 +8,19 @@ backfill work the same way whichever is followed.
 """
 
 import json
-import socket
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import NamedTuple, Optional
 
-from btcfeed.exchanges.base import (MAX_REST_BYTES, REST_DEADLINE_S, RateLimited, RestError, TradePage, parse_rows,
-                             read_body)
+from btcfeed.exchanges.base import (MAX_REST_BYTES, REST_DEADLINE_S, RateLimited, RestClient, RestError,
+                                    TradePage, parse_rows)
 from btcfeed.trade import (BINANCE_KINDS, BINANCE_REST_ID_FIELD, BadMessage, binance_cut_record_id,
                           parse_binance_rest, parse_binance_ws)
 from btcfeed.wsframes import Reassembler
 
 REST_PAGE_LIMIT = 1000          # the most historicalTrades and aggTrades return per call
 REST_TIMEOUT_S = 10.0
+DEFAULT_RETRY_AFTER_S = 5.0
 # Binance allows 6,000 request weight per minute per IP; keeping below 80% leaves room for other
 # clients on the same address and never provokes a 418 ban.
 WEIGHT_LIMIT_PER_MINUTE = 6000
@@ -76,6 +74,9 @@ class BinanceRest:
         self.kind = check_kind(kind)
         self.endpoint = REST_ENDPOINTS[kind]
         self.used_weight = 0
+        # A ban (418) is rate limiting too; without Retry-After, wait longer than for other exchanges.
+        self.client = RestClient(self.base_url, timeout_s, rate_limited_codes=(418, 429),
+                                 default_retry_after_s=DEFAULT_RETRY_AFTER_S)
 
     def historical_trades(self, from_id: int, limit: int = REST_PAGE_LIMIT, rejected: list = None):
         """Records with id >= from_id (at most limit), validated; raises RestError or BadMessage.
@@ -102,24 +103,16 @@ class BinanceRest:
         return 60.0 - (time.time() % 60.0) + 0.5
 
     def _get(self, path: str):
-        request = urllib.request.Request(self.base_url + path, headers={"User-Agent": "btcfeed"})
-        deadline = time.monotonic() + REST_DEADLINE_S
-        try:
-            with urllib.request.urlopen(request, timeout=min(self.timeout_s, REST_DEADLINE_S)) as response:
-                self._note_weight(response.headers)
-                raw = read_body(response, path.split("?")[0], deadline, MAX_REST_BYTES)
-        except urllib.error.HTTPError as exc:
-            self._note_weight(exc.headers)
-            if exc.code in (418, 429):
-                raise RateLimited(_retry_after(exc.headers), exc.code)
-            raise RestError(f"HTTP {exc.code} from {path.split('?')[0]}: {_error_text(exc)}")
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RestError(f"cannot reach {self.base_url}: {reason}")
+        # REST_DEADLINE_S is read here, at each call, so it can be changed for the whole module.
+        raw, _ = self.client.get(path, deadline_s=REST_DEADLINE_S, max_bytes=MAX_REST_BYTES,
+                                 on_headers=self._note_weight)
         try:
             return json.loads(raw)
         except ValueError:
             raise BadMessage(f"REST answer is not JSON: {raw[:80]!r}")
+
+    def close(self) -> None:
+        self.client.close()
 
     def _note_weight(self, headers) -> None:
         if headers is None:
@@ -127,22 +120,6 @@ class BinanceRest:
         value = headers.get("X-MBX-USED-WEIGHT-1M") or headers.get("x-mbx-used-weight-1m")
         if value and value.isdigit():
             self.used_weight = int(value)
-
-
-def _retry_after(headers) -> float:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(1.0, float(value))
-    except (TypeError, ValueError):
-        return 5.0
-
-
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(exc.read(4096))
-        return str(body.get("msg", body))[:200]
-    except (ValueError, AttributeError, OSError):
-        return exc.reason or "error"
 
 
 class BinanceAdapter:
@@ -179,6 +156,9 @@ class BinanceAdapter:
 
     def rest_pause_s(self) -> float:
         return self.rest.weight_pause_s()
+
+    def close(self) -> None:
+        self.rest.close()
 
     def make_reassembler(self, max_message_bytes: int) -> Reassembler:
         # The default sampling is Binance's: "e", "s", "stream", and the ids "t", "a", "f", "l".

@@ -12,7 +12,7 @@ from typing import Optional
 
 import orjson
 
-from btcfeed.exchanges.base import (Heartbeat, RequestPacer, RestError, TradePage, http_get_json, iso_to_ms,
+from btcfeed.exchanges.base import (Heartbeat, RequestPacer, RestError, TradePage, RestClient, iso_to_ms,
                              parse_rows, strictly_ascending)
 from btcfeed.trade import MAX_EXACT_INT, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
 from btcfeed.wsframes import Reassembler
@@ -115,6 +115,7 @@ class CoinbaseAdapter:
         self.symbol = product_id
         self.ws_url = ws_url.rstrip("/")
         self.rest_url = rest_url.rstrip("/")
+        self.rest = RestClient(self.rest_url)
         self.pacer = RequestPacer(REST_PER_SECOND, REST_BURST)
 
     def subscribe_messages(self) -> list:
@@ -128,7 +129,7 @@ class CoinbaseAdapter:
         for the page older than from_id + 1000 gives exactly that window (or the newest trades)."""
         query = urllib.parse.urlencode({"after": from_id + REST_PAGE_LIMIT, "limit": REST_PAGE_LIMIT})
         path = f"/products/{urllib.parse.quote(self.symbol, safe='')}/trades?{query}"
-        body, _ = http_get_json(self.rest_url + path)
+        body, _ = self.rest.get_json(path)
         rejected = []
         page = parse_rest_page(body, _now_ms(), rejected)
         trades = [trade for trade in page if trade.id >= from_id]
@@ -137,6 +138,9 @@ class CoinbaseAdapter:
 
     def rest_pause_s(self) -> float:
         return self.pacer.pause_s()
+
+    def close(self) -> None:
+        self.rest.close()
 
     def make_reassembler(self, max_message_bytes: int) -> Reassembler:
         return Reassembler(max_message_bytes, SAMPLE_STRING_FIELDS, SAMPLE_ID_FIELDS, event_field="type",

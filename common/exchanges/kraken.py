@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import NamedTuple, Optional
 
-from btcfeed.exchanges.base import (Heartbeat, RateLimited, RequestPacer, RestError, TradePage, http_get_json,
+from btcfeed.exchanges.base import (Heartbeat, RateLimited, RequestPacer, RestError, TradePage, RestClient,
                              iso_to_ms, parse_rows, strictly_ascending)
 from btcfeed.trade import DECIMAL, BadMessage, MalformedJSON, Trade, check_decimal, check_int, check_qty
 from btcfeed.wsframes import Reassembler
@@ -254,6 +254,7 @@ class KrakenAdapter:
         self.symbol = symbol
         self.ws_url = ws_url
         self.rest_url = rest_url.rstrip("/")
+        self.rest = RestClient(self.rest_url)
         self.pair = rest_pair(symbol)
         self.pacer = RequestPacer(REST_PER_SECOND, REST_BURST)
         self._resume = None         # (next id, since ns) left by the previous page
@@ -266,6 +267,9 @@ class KrakenAdapter:
 
     def rest_pause_s(self) -> float:
         return self.pacer.pause_s()
+
+    def close(self) -> None:
+        self.rest.close()
 
     def make_reassembler(self, max_message_bytes: int) -> Reassembler:
         # v2 trades sit inside the "data" array, where sample_prefix does not look (only the top
@@ -319,5 +323,5 @@ class KrakenAdapter:
 
     def _get(self, since_ns: int, rejected: list = None) -> RestPage:
         query = urllib.parse.urlencode({"pair": self.pair, "since": since_ns, "count": REST_PAGE_LIMIT})
-        body, _ = http_get_json(f"{self.rest_url}/0/public/Trades?{query}", loads=loads_exact)
+        body, _ = self.rest.get_json(f"/0/public/Trades?{query}", loads=loads_exact)
         return parse_rest_answer(body, int(time.time() * 1000), rejected)
