@@ -20,7 +20,7 @@ from btcfeed.storage import epochs
 
 from btcfeed import keys
 from btcfeed.storage.antientropy import HeldIndex, compare, resend
-from btcfeed.storage.apply import BatchApplier, is_epoch_error
+from btcfeed.storage.apply import BatchApplier, is_epoch_error, is_source_refusal
 from btcfeed.config import redact_url
 from btcfeed.events import record_event
 from btcfeed.lifecycle import Process, run_process
@@ -35,6 +35,7 @@ RECENT_S = 30.0                 # ... and "recently" is this long
 FULL_SWEEP_EVERY_S = 600.0      # every segment of the held index, compared this often
 SWEEP_SEGMENTS_PER_STEP = 4     # a full sweep goes on between probes and hand-backs, this many at a time
 FOLLOW_ENTRIES = 512            # mirrored batches taken into the held index per loop
+REFUSAL_EVENT_EVERY_S = 10.0    # a source whose keys the primary refuses: one event this often
 
 # Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
 # writer's WATCHed backlog transaction fails and it writes to the primary instead.
@@ -77,6 +78,8 @@ class Sync(Process):
         self.drain = None
         self.follow_started_ms = 0
         self.verified_ms = 0
+        self.unresolved = False
+        self.last_refusal_event = {}
         self.counts = dict(replayed=0, reseeded=0, hand_backs=0, drains=0, replay_rate=0.0, repaired=0,
                            sweeps=0, compared_bytes=0, missing_found=0, not_held=0)
         # A sweep cut short (a crash, a restart) is taken up again from the start.
@@ -283,12 +286,13 @@ class Sync(Process):
             compared = now >= self.next_compare
             if compared:
                 self.next_compare = now + COMPARE_INTERVAL_S
+                self.unresolved = False
                 self.compare_recent(now)
             if self.sweep is None and now >= self.next_full_sweep:
                 self.schedule_sweep("scheduled")
             if self.sweep is not None and self.sweep_step():
                 return True
-            if compared and all(index.caught_up for index in self.indexes.values()):
+            if compared and not self.unresolved and all(index.caught_up for index in self.indexes.values()):
                 self.mark_verified(self.follow_started_ms)
         except redis.RedisError as exc:
             if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not is_epoch_error(exc):
@@ -348,7 +352,13 @@ class Sync(Process):
         self.counts["compared_bytes"] += difference.bytes_compared
         if not difference.count:
             return difference.segments_compared
-        done = resend(self.indexes[source], self.applier, difference)
+        try:
+            done = resend(self.indexes[source], self.applier, difference)
+        except redis.RedisError as exc:
+            if not is_source_refusal(exc):
+                raise
+            self.refused(source, difference, exc)
+            return difference.segments_compared
         if self.sweep is not None:
             self.sweep["added"] += done.applied
         self.counts["missing_found"] += difference.count
@@ -361,6 +371,19 @@ class Sync(Process):
                          arrived_meanwhile=done.skipped, not_held=done.not_held, first=ids[0], last=ids[-1],
                          seconds=round(time.monotonic() - started, 3))
         return difference.segments_compared
+
+    def refused(self, source: str, difference, exc: Exception) -> None:
+        """The primary refuses this source's keys for now (a wrong type, its slot moving): keep its
+        segments under watch, so the re-send is tried every second until it lands; the other sources
+        are not held up, and nothing counts as verified meanwhile."""
+        now = time.monotonic()
+        for number in difference.missing:
+            self.recent[source][number] = now
+        self.unresolved = True
+        if now - self.last_refusal_event.get(source, 0.0) >= REFUSAL_EVENT_EVERY_S:
+            self.last_refusal_event[source] = now
+            record_event(self.local, self.log, self.name, "repair_refused", level="error", source=source,
+                         missing=difference.count, reason=describe_error(exc, self.config.primary_url))
 
     def stats(self) -> dict:
         drain = getattr(self, "drain", None)

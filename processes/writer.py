@@ -15,7 +15,7 @@ import redis
 from btcfeed.storage import epochs
 
 from btcfeed import keys
-from btcfeed.storage.apply import BatchApplier, mirror_entry
+from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
 from btcfeed.config import redact_url
 from btcfeed.events import record_event
 from btcfeed.latency import LatencyHistogram, newest_trade_ts
@@ -85,6 +85,7 @@ class Writer(Process):
         self._last_backlog_alarm = 0.0
         self._last_memory_alarm = 0.0
         self._last_memory_check = 0.0
+        self._last_refusal_event = {}
         self.memory_full = False
         self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
                            last_apply_ms=0, last_trade_ts=0)
@@ -199,7 +200,7 @@ class Writer(Process):
         """The primary applies on a helper thread while the local Redis takes the mirror: the two
         servers work at once. A local error propagates; a primary error becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
-        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches)
+        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, None, False)
         try:
             mirrored = self._mirror(batches, now_ms)
         finally:
@@ -207,13 +208,38 @@ class Writer(Process):
                 results = primary_results.result()
             except redis.RedisError as exc:
                 raise PrimaryFailed(exc)
-        # Both sides hold these batches now: the ACK tells sync's held index it may take them in.
+        results = self._set_aside_refusals(batches, results)
+        # Both sides hold these batches now (a refused one is in the mirror, and sync re-sends it
+        # once the primary takes it): the ACK tells sync's held index it may take them in.
         self.confirmed = {source: entry_id for (source, _), entry_id in zip(batches, mirrored)}
         self.counts["applied"] += sum(r[0] for r in results)
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
         self.counts["last_apply_ms"] = now_ms
         self._observe_latency(batches)
+
+    def _set_aside_refusals(self, batches, results) -> list:
+        """The replies of the batches the primary applied. An error of the primary as a whole fails
+        over (PrimaryFailed); a refusal that concerns one source's keys only (a key of the wrong
+        type, its slot moving) leaves that batch to sync's anti-entropy and every other source on the
+        primary: sources are isolated. The script stops before its first write, so nothing is half done."""
+        errors = [result for result in results if isinstance(result, Exception)]
+        for error in errors:
+            if not is_source_refusal(error):
+                raise PrimaryFailed(error)
+        for (source, _), result in zip(batches, results):
+            if isinstance(result, Exception):
+                self._refused(source, result)
+        return [result for result in results if not isinstance(result, Exception)]
+
+    def _refused(self, source: str, error: Exception) -> None:
+        self.counts["refused_batches"] = self.counts.get("refused_batches", 0) + 1
+        now = time.monotonic()
+        if now - self._last_refusal_event.get(source, 0.0) >= BACKLOG_FULL_ALARM_EVERY_S:
+            self._last_refusal_event[source] = now
+            record_event(self.local, self.log, self.name, "batch_refused", level="error", source=source,
+                         reason=describe_error(error, self.config.primary_url),
+                         refused_batches=self.counts["refused_batches"])
 
     def _observe_latency(self, batches) -> None:
         """Exchange time -> confirmed in the primary, for the newest trade of each batch."""

@@ -199,3 +199,18 @@ def test_bus_trim_never_removes_a_pending_entry(redis_client):
     redis_client.xack(bus, keys.BUS_GROUP, stranded)
     redis_client.eval(TRIM_BUS_SCRIPT, 1, bus, keys.BUS_GROUP, _next_id(ids[-1].encode()))
     assert redis_client.xlen(bus) < 100                                # approximate trim: whole nodes
+
+
+def test_one_source_refused_leaves_the_other_applied_in_the_same_pipeline(redis_client):
+    from btcfeed.storage.apply import is_source_refusal
+    applier = BatchApplier(redis_client, retention_ms=24 * HOUR)
+    other = "coinbase:BTC-USD"
+    trades = make_trades(1, 10)
+    redis_client.set(keys.last(SOURCE), "somebody else's string")
+    results = applier.apply_many([(SOURCE, encode_batch(trades)), (other, encode_batch(trades))],
+                                 raise_on_error=False)
+    assert isinstance(results[0], redis.ResponseError) and is_source_refusal(results[0])
+    assert results[1] == [10, 0, 0]
+    assert redis_client.xlen(keys.trades(SOURCE)) == 0 and redis_client.xlen(keys.trades(other)) == 10
+    assert not is_source_refusal(redis.ConnectionError("refused"))
+    assert not is_source_refusal(redis.ResponseError("BTCFEED-EPOCH the primary holds epoch none"))

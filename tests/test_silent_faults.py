@@ -9,8 +9,8 @@ from btcfeed import keys
 
 from tools import verify
 from btcfeed.events import recent_events
-from harness import (SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary,
-                     wait_for, wait_verified)
+from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, start_sources_stack, start_stack,
+                     verify_derived, verify_primary, wait_for, wait_verified)
 from test_failover import local_client, writer_state
 
 pytestmark = pytest.mark.integration
@@ -117,14 +117,38 @@ def test_local_redis_at_its_memory_limit_never_wedges_the_writer(primary, sim, s
     assert "local_memory_full" in names and "local_memory_ok" in names
 
 
-def test_a_wrong_type_key_fails_over_with_nothing_half_applied(primary, sim, stack):
-    client = primary.client()
-    wait_trades(client, RATE)
-    first = verify.lowest_trade_id(client, SOURCE)
-    # Somebody else's string where the next minute's candle hash will go.
-    next_minute = (int(time.time() * 1000) // 60000 + 1) * 60000
-    client.set(keys.candle(SOURCE, next_minute), "not a candle")
-    wait_for(lambda: writer_state(stack) == "failover", 70, "the writer to refuse the next minute")
-    assert any("WRONGTYPE" in str(e["fields"]) for e in recent_events(local_client(stack), 50))
-    client.delete(keys.candle(SOURCE, next_minute))
-    assert_exact_since(primary, sim, stack, first)
+def test_a_wrong_type_key_refuses_one_source_and_the_others_go_on(primary):
+    """Somebody else's string where one source's next candle goes: that source's batches are refused
+    whole (never half applied) and left to sync, the other source keeps landing, the writer stays on
+    the primary; once the key is gone, sync re-sends what was refused. Both end exact."""
+    sims = [Simulator(rate=RATE, seed=SEED), Simulator(rate=500, seed=SEED, mode="coinbase")]
+    stack = start_sources_stack(primary, sims)
+    try:
+        client = primary.client()
+        victim, other = sims
+        wait_for(lambda: primary_last_id(client, victim.source) > 0 and primary_last_id(client, other.source) > 0,
+                 30, "both sources in the primary")
+        firsts = {sim.source: verify.lowest_trade_id(client, sim.source) for sim in sims}
+        next_minute = (int(time.time() * 1000) // 60000 + 1) * 60000
+        client.set(keys.candle(victim.source, next_minute), "not a candle")
+        local = local_client(stack)
+        wait_for(lambda: any(e["event"] == "batch_refused" for e in recent_events(local, 50)), 70,
+                 "the next minute's batches to be refused")
+        stuck = primary_last_id(client, victim.source)
+        flowing = primary_last_id(client, other.source)
+        time.sleep(3)
+        assert writer_state(stack) == "primary"
+        assert primary_last_id(client, victim.source) == stuck          # refused whole, nothing half done
+        assert primary_last_id(client, other.source) >= flowing + 500   # the other source goes on
+        client.delete(keys.candle(victim.source, next_minute))
+        for sim in sims:
+            last = drain(client, sim)
+            wait_verified(stack)
+            verdict = verify_primary(client, sim, from_id=firsts[sim.source])
+            assert verdict.exact(), f"{sim.source}: {verdict}"
+            verify_derived(client, sim, firsts[sim.source], last)
+        assert any(e["event"] == "repair_refused" for e in recent_events(local, 200))
+    finally:
+        remove_stack(stack)
+        for sim in sims:
+            sim.stop()

@@ -6,7 +6,8 @@ import zlib
 from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Sequence
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (ClusterDownError, ClusterError, ConnectionError, NoScriptError, ResponseError,
+                              TimeoutError)
 
 from btcfeed import keys
 from btcfeed.trade import Trade, decode_batch, encode_batch, qty_units
@@ -24,6 +25,18 @@ UNKNOWN_EPOCH = "unknown"
 def is_epoch_error(exc: Exception) -> bool:
     """Whether a Redis error is the apply script's refusal of a primary that lost btcfeed's data."""
     return isinstance(exc, ResponseError) and EPOCH_ERROR in str(exc)
+
+
+# Refusals that concern one source's keys only (the script stops before its first write on them): a
+# key of the wrong type, or the source's slot moving between Cluster nodes. The other sources go on.
+SOURCE_REFUSALS = ("WRONGTYPE", "non local key", "TRYAGAIN", "ASK ", "MOVED ", "TTL exhausted")
+
+
+def is_source_refusal(exc: Exception) -> bool:
+    """Whether a Redis error refuses one source's batch while the primary itself is fine."""
+    if isinstance(exc, (ClusterDownError, ConnectionError, TimeoutError)) or is_epoch_error(exc):
+        return False
+    return isinstance(exc, (ResponseError, ClusterError)) and any(text in str(exc) for text in SOURCE_REFUSALS)
 
 
 def load_script_source() -> str:
@@ -52,8 +65,9 @@ class BatchApplier:
         keys_, args = self.script_arguments(source, payload)
         return self.script(keys=keys_, args=args, client=client)
 
-    def apply_many(self, batches: Sequence, client=None) -> list:
-        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each.
+    def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True) -> list:
+        """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each
+        (or, with raise_on_error False, the error of a batch the server refused, in its place).
 
         EVALSHA is sent directly (not through redis-py's pipeline script loading, which costs a
         SCRIPT EXISTS round trip per call); a server that lost its scripts gets the script loaded
@@ -68,11 +82,14 @@ class BatchApplier:
                 # but routes the former by its first key (a source's keys share one slot).
                 pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
             try:
-                return pipe.execute()
+                results = pipe.execute(raise_on_error=raise_on_error)
             except NoScriptError:
-                if attempt == 2:
-                    raise
-                client.script_load(self.script.script)
+                results = [NoScriptError()]
+            if not any(isinstance(result, NoScriptError) for result in results):
+                return results
+            if attempt == 2:
+                raise NoScriptError("the server lost the apply script twice")
+            client.script_load(self.script.script)
 
     def queue_in_transaction(self, pipe, source: str, payload) -> None:
         """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a transaction."""
