@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
