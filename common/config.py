@@ -4,11 +4,10 @@ import ipaddress
 import math
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
-
-import tomllib
 
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
