@@ -1625,7 +1625,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 # Client side helpers for tests, the demo and benchmarks
 # ---------------------------------------------------------------------------------------------
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]     # tools/simulator/server.py -> the checkout
 
 
 class SimulatorError(RuntimeError):
@@ -1736,6 +1736,3 @@ def stop_simulator(process: subprocess.Popen, timeout: float = 10.0) -> int:
             process.wait()
     return process.returncode
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m tools.simulator ...`: the exchange simulator's command line."""
+
+import sys
+
+from tools.simulator.server import main
+
+sys.exit(main())
