@@ -7,6 +7,7 @@ once, and the exit codes agree: a configuration error is 2 everywhere; health an
 Nagios codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN), a usage error included, which is UNKNOWN there.
 """
 
+import importlib
 import json
 import math
 import os
@@ -376,12 +377,25 @@ def sync_check(repair, as_json):
 
 # --- demo, benchmarks, chaos (from a checkout: tools/ is not installed) ----------------------------
 
+def tool(module: str, name: str):
+    """A function of tools/ (the simulator, benches, chaos, demo), or one readable line when this is an
+    installed package without them."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("tools"):
+            raise
+        click.echo("btcfeed: the demo, the benchmarks and chaos run from a checkout of btcfeed "
+                   "(tools/ is not part of the installed package)", err=True)
+        sys.exit(2)
+
+
 @cli.command()
 @click.option("--seconds", default=20, show_default=True, help="How long to watch the live feed.")
 @click.option("--rate", default=200, show_default=True, help="Simulated trades per second.")
 def demo(seconds, rate):
     """Offline demo: exchange simulator + stand-in primary + the real stack."""
-    from tools.demo import run_demo
+    run_demo = tool("tools.demo", "run_demo")
     sys.exit(run_demo(seconds=seconds, rate=rate, echo=click.echo))
 
 
@@ -390,7 +404,7 @@ def demo(seconds, rate):
 @click.option("--rate", default=100_000, show_default=True, help="Simulator rate for the throughput run.")
 def bench(seconds, rate):
     """Throughput, latency and memory of the real stack, against redis-benchmark in the same run."""
-    from tools.bench.throughput import run_bench
+    run_bench = tool("tools.bench.throughput", "run_bench")
     sys.exit(run_bench(seconds=seconds, rate=rate, echo=click.echo))
 
 
@@ -399,7 +413,7 @@ def bench(seconds, rate):
 @click.option("--rate", default=2000, show_default=True, help="Simulated trades per second during the run.")
 def bench_failover(seconds, rate):
     """Failover window, replay rate and hand-back, side by side with redis-py's MultiDBClient."""
-    from tools.bench.failover import run_failover_bench
+    run_failover_bench = tool("tools.bench.failover", "run_failover_bench")
     sys.exit(run_failover_bench(outage_s=seconds, rate=rate, echo=click.echo))
 
 
@@ -409,7 +423,7 @@ def bench_failover(seconds, rate):
 @click.option("--rate", default=1000, show_default=True, help="Live trades per second meanwhile.")
 def bench_reseed(trades, rate):
     """A primary back empty under a full local copy: first live trade, re-seed time and rate."""
-    from tools.bench.reseed import run_reseed_bench
+    run_reseed_bench = tool("tools.bench.reseed", "run_reseed_bench")
     sys.exit(run_reseed_bench(trades=trades, rate=rate, echo=click.echo))
 
 
@@ -417,7 +431,7 @@ def bench_reseed(trades, rate):
 def bench_primary():
     """The write path into a primary over plain TCP and TLS, and into a Redis Cluster (sources on one
     master or spread over three), in one run."""
-    from tools.bench.primary import run_primary_bench
+    run_primary_bench = tool("tools.bench.primary", "run_primary_bench")
     sys.exit(run_primary_bench(echo=click.echo))
 
 
@@ -425,14 +439,14 @@ def bench_primary():
 def bench_backfill():
     """Backfill rate after a long ingest outage (live trades flowing beside it) and the time from a
     dropped connection to the gap being filled."""
-    from tools.bench.backfill import run_backfill_bench
+    run_backfill_bench = tool("tools.bench.backfill", "run_backfill_bench")
     sys.exit(run_backfill_bench(echo=click.echo))
 
 
 @cli.command("bench-health")
 def bench_health():
     """GET /status answer times under 100 requests/s while the feed runs, and the feed's slowdown."""
-    from tools.bench.health import run_health_bench
+    run_health_bench = tool("tools.bench.health", "run_health_bench")
     sys.exit(run_health_bench(echo=click.echo))
 
 
@@ -443,8 +457,9 @@ def bench_health():
               help="Message forms to measure (default: all).")
 def bench_parse(messages, runs, forms):
     """Frame reassembly and Binance parsing on one core, in messages/s against the 200,000/s target."""
-    from tools.bench.parse import FORMS, run_parse_bench
-    sys.exit(run_parse_bench(n=messages, runs=runs, forms=forms or FORMS, echo=click.echo))
+    run_parse_bench = tool("tools.bench.parse", "run_parse_bench")
+    every_form = tool("tools.bench.parse", "FORMS")
+    sys.exit(run_parse_bench(n=messages, runs=runs, forms=forms or every_form, echo=click.echo))
 
 
 @cli.command()
@@ -454,7 +469,7 @@ def bench_parse(messages, runs, forms):
 @click.option("--rate", default=1000, show_default=True, help="Simulated trades per second.")
 def chaos(minutes, seed, rate):
     """Randomized fault soak: prints trades expected / present / missing / duplicated."""
-    from tools.chaos import run_chaos
+    run_chaos = tool("tools.chaos", "run_chaos")
     sys.exit(run_chaos(minutes=minutes, seed=seed, rate=rate, echo=click.echo))
 
 
