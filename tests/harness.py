@@ -3,10 +3,12 @@ and the id-by-id comparison of the primary against the simulator's history."""
 
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from btcfeed import keys
 
@@ -158,3 +160,84 @@ def verify_derived(primary_client, sim: Simulator, from_id: int, to_id: int) -> 
     problems = verify.derived_differences(primary_client, sim.client, from_id, to_id,
                                           source=getattr(sim, "source", SOURCE))
     assert not problems, problems[:5]
+
+
+def local_client(stack: Stack) -> redis.Redis:
+    """The stack's local Redis, through its unix socket."""
+    return redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
+
+
+def writer_state(stack: Stack) -> str:
+    value = local_client(stack).hget(keys.WRITER_STATE, "state")
+    return value.decode() if value else "primary"
+
+
+# --- a Redis Cluster of real redis-server processes on loopback ---------------------------------
+
+NODE_TIMEOUT_MS = 1000
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too and below 65536."""
+    import random
+    import socket
+    while True:
+        port = random.randint(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class Cluster:
+    def __init__(self, masters: int = 3, replicas: int = 1):
+        self.root = short_tmpdir("bf-cluster-")
+        self.nodes = []
+        try:
+            self._create(masters, replicas)
+        except BaseException:
+            self.close()         # leave no server behind when the set-up fails
+            raise
+
+    def _create(self, masters: int, replicas: int) -> None:
+        for index in range(masters * (1 + replicas)):
+            directory = os.path.join(self.root, f"n{index}")
+            self.nodes.append(RedisProcess(directory, port=cluster_port(), extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(directory, "nodes.conf"),
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS)]).start())
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self.ok, 30, "cluster_state:ok on every node")
+        wait_for(self.replicas_in_sync, 30, "every replica in sync with its master")
+
+    def replicas_in_sync(self) -> bool:
+        infos = [node.client().info("replication") for node in self.nodes]
+        return all(info.get("master_link_status") == "up" for info in infos if info.get("role") == "slave")
+
+    def ok(self) -> bool:
+        try:
+            return all(node.client().cluster("info")["cluster_state"] == "ok" for node in self.nodes
+                       if node.process.poll() is None)
+        except redis.RedisError:
+            return False
+
+    def client(self) -> RedisCluster:
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in self.nodes
+                                           if n.process.poll() is None], socket_timeout=5)
+
+    def master_of(self, key: str) -> RedisProcess:
+        port = self.client().get_node_from_key(key).port
+        return next(node for node in self.nodes if node.port == port)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
