@@ -4,7 +4,7 @@ One fault at a time, each restored before the next: the primary killed, frozen, 
 replica or out of memory; the primary losing data silently (FLUSHALL, an empty restart faster than
 the writer's retry, the tail of its AOF as a host crash loses it); the local Redis or a stack process
 SIGKILLed; the exchange's websocket dropped, cut, stalled or fragmented; its REST API refusing with
-429. (A Cluster slot migration needs a cluster: tests/test_cluster.py runs it.) The same seed gives the same
+429. (A Cluster slot migration needs a cluster: tests/deployment/test_cluster.py runs it.) The same seed gives the same
 sequence of faults (their timing follows the machine). Afterwards the exchange is paused, the stack
 settles, and the primary (and the local copy a re-seed would restore it from) is compared with the
 exchange's history, id by id, from the first trade the primary held.
