@@ -2,6 +2,6 @@
 
 import sys
 
-from tools.simulator.server import main
+from tools.simulator.cli import main
 
 sys.exit(main())
