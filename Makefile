@@ -1,7 +1,7 @@
 # The two commands a new user needs: `make demo` and `make test`. Both set the machine up first.
 PY := .venv/bin/python
 
-.PHONY: setup lock demo test test-all soak bench benches up down clean
+.PHONY: setup lock demo check test test-all soak bench benches up down clean
 
 setup:
 	@bin/setup
@@ -13,6 +13,12 @@ lock:
 
 demo: setup
 	bin/btcfeed demo
+
+# The edit loop (under a minute): lint (flake8's pyflakes checks and syntax errors) and the fast
+# tier, the tests that start no stack (they still use real redis-server where they need one).
+check: setup
+	$(PY) -m flake8 --select F,E9 common processes tools tests
+	$(PY) -m pytest -q -m "not integration and not slow and not chaos"
 
 # The default test run: unit and integration tests against real redis-server, supervisord and
 # the exchange simulator (about 12 minutes on 2 cores). Long soaks are in `make soak`.

@@ -98,7 +98,7 @@ def test_known_non_trade_events_are_ignored_not_dead_lettered(capture, kind):
 def test_the_selected_kind_for_another_symbol_is_a_dead_letter(capture):
     # A connection only subscribes to its own symbol: a foreign trade record is suspicious, not noise.
     for line, data in events_of(capture, "aggTrade"):
-        with pytest.raises(BadMessage, match=f"expected BTCUSDT"):
+        with pytest.raises(BadMessage, match="expected BTCUSDT"):
             parse_binance_ws(line, "BTCUSDT", RTS, kind="aggTrade")
 
 
