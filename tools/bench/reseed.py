@@ -13,15 +13,15 @@ import time
 
 import psutil
 
-from btcfeed.storage import epochs
-
 from btcfeed import keys
+from btcfeed.commands.stack import StackError
+from btcfeed.events import recent_events
+from btcfeed.storage import epochs
 from btcfeed.storage.apply import BatchApplier, mirror_entry, read_trades_since
 from btcfeed.storage.bus import read_heartbeats
-from btcfeed.events import recent_events
-from btcfeed.commands.stack import StackError
-from tools.rig import SimulatedStack
 from btcfeed.trade import Trade, encode_batch
+from tools.bench.failover import FailoverBenchError, wait_until
+from tools.rig import SimulatedStack
 from tools.verify import SOURCE, compare_with_exchange
 
 BATCH = 2_000                     # trades per mirrored batch, as the writer's largest
@@ -30,21 +30,6 @@ LIVE_START_ID = 50_000_000        # the simulator's first id; the old trades sit
 STEP_MS = 5                       # exchange time between two old trades
 TIMEOUT_S = 600.0
 COST_S = 60.0                     # how long the anti-entropy's own cost is measured
-
-
-class ReseedBenchError(RuntimeError):
-    """The benchmark could not run; the text says why in one line."""
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.005):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise ReseedBenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def old_batches(count: int):
@@ -98,7 +83,7 @@ def run_reseed_bench(trades: int = 5_000_000, rate: float = 1000, echo=print) ->
                    "sync to take the local copy in", 0.1)
         keep = measure(rig, trades, echo)
         return 0 if not keep else 1
-    except (ReseedBenchError, StackError, OSError) as exc:
+    except (FailoverBenchError, StackError, OSError) as exc:
         echo(f"bench-reseed: could not run: {exc}")
         return 2
     finally:
@@ -140,7 +125,8 @@ def measure(rig, trades: int, echo) -> bool:
     back = time.monotonic()
     back_ms = int(time.time() * 1000)
     client = rig.primary_client(30)
-    first_live = wait_until(lambda: _live_in(client, before), TIMEOUT_S, "a live trade in the returned primary")
+    first_live = wait_until(lambda: _live_in(client, before), TIMEOUT_S,
+                            "a live trade in the returned primary", interval_s=0.005)
     live_after = time.monotonic() - back
     wait_until(lambda: [e for e in recent_events(rig.local, 50)
                         if e["event"] == "reseed_done" and e["ts"] >= back_ms], TIMEOUT_S, "the re-seed", 0.1)
@@ -159,7 +145,8 @@ def measure(rig, trades: int, echo) -> bool:
     old_ids = collections.Counter(trade.id for trade in stored if trade.id < LIVE_START_ID)
     old_exact = (len(old_ids) == trades and set(old_ids.values()) == {1}
                  and min(old_ids) == LIVE_START_ID - trades)
-    live = compare_with_exchange([t for t in stored if t.id >= LIVE_START_ID], rig.sim, LIVE_START_ID, last_id)
+    live_trades = [t for t in stored if t.id >= LIVE_START_ID]
+    live = compare_with_exchange(live_trades, rig.sim, LIVE_START_ID, last_id)
     exact = live.exact() and old_exact
     echo(f"  exact: old trades {len(old_ids):,} distinct of {trades:,} (each once: {old_exact}); live {live}")
     echo("result: " + ("EXACT" if exact else "NOT EXACT (state kept in " + rig.root + ")"))
