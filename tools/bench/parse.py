@@ -5,6 +5,10 @@ over the same bytes: (a) frame reading plus document splitting of the byte strea
 reads, (b) parse_binance_ws per message, (c) both together: once splitting every message into documents,
 and once as parse_socket_read (ingest's hot path: a lone document is parsed without a scan). Each
 figure is the median of several runs, compared with the 200,000 messages/s target.
+
+Frame reading alone is also timed with the libraries the field uses, over the same bytes: wsproto's
+frame protocol and websocket-client's frame buffer, and in 16 KiB reads too (one TLS record, what a
+TLS socket hands over at a time in production) besides ingest's 256 KiB reads.
 """
 
 import os
@@ -19,6 +23,7 @@ from btcfeed.wsframes import OP_TEXT, FrameReader, Reassembler
 
 TARGET_MSGS_PER_S = 200_000
 READ_BYTES = 1 << 18            # one socket read in ingest
+TLS_RECORD_BYTES = 1 << 14      # a TLS socket returns at most one record (16 KiB) per read
 MAX_MESSAGE_BYTES = 1 << 20
 SYMBOL = "BTCUSDT"
 FORMS = ("raw", "combined", "ndjson")
@@ -71,8 +76,8 @@ def wire_for(form: str, n: int) -> tuple:
     return docs, b"".join(server_frame(m) for m in messages)
 
 
-def reads_of(wire: bytes) -> list:
-    return [wire[i:i + READ_BYTES] for i in range(0, len(wire), READ_BYTES)]
+def reads_of(wire: bytes, size: int = READ_BYTES) -> list:
+    return [wire[i:i + size] for i in range(0, len(wire), size)]
 
 
 def time_frames_only(reads: list) -> tuple:
@@ -81,6 +86,40 @@ def time_frames_only(reads: list) -> tuple:
     started = _clock()
     for data in reads:
         count += len(reader.feed(data))
+    return _since(started), count
+
+
+def time_wsproto_frames(reads: list) -> tuple:
+    """wsproto's frame protocol (the parser under its WSConnection), client side: servers do not mask."""
+    from wsproto.frame_protocol import FrameProtocol
+    protocol, count = FrameProtocol(client=True, extensions=[]), 0
+    started = _clock()
+    for data in reads:
+        protocol.receive_bytes(data)
+        for frame in protocol.received_frames():
+            count += frame.message_finished     # a frame cut by a read comes out in pieces
+    return _since(started), count
+
+
+def time_websocket_client_frames(reads: list) -> tuple:
+    """websocket-client's frame buffer, fed by a recv that hands over the reads as a socket would."""
+    from websocket._abnf import frame_buffer
+    pending = {"data": memoryview(b""), "reads": iter(reads)}
+
+    def recv(size: int) -> bytes:
+        if not pending["data"]:
+            pending["data"] = memoryview(next(pending["reads"], b""))
+        piece, pending["data"] = pending["data"][:size], pending["data"][size:]
+        return bytes(piece)
+
+    frames, count = frame_buffer(recv, True), 0
+    total = sum(len(data) for data in reads)
+    started = _clock()
+    consumed = 0
+    while consumed < total:
+        frame = frames.recv_frame()
+        consumed += len(frame.data) + (2 if len(frame.data) < 126 else 4 if len(frame.data) < 1 << 16 else 10)
+        count += 1
     return _since(started), count
 
 
@@ -169,8 +208,13 @@ def run_parse_bench(n: int = 200_000, runs: int = 5, forms=FORMS, echo=print) ->
         docs, wire = wire_for(form, n)
         reads = reads_of(wire)
         frames_expected = n if form != "ndjson" else -(-n // DOCUMENTS_PER_NDJSON_MESSAGE)
+        tls_reads = reads_of(wire, TLS_RECORD_BYTES)
         stages = [
             ("frames only (FrameReader)", time_frames_only, reads, frames_expected),
+            ("frames only, 16 KiB (FrameReader)", time_frames_only, tls_reads, frames_expected),
+            ("frames only (wsproto)", time_wsproto_frames, reads, frames_expected),
+            ("frames only, 16 KiB (wsproto)", time_wsproto_frames, tls_reads, frames_expected),
+            ("frames only (websocket-client)", time_websocket_client_frames, reads, frames_expected),
             ("(a) frames + document split", time_reassembly, reads, n),
             ("(b) parse_binance_ws", time_parsing, docs, n),
             ("(c) both: split every message", time_both, reads, n),
