@@ -21,7 +21,7 @@ check: setup
 	$(PY) -m pytest -q -m "not integration and not slow and not chaos"
 
 # The default test run: unit and integration tests against real redis-server, supervisord and
-# the exchange simulator (about 12 minutes on 2 cores). Long soaks are in `make soak`.
+# the exchange simulator (about 17 minutes on 2 cores). Long soaks are in `make soak`.
 test: setup
 	$(PY) -m pytest -m "not slow and not chaos"
 
