@@ -102,8 +102,19 @@ def migrate_slot_slowly(cluster, key: str, keys_per_step: int = 2, pause_s: floa
             break
         source.client().execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *moving)
         time.sleep(pause_s)
-    for node in masters:
+    # The order `redis-cli --cluster reshard` uses: the target first (it bumps its config epoch), then
+    # the source, then the other masters; replicas learn it by gossip, so wait until every node agrees.
+    for node in sorted(masters, key=lambda n: (n.port != target.port, n.port != source.port)):
         node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    wait_for(lambda: all(owner_seen_by(node, slot) == target.port for node in cluster.nodes
+                         if node.process.poll() is None), 30, "every node to agree on the slot's new owner")
+
+
+def owner_seen_by(node, slot: int) -> int:
+    for first, last, owner, *_ in node.client().execute_command("CLUSTER", "SLOTS"):
+        if first <= slot <= last:
+            return int(owner[1])
+    return -1
 
 
 def test_exactly_once_while_the_source_slot_migrates(cluster, sim):
