@@ -84,6 +84,11 @@ SETTINGS = {
     "health_addr": ("127.0.0.1:8079", _text),
     "health_token": ("", _text),
     "health_token_file": ("", _text),
+    "api_addr": ("127.0.0.1:8078", _text),
+    "api_token": ("", _text),
+    "api_token_file": ("", _text),
+    "price_sources": ("", _text),
+    "price_stale_ms": (3000, _int),
     "retention_hours": (24.0, _float),
     "bus_max_entries": (200_000, _int),
     "backlog_max_entries": (500_000, _int),
@@ -122,6 +127,11 @@ class Config:
     health_host: str
     health_port: int
     health_token: str = field(repr=False)
+    api_host: str
+    api_port: int
+    api_token: str = field(repr=False)
+    price_sources: Tuple[Source, ...]
+    price_stale_ms: int
     retention_hours: float
     bus_max_entries: int
     backlog_max_entries: int
@@ -212,7 +222,10 @@ def _validate(values: dict) -> Config:
     if values["log_format"] not in ("kv", "json"):
         raise ConfigError("BTCFEED_LOG_FORMAT: must be 'kv' or 'json'")
     host, port = parse_addr("BTCFEED_HEALTH_ADDR", values["health_addr"])
-    for name in ("bus_max_entries", "backlog_max_entries", "probe_interval_ms", "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
+    api_host, api_port = parse_addr("BTCFEED_API_ADDR", values.pop("api_addr"))
+    sources = parse_sources(values["sources"])
+    values["price_sources"] = _price_sources(values["price_sources"], sources)
+    for name in ("price_stale_ms", "bus_max_entries", "backlog_max_entries", "probe_interval_ms", "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
         if values[name] <= 0:
             raise ConfigError(f"BTCFEED_{name.upper()}: must be a positive number, got {values[name]}")
     retention_hours = values["retention_hours"]
@@ -221,11 +234,27 @@ def _validate(values: dict) -> Config:
     if not 0 < values["max_conn_hours"] <= 24:
         raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
     values.pop("health_addr")
-    values["health_token"] = _health_token(values.pop("health_token"), values.pop("health_token_file"))
+    values["health_token"] = _token("BTCFEED_HEALTH_TOKEN", values.pop("health_token"), values.pop("health_token_file"))
+    values["api_token"] = _token("BTCFEED_API_TOKEN", values.pop("api_token"), values.pop("api_token_file"))
     return Config(
         **{**values, "state_dir": state_dir, "local_url": local_url,
-           "sources": parse_sources(values["sources"]), "health_host": host, "health_port": port,
-           "log_level": values["log_level"].upper()})
+           "sources": sources, "health_host": host, "health_port": port,
+           "api_host": api_host, "api_port": api_port, "log_level": values["log_level"].upper()})
+
+
+def _price_sources(text: str, sources: Tuple[Source, ...]) -> Tuple[Source, ...]:
+    """The order in which sources give the price view (btcfeed:price): by default BTCFEED_SOURCES'
+    own order; a list given must name only configured sources, and those it leaves out come last."""
+    if not text.strip():
+        return sources
+    try:
+        ordered = parse_sources(text)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("BTCFEED_SOURCES", "BTCFEED_PRICE_SOURCES", 1))
+    unknown = [source.name for source in ordered if source not in sources]
+    if unknown:
+        raise ConfigError(f"BTCFEED_PRICE_SOURCES: {', '.join(unknown)} is not in BTCFEED_SOURCES")
+    return ordered + tuple(source for source in sources if source not in ordered)
 
 
 def parse_sources(text: str) -> Tuple[Source, ...]:
@@ -420,16 +449,16 @@ def _check_tls_query(variable: str, query: str) -> None:
                               f"cannot be turned off {TLS_FILE_HINT}")
 
 
-def _health_token(token: str, token_file: str) -> str:
-    """The bearer token the health API asks for (needed when it listens beyond loopback)."""
+def _token(variable: str, token: str, token_file: str) -> str:
+    """The bearer token an HTTP API asks for (needed when it listens beyond loopback)."""
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as handle:
                 token = handle.read().strip()
         except OSError as exc:
-            raise ConfigError(f"BTCFEED_HEALTH_TOKEN_FILE: cannot read {token_file!r}: {exc.strerror}")
+            raise ConfigError(f"{variable}_FILE: cannot read {token_file!r}: {exc.strerror}")
     if token and len(token) < 16:
-        raise ConfigError("BTCFEED_HEALTH_TOKEN: too short, use at least 16 random characters")
+        raise ConfigError(f"{variable}: too short, use at least 16 random characters")
     return token
 
 
@@ -487,7 +516,7 @@ def url_secrets(url: str) -> list:
 def secrets_of(config) -> list:
     """Every secret in the configuration, longest first (so a longer one is never half-replaced)."""
     found = url_secrets(config.primary_url) + url_secrets(config.local_url)
-    found += [getattr(config, "primary_password", ""), getattr(config, "health_token", "")]
+    found += [getattr(config, name, "") for name in ("primary_password", "health_token", "api_token")]
     return sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True)
 
 

@@ -80,6 +80,24 @@ def held_cursor(source: str) -> str:
 MIRROR_CONFIRMED = f"{PREFIX}:mirror:confirmed"
 
 
+# --- local Redis only: the read view the api process serves (DESIGN section 6b) ---------------------
+def view(source: str) -> str:
+    """Stream of the source's trades in id order and without a hole: one entry per run of consecutive
+    ids (the bus payload format), its entry id '<first trade id>-0', so a trade id finds its entry."""
+    return f"{PREFIX}:{source_tag(source)}:view"
+
+
+def view_state(source: str) -> str:
+    """Hash kept with each append to the view: next (the next trade id it waits for) and where a
+    restarted builder reads the mirror and the failover copy again from."""
+    return f"{PREFIX}:{source_tag(source)}:viewstate"
+
+
+# Hash: the price view, in the primary and in the local Redis: source, quote, p, q, id, ts, rts,
+# since (ms, when this source became the price source). It follows BTCFEED_PRICE_SOURCES in order.
+PRICE = f"{PREFIX}:price"
+
+
 def held_scratch(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:heldscratch"
 

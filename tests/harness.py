@@ -59,6 +59,7 @@ def stack_env(primary: RedisProcess, sim: Simulator, **extra) -> dict:
 def sources_env(primary: RedisProcess, sims, **extra) -> dict:
     """One stack fed by several simulators (one per exchange), each its own source."""
     env = {"BTCFEED_PRIMARY_URL": primary.url, "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+           "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}",
            "BTCFEED_SOURCES": ",".join(sim.source for sim in sims), "BTCFEED_LOG_LEVEL": "INFO"}
     for sim in sims:
         env.update(sim.env)

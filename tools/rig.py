@@ -27,6 +27,7 @@ def isolated_env(primary_url: str, sim_base_url: str, source: str = "binance:BTC
         "BTCFEED_BINANCE_WS_URL": "ws" + sim_base_url[len("http"):],
         "BTCFEED_BINANCE_REST_URL": sim_base_url,
         "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+        "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}",
     })
     env.pop("BTCFEED_STATE_DIR", None)   # Stack sets it
     env.update(extra)
