@@ -1,0 +1,377 @@
+"""The read view: each source's trades in id order and without a hole, built from the local copy.
+
+The local Redis holds a source's trades in two streams, in the order they were applied, with
+duplicates between them: the mirror (one entry per batch applied to the healthy primary) and the
+failover copy (one entry per trade written while the primary was away). ViewBuilder tails both and
+keeps keys.view(source): one entry per run of consecutive trade ids, in the bus payload format
+(trade.encode_batch), with the entry id '<first trade id>-0' ('0-1' for a run that starts at id 0).
+So a trade id finds its entry with XREVRANGE view <id> - COUNT 1, and readers never see a hole.
+
+How it decides (per source, in memory):
+  next      the lowest trade id the view does not hold yet;
+  buffer    trades read with ids above next, by id (a trade read twice is kept once; ids below
+            next are dropped: the same trade can be in the mirror and the failover copy, or sent again).
+Every run that starts at next is appended. When trades above a missing next wait in the buffer:
+  - next lies inside one of ingest's gap records: the backfill will fill it; wait;
+  - otherwise next is on the bus but not applied yet, or was given up. The gap records and the bus's
+    newest entry are read in one transaction; once the writer's group has delivered and ACKed past
+    that entry (everything on the bus up to it is in the mirror or the failover copy), both streams
+    are read to their ends again, and if next is still missing it was given up: the view skips to
+    the lowest buffered id and says so (event view_ids_skipped). A mechanism, not a time window.
+
+Every append is one MULTI with the view_state hash: next, and the mirror / failover-copy positions
+of the last moment the buffer was empty. A restarted builder (SIGKILL at any moment) reads again from
+there: whatever it reads twice is below next and dropped; nothing it had buffered is lost.
+
+Memory stays bounded: reads are chunked, and a buffer above MAX_BUFFERED stops taking trades above
+its highest id; once the buffer empties the builder reads again from the saved positions.
+"""
+
+import time
+import zlib
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import orjson
+import redis
+
+from btcfeed import keys
+from btcfeed.events import record_event
+from btcfeed.trade import Trade, decode_batch, encode_batch
+
+MIRROR_COUNT = 32               # mirror entries per read (each a batch of up to a few thousand trades)
+COPY_COUNT = 4000               # failover-copy entries per read (one trade each)
+RUN_MAX = 500                   # trades per view entry: a reader decodes one entry to find an id
+MAX_BUFFERED = 1_000_000        # trades held above a missing id before the builder stops taking more
+STUCK_CHECK_EVERY_S = 0.2       # how often a missing id is looked into
+TRIM_EVERY_S = 10.0
+START = "0-0"
+
+
+def entry_id_for(first_id: int) -> str:
+    return f"{first_id}-0" if first_id > 0 else "0-1"
+
+
+def first_id_of(entry_id) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[0])
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(entry_id) -> Tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+class ViewBuilder:
+    """Keeps one source's view in the local Redis; step() does one round of reading and appending."""
+
+    def __init__(self, client: redis.Redis, source: str, log, process: str = "api"):
+        self.client = client
+        self.source = source
+        self.log = log
+        self.process = process
+        self.view_key = keys.view(source)
+        self.state_key = keys.view_state(source)
+        self.mirror_key = keys.mirror(source)
+        self.copy_key = keys.trades(source)
+        self.counts = dict(appended=0, skipped=0, skip_events=0, rereads=0)
+        self._last_trim = 0.0
+        self.load()
+
+    # --- state ------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Take next and the read positions from view_state (after a start, or after an error)."""
+        state = {_text(k): _text(v) for k, v in self.client.hgetall(self.state_key).items()}
+        self.buffer: Dict[int, Trade] = {}
+        self.cap: Optional[int] = None             # with a full buffer: ids at or above it are not taken
+        self.wait_target: Optional[str] = None     # the bus entry the writer must pass (a missing id)
+        self.wait_next: Optional[int] = None
+        self.waiting_on_gap = False
+        self._last_stuck_check = 0.0
+        if "next" in state:
+            self.next = int(state["next"])
+            self.saved = (state.get("m", START), state.get("t", START))
+        else:
+            self.next = None
+            self.saved = (START, START)
+        self.mirror_pos, self.copy_pos = self.saved
+
+    def initialize(self) -> None:
+        """A view built for the first time starts at the lowest trade id the local copy holds (one
+        chunked scan); a view without its state is dropped and built again."""
+        if self.next is not None:
+            return
+        lowest = None
+        for trades in self._scan(self.mirror_key, self.copy_key):
+            low = min(trade.id for trade in trades)
+            lowest = low if lowest is None else min(lowest, low)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.view_key)
+        if lowest is not None:
+            self.next = lowest
+            pipe.hset(self.state_key, mapping={"next": lowest, "m": START, "t": START})
+        pipe.execute()
+
+    def _scan(self, *streams) -> Iterator[List[Trade]]:
+        for stream in streams:
+            start = "-"
+            while True:
+                count = MIRROR_COUNT if stream == self.mirror_key else COPY_COUNT
+                entries = self.client.xrange(stream, min=start, max="+", count=count)
+                if not entries:
+                    break
+                yield self._decode(stream, entries)
+                start = "(" + _text(entries[-1][0])
+
+    # --- one round ----------------------------------------------------------------------------------
+    def step(self, block_ms: int = 200) -> int:
+        """Read what is new (waiting up to block_ms), append what can be appended; the trades appended."""
+        if self.next is None:
+            self.initialize()
+        full = self._read(block_ms)
+        appended = self._append_runs()
+        if self.buffer and not full:
+            appended += self._look_into_missing()
+        self._rewind_after_overflow()
+        self._trim()
+        return appended
+
+    def _read(self, block_ms: Optional[int]) -> bool:
+        """One XREAD of both streams; True when either returned a full chunk (more is waiting)."""
+        full = False
+        for count, stream in ((MIRROR_COUNT, self.mirror_key), (COPY_COUNT, self.copy_key)):
+            # One stream at a time with its own COUNT; the block applies only when both were idle.
+            position = self.mirror_pos if stream == self.mirror_key else self.copy_pos
+            reply = self.client.xread({stream: position}, count=count)
+            if reply:
+                full |= self._take(stream, reply[0][1], count)
+        if not full and block_ms:
+            streams = {self.mirror_key: self.mirror_pos, self.copy_key: self.copy_pos}
+            reply = self.client.xread(streams, count=MIRROR_COUNT, block=block_ms)
+            for stream, entries in reply or []:
+                self._take(_text(stream), entries, MIRROR_COUNT)
+        return full
+
+    def _take(self, stream: str, entries, count: int) -> bool:
+        if not entries:
+            return False
+        trades = self._decode(stream, entries)
+        if self.next is None:
+            self.next = min(trade.id for trade in trades)
+        low, cap, buffer = self.next, self.cap, self.buffer
+        for trade in trades:
+            trade_id = trade.id
+            if trade_id >= low and (cap is None or trade_id < cap):
+                buffer[trade_id] = trade
+        last = _text(entries[-1][0])
+        if stream == self.mirror_key:
+            self.mirror_pos = last
+        else:
+            self.copy_pos = last
+        if len(buffer) > MAX_BUFFERED:
+            self._shed()
+        return len(entries) >= count
+
+    def _decode(self, stream: str, entries) -> List[Trade]:
+        trades = []
+        if stream == self.mirror_key:
+            for _, fields in entries:
+                if b"z" in fields:
+                    trades.extend(decode_batch(zlib.decompress(fields[b"z"])))
+        else:
+            for _, f in entries:
+                try:
+                    trades.append(Trade(int(f[b"id"]), f[b"p"].decode(), f[b"q"].decode(), f[b"side"].decode(),
+                                        int(f[b"ts"]), int(f[b"rts"])))
+                except (KeyError, ValueError):
+                    continue
+        return trades
+
+    def _shed(self) -> None:
+        """Keep the lowest MAX_BUFFERED // 2 ids; ids above are read again once the buffer empties."""
+        kept = sorted(self.buffer)[:MAX_BUFFERED // 2]
+        self.cap = kept[-1] + 1
+        self.buffer = {trade_id: self.buffer[trade_id] for trade_id in kept}
+
+    def _rewind_after_overflow(self) -> None:
+        if self.cap is not None and not self.buffer:
+            self.cap = None
+            self.mirror_pos, self.copy_pos = self.saved
+            self.counts["rereads"] += 1
+
+    # --- appending ------------------------------------------------------------------------------------
+    def _append_runs(self) -> int:
+        buffer, start = self.buffer, self.next
+        if start is None or start not in buffer:
+            return 0
+        run = []
+        trade_id = start
+        while trade_id in buffer:
+            run.append(buffer.pop(trade_id))
+            trade_id += 1
+        self._commit(run, trade_id)
+        return len(run)
+
+    def _commit(self, run: List[Trade], next_id: int) -> None:
+        """Append the run (RUN_MAX trades per entry) and the new state in one MULTI."""
+        if not self.buffer and self.cap is None:
+            self.saved = (self.mirror_pos, self.copy_pos)
+        pipe = self.client.pipeline(transaction=True)
+        for offset in range(0, len(run), RUN_MAX):
+            part = run[offset:offset + RUN_MAX]
+            pipe.xadd(self.view_key, {"t": encode_batch(part)}, id=entry_id_for(part[0].id))
+        pipe.hset(self.state_key, mapping={"next": next_id, "m": self.saved[0], "t": self.saved[1]})
+        pipe.execute()
+        self.next = next_id
+        self.counts["appended"] += len(run)
+        self.wait_target = None
+        self.waiting_on_gap = False
+
+    def _skip_to(self, lowest: int) -> None:
+        skipped_from = self.next
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.state_key, mapping={"next": lowest, "m": self.saved[0], "t": self.saved[1]})
+        pipe.execute()
+        self.next = lowest
+        self.counts["skipped"] += lowest - skipped_from
+        self.counts["skip_events"] += 1
+        record_event(self.client, self.log, self.process, "view_ids_skipped", level="warning",
+                     source=self.source, first=skipped_from, last=lowest - 1, count=lowest - skipped_from)
+
+    # --- a missing id ---------------------------------------------------------------------------------
+    def _look_into_missing(self) -> int:
+        now = time.monotonic()
+        if now - self._last_stuck_check < STUCK_CHECK_EVERY_S:
+            return 0
+        self._last_stuck_check = now
+        if self.wait_next != self.next:
+            self.wait_target, self.wait_next = None, self.next
+        if self.wait_target is None:
+            gaps, bus_last = self._gaps_and_bus_end()
+            self.waiting_on_gap = in_gap(self.next, gaps)
+            if self.waiting_on_gap:
+                return 0
+            self.wait_target = bus_last
+        if not self._writer_passed(self.wait_target):
+            return 0
+        # Everything on the bus up to the target is in the mirror or the failover copy: read to the ends.
+        appended = 0
+        while self._read(None):
+            appended += self._append_runs()
+        appended += self._append_runs()
+        if self.buffer and self.next == self.wait_next:
+            self._skip_to(min(self.buffer))
+            appended += self._append_runs()
+        self.wait_target = None
+        return appended
+
+    def _gaps_and_bus_end(self):
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(keys.gaps(self.source))
+        pipe.xrevrange(keys.BUS, "+", "-", count=1)
+        gaps, last = pipe.execute()
+        gaps = {_text(k): _text(v) for k, v in gaps.items()}
+        return gaps, _text(last[0][0]) if last else START
+
+    def _writer_passed(self, target: str) -> bool:
+        """Whether the writer's group has delivered every bus entry up to target and ACKed them."""
+        if target == START:
+            return True
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xinfo_groups(keys.BUS)
+            pipe.xpending(keys.BUS, keys.BUS_GROUP)
+            groups, pending = pipe.execute()
+        except redis.ResponseError:
+            return False
+        group = next((g for g in groups if _text(g["name"]) == keys.BUS_GROUP), None)
+        if group is None or _id_tuple(group["last-delivered-id"]) < _id_tuple(target):
+            return False
+        return not pending["pending"] or _id_tuple(pending["min"]) > _id_tuple(target)
+
+    # --- bounds -------------------------------------------------------------------------------------
+    def _trim(self) -> None:
+        """The view never reaches below the lowest trade the local copy still holds (as its oldest
+        entries say: each stream is in apply order)."""
+        now = time.monotonic()
+        if now - self._last_trim < TRIM_EVERY_S:
+            return
+        self._last_trim = now
+        lows = []
+        for stream in (self.mirror_key, self.copy_key):
+            first = self.client.xrange(stream, count=1)
+            if first:
+                trades = self._decode(stream, first)
+                if trades:
+                    lows.append(min(trade.id for trade in trades))
+        if lows:
+            self.client.xtrim(self.view_key, minid=entry_id_for(min(lows)), approximate=False)
+
+    def stats(self) -> dict:
+        return {"next": self.next, "held_back": len(self.buffer), "waiting_on_gap": self.waiting_on_gap,
+                **self.counts}
+
+
+def in_gap(trade_id: int, gaps: dict) -> bool:
+    """Whether a gap record (or the open catch-up) covers trade_id."""
+    for field, record in gaps.items():
+        try:
+            if field == "open":
+                if trade_id >= int(record):
+                    return True
+            elif int(field) <= trade_id <= int(record.partition(":")[0]):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+# --- reading the view ---------------------------------------------------------------------------------
+
+def entry_trades(fields) -> List[Trade]:
+    return decode_batch(fields[b"t"])
+
+
+def view_ends(client: redis.Redis, source: str) -> Optional[Tuple[Trade, Trade]]:
+    """(oldest trade, newest trade) of the view; None while it is empty."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xrange(keys.view(source), count=1)
+    pipe.xrevrange(keys.view(source), count=1)
+    first, last = pipe.execute()
+    if not first or not last:
+        return None
+    return entry_trades(first[0][1])[0], entry_trades(last[0][1])[-1]
+
+
+def start_entry(client: redis.Redis, source: str, after_id: int) -> Optional[str]:
+    """The id of the view entry that holds the trade after after_id, or after which it will come; None
+    when the view does not reach that far back (the entry would be below its oldest)."""
+    found = client.xrevrange(keys.view(source), max=entry_id_for(after_id + 1), min="-", count=1)
+    if not found:
+        return None
+    return _text(found[0][0])
+
+
+def trades_after(client: redis.Redis, source: str, after_id: int, limit: int) -> List[Trade]:
+    """Up to limit trades with ids above after_id, in id order, gap-free (assumes after_id + 1 is at or
+    above the view's oldest trade, else the first trades returned start at its oldest)."""
+    start = start_entry(client, source, after_id) or "-"
+    out: List[Trade] = []
+    while len(out) < limit:
+        entries = client.xrange(keys.view(source), min=start, max="+", count=max(2, limit // RUN_MAX + 2))
+        if not entries:
+            break
+        for _, fields in entries:
+            for trade in entry_trades(fields):
+                if trade.id > after_id:
+                    out.append(trade)
+        start = "(" + _text(entries[-1][0])
+    return out[:limit]
+
+
+def trade_json(trade: Trade) -> bytes:
+    return orjson.dumps({"id": trade.id, "p": trade.p, "q": trade.q, "side": trade.side,
+                         "ts": trade.ts, "rts": trade.rts})
