@@ -18,7 +18,7 @@ import redis
 
 from btcfeed.storage import epochs
 
-from btcfeed import keys
+from btcfeed import keys, price
 from btcfeed.storage.antientropy import HeldIndex, compare, resend
 from btcfeed.storage.apply import BatchApplier, is_epoch_error, is_source_refusal
 from btcfeed.config import redact_url
@@ -220,6 +220,7 @@ class Sync(Process):
             return
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
         # The primary applies these while the next entries are read from the local Redis.
+        self.applier.compat_source = price.compat_source_now(self.local, self.config)
         applying = self.replay_pool.submit(self.applier.apply_many, batches)
         try:
             following = self.local.xrange(keys.BACKLOG, min="(" + entries[-1][0].decode(), count=REPLAY_ENTRIES)

@@ -14,7 +14,7 @@ import redis
 
 from btcfeed.storage import epochs
 
-from btcfeed import keys
+from btcfeed import keys, price
 from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
 from btcfeed.config import redact_url
 from btcfeed.events import record_event
@@ -75,6 +75,7 @@ class Writer(Process):
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len,
                                        epochs=self.epochs)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
+        self.price = self._price_selector()
         self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
@@ -113,6 +114,33 @@ class Writer(Process):
             return
         if changed:
             self.log.info("epoch_established", sources=",".join(changed))
+
+    def _price_selector(self) -> price.PriceSelector:
+        """Carry on with the source the view had before a restart (its newest id, so it never goes back)."""
+        stored = price.read_view(self.local)
+        selector = price.PriceSelector([source.name for source in self.config.price_sources],
+                                       self.config.price_stale_ms, stored.get("source"), int(stored.get("id", -1)))
+        selector.since_ms = int(stored.get("since", 0))
+        self._follow_price_source(selector.current)
+        return selector
+
+    def _follow_price_source(self, source) -> None:
+        """The compatibility keys give the price view's price."""
+        if self.config.compat_source is not None and source is not None:
+            self.to_primary.compat_source = self.to_local.compat_source = source
+
+    def _price_round(self, batches):
+        """The price view after these batches (a mapping to store), or None when it has not moved."""
+        for source, payload in batches:
+            self.price.observe(source, price.newest_row(payload))
+        now_ms = int(time.time() * 1000)
+        switch = self.price.choose(now_ms)
+        if switch is not None:
+            self._follow_price_source(switch.source)
+            if switch.previous is not None:
+                record_event(self.local, self.log, self.name, "price_source_switch", level="warning",
+                             source=switch.source, previous=switch.previous, reason=switch.reason)
+        return self.price.update(now_ms)
 
     def _observe_state(self, state: str) -> None:
         """Take the writer state from the local Redis; on a hand-back, the epochs sync verified."""
@@ -170,39 +198,41 @@ class Writer(Process):
         """Make the entries durable in the primary or in the local copy + backlog, then ACK them."""
         batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
         ids = [entry_id for entry_id, _ in entries]
+        view = self._price_round(batches)
         while not self.stopping.is_set():
             try:
-                if self._write_once(ids, batches):
+                if self._write_once(ids, batches, view):
                     self._memory_relieved()
                     return
             except redis.exceptions.OutOfMemoryError as exc:
                 self._relieve_memory(exc)
 
-    def _write_once(self, ids, batches) -> bool:
-        """One try: True once the entries are durable and ACKed."""
+    def _write_once(self, ids, batches, view) -> bool:
+        """One try: True once the entries are durable and ACKed (with the price view, when it moved)."""
         if self.state == PRIMARY:
             try:
-                self._apply_to_primary_and_mirror(batches)
+                self._apply_to_primary_and_mirror(batches, view)
             except PrimaryFailed as failure:
                 self._fail_over(failure.cause)
                 return False
             self._ack(ids)
             return True
         try:
-            return self._commit_to_backlog(ids, batches)
+            return self._commit_to_backlog(ids, batches, view)
         except redis.WatchError:
             # sync changed the state meanwhile (or the connection broke while watching, which
             # the read below turns into a local failure): decide again; a repeated apply is harmless.
             self._observe_state(read_state(self.local))
             return False
 
-    def _apply_to_primary_and_mirror(self, batches) -> None:
+    def _apply_to_primary_and_mirror(self, batches, view) -> None:
         """The primary applies on a helper thread while the local Redis takes the mirror: the two
         servers work at once. A local error propagates; a primary error becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
-        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, None, False)
+        then = [("HSET", keys.PRICE, *[part for item in view.items() for part in item])] if view else ()
+        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, None, False, then)
         try:
-            mirrored = self._mirror(batches, now_ms)
+            mirrored = self._mirror(batches, now_ms, view)
         finally:
             try:
                 results = primary_results.result()
@@ -247,14 +277,17 @@ class Writer(Process):
         for _, payload in batches:
             self.latency.observe(confirmed_ms - newest_trade_ts(payload))
 
-    def _mirror(self, batches, now_ms: int) -> list:
+    def _mirror(self, batches, now_ms: int, view) -> list:
         """Keep each batch in the local Redis as it is (one stream entry, not one per trade), for
-        the retention window: what a re-seed or sync-check needs, at a fraction of the cost."""
+        the retention window: what a re-seed or sync-check needs, at a fraction of the cost. The
+        price view goes with them, for the read API."""
         pipe = self.local.pipeline(transaction=False)
         for source, payload in batches:
             pipe.xadd(keys.mirror(source), mirror_entry(payload),
                       minid=max(0, now_ms - self.config.retention_ms), approximate=True)
-        return pipe.execute()
+        if view:
+            pipe.hset(keys.PRICE, mapping=view)
+        return pipe.execute()[:len(batches)]
 
     def _ack(self, ids) -> None:
         """The entries are in the primary (and mirrored): ACK them and trim the bus."""
@@ -266,7 +299,7 @@ class Writer(Process):
         state = pipe.execute()[-1]
         self._observe_state(state.decode() if state else PRIMARY)
 
-    def _commit_to_backlog(self, ids, batches) -> bool:
+    def _commit_to_backlog(self, ids, batches, view) -> bool:
         """One transaction on the local Redis: the local copy, the backlog, the ACK and the bus trim.
 
         WATCH on the state makes a backlog write and sync's hand-back exclusive: once sync has
@@ -286,6 +319,8 @@ class Writer(Process):
             for source, payload in batches:
                 self.to_local.queue_in_transaction(pipe, source, payload)
                 pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
+            if view:
+                pipe.hset(keys.PRICE, mapping=view)
             pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
             pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
             pipe.execute()
@@ -390,6 +425,7 @@ class Writer(Process):
         latency = getattr(self, "latency", None)
         return {**getattr(self, "counts", {}), "state": getattr(self, "state", None),
                 "local_memory_full": getattr(self, "memory_full", False),
+                "price_source": getattr(getattr(self, "price", None), "current", None),
                 "latency": latency.snapshot() if latency else None,
                 "primary_ok": getattr(self, "state", PRIMARY) == PRIMARY}
 

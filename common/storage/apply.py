@@ -65,9 +65,11 @@ class BatchApplier:
         keys_, args = self.script_arguments(source, payload)
         return self.script(keys=keys_, args=args, client=client)
 
-    def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True) -> list:
+    def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True, then: Sequence = ()) -> list:
         """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each
-        (or, with raise_on_error False, the error of a batch the server refused, in its place).
+        (or, with raise_on_error False, the error of a batch the server refused, in its place). The
+        commands in `then` (argument tuples, idempotent) follow in the same round trip; their
+        replies are not returned.
 
         EVALSHA is sent directly (not through redis-py's pipeline script loading, which costs a
         SCRIPT EXISTS round trip per call); a server that lost its scripts gets the script loaded
@@ -81,8 +83,10 @@ class BatchApplier:
                 # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
                 # but routes the former by its first key (a source's keys share one slot).
                 pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
+            for command in then:
+                pipe.execute_command(*command)
             try:
-                results = pipe.execute(raise_on_error=raise_on_error)
+                results = pipe.execute(raise_on_error=raise_on_error)[:len(batches)]
             except NoScriptError:
                 results = [NoScriptError()]
             if not any(isinstance(result, NoScriptError) for result in results):
