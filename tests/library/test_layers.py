@@ -93,3 +93,18 @@ def test_the_tools_are_not_installed():
     options = setupcfg.read_configuration(os.path.join(ROOT, "setup.cfg"))["options"]
     assert all(package.startswith(LIBRARY) for package in options["packages"])
     assert options["package_dir"] == {LIBRARY: "common", f"{LIBRARY}.processes": "processes"}
+
+
+def test_the_client_needs_only_redis_and_the_standard_library():
+    """btcfeed.client runs with the wheel and redis-py alone: it imports the standard library, redis
+    and btcfeed.keys (plain string building, itself importing nothing of btcfeed), nothing else."""
+    import sys
+    paths = dict(MODULES)
+    imported = set(imports_of(paths["btcfeed.client"]))
+    assert "redis" in imported and "btcfeed.keys" in imported
+    foreign = sorted(name for name in imported
+                     if name.split(".")[0] not in sys.stdlib_module_names and name.split(".")[0] != "redis"
+                     and name not in ("btcfeed", "btcfeed.keys"))
+    assert not foreign, f"btcfeed.client imports {foreign}"
+    keys_imports = [name for name in imports_of(paths["btcfeed.keys"])]
+    assert not [name for name in keys_imports if name.split(".")[0] not in sys.stdlib_module_names]
