@@ -142,6 +142,7 @@ def test_stack_runs_under_the_recipe_user(acl_primary):
         assert acl_denials(admin) == [], acl_denials(admin)[:3]
         # The compatibility keys and the last hash were written through the script under the ACL user.
         assert admin.get(keys.COMPAT_LAST_PRICE) and admin.hget(keys.last(SOURCE), "id")
+        assert admin.hget(keys.PRICE, "source") == SOURCE.encode()      # the price view, beside the script
 
         # Failover and replay: the user is in the ACL file, so it is back after the restart.
         before = primary_last_id(admin)
