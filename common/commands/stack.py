@@ -14,7 +14,7 @@ from supervisor.xmlrpc import SupervisorTransport
 # The checkout (or install) root that holds supervisord.conf: common/commands/ is two levels down.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONF = os.path.join(ROOT, "supervisord.conf")
-PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health", "listener")
+PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health", "api", "listener")
 
 
 class StackError(RuntimeError):

@@ -28,7 +28,7 @@ from btcfeed.storage.primary import connect_primary, eviction_reason, is_cluster
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
-HEARTBEAT_PROCESSES = WATCHED + ("health",)
+HEARTBEAT_PROCESSES = WATCHED + ("health", "api")
 PRICE_HISTORY_POINTS = 120
 EVENTS_SHOWN = 20
 FAILOVER_SCAN_EVENTS = 500

@@ -375,3 +375,39 @@ def trades_after(client: redis.Redis, source: str, after_id: int, limit: int) ->
 def trade_json(trade: Trade) -> bytes:
     return orjson.dumps({"id": trade.id, "p": trade.p, "q": trade.q, "side": trade.side,
                          "ts": trade.ts, "rts": trade.rts})
+
+
+def trade_at(client: redis.Redis, source: str, trade_id: int) -> Optional[Trade]:
+    """The trade with this id, if the view holds it."""
+    found = client.xrevrange(keys.view(source), max=entry_id_for(trade_id), min="-", count=1)
+    if not found:
+        return None
+    trades = entry_trades(found[0][1])
+    offset = trade_id - trades[0].id
+    return trades[offset] if 0 <= offset < len(trades) else None
+
+
+def first_id_from_time(client: redis.Redis, source: str, ts: int, oldest: Trade, newest: Trade) -> Optional[int]:
+    """The lowest trade id whose exchange time is ts or later (exchange times never go back as ids
+    go up within one source); None when every trade in the view is older."""
+    if newest.ts < ts:
+        return None
+    low, high = oldest.id, newest.id         # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        found = trade_at(client, source, middle)
+        if found is None or found.ts >= ts:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def sse_events(rows, after_id: int) -> Tuple[str, int, int]:
+    """Decoded bus rows ([id, p, q, side, ts, rts, units]) as Server-Sent Events, those above after_id:
+    (text, events, last id)."""
+    parts = [SSE_EVENT % (row[0], row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows if row[0] > after_id]
+    return "".join(parts), len(parts), rows[-1][0] if rows else after_id
+
+
+SSE_EVENT = 'id: %d\ndata: {"id":%d,"p":"%s","q":"%s","side":"%s","ts":%d,"rts":%d}\n\n'
