@@ -51,6 +51,12 @@ CHUNK = 1000
 BLOCK_MS = 200
 # Consecutive healthy, caught-up probes of the primary before follow() goes back to it.
 HEALTHY_PROBES = 2
+MINUTE_MS = 60_000
+CANDLES_DEFAULT_SPAN_MS = 24 * 3600 * 1000
+# The most trades the read API gives in one reply.
+API_LIMIT_MAX = 10_000
+# A stream with no byte at all for this long (the API sends a keep-alive every 15 s) is reopened.
+STREAM_SILENT_S = 40.0
 # Ranges of ids given up on (see Feed hole_s) that are still delivered if they turn up later.
 MAX_SKIPPED_RANGES = 64
 
@@ -155,6 +161,18 @@ class _Unavailable(Exception):
     """One backend did not answer (the caller tries the next one)."""
 
 
+class _NoPrice(FeedError):
+    """The API keeps no price view (404)."""
+
+
+class _Gone(FeedError):
+    """An API no longer holds the trades right after the id asked for (410); oldest_id is its oldest."""
+
+    def __init__(self, message: str, oldest_id: int):
+        super().__init__(message)
+        self.oldest_id = oldest_id
+
+
 class Feed:
     """A source's trades from the primary, or from feed hosts' read APIs while the primary is down,
     stalled or under maintenance.
@@ -241,7 +259,16 @@ class Feed:
                           lambda base: self._api_trades(base, after_id, limit))
 
     def candles(self, start_ms: Optional[int] = None, end_ms: Optional[int] = None) -> List[Candle]:
-        """1-minute candles whose minute starts in [start_ms, end_ms] (ms, both optional), oldest first."""
+        """The 1-minute candles of the minutes that start in [start_ms, end_ms) (ms, exchange time),
+        oldest first; end_ms defaults to now (the current minute included), start_ms to 24 hours
+        before end_ms (the read API's longest span)."""
+        if end_ms is None:
+            end_ms = (int(time.time() * 1000) // MINUTE_MS + 1) * MINUTE_MS
+        if start_ms is None:
+            start_ms = end_ms - CANDLES_DEFAULT_SPAN_MS
+        start_ms, end_ms = int(start_ms), int(end_ms)
+        if start_ms >= end_ms:
+            raise ValueError("start_ms must be below end_ms")
         return self._read("candles", lambda client: self._primary_candles(client, start_ms, end_ms),
                           lambda base: self._api_candles(base, start_ms, end_ms))
 
@@ -307,9 +334,7 @@ class Feed:
 
     def _primary_candles(self, client, start_ms, end_ms) -> List[Candle]:
         def read():
-            minutes = client.zrangebyscore(keys.candles_index(self.source),
-                                           "-inf" if start_ms is None else int(start_ms),
-                                           "+inf" if end_ms is None else int(end_ms))
+            minutes = client.zrangebyscore(keys.candles_index(self.source), start_ms, f"({end_ms}")
             pipe = client.pipeline(transaction=False)
             for minute in minutes:
                 pipe.hgetall(keys.candle(self.source, int(minute)))
@@ -389,10 +414,14 @@ class Feed:
         try:
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
-            body = _error_text(exc)
+            body, document = _error_text(exc)
             exc.close()
-            if exc.code == 404 and "source" in body.lower():
+            if exc.code == 404 and ("sources" in document or body.startswith("no trade")):
                 raise UnknownSource(f"{base}: {body}") from None
+            if exc.code == 404 and body.startswith("no price"):
+                raise _NoPrice(body) from None
+            if exc.code == 410 and isinstance(document.get("oldest_id"), int):
+                raise _Gone(f"{base}: {body}", document["oldest_id"]) from None
             if exc.code >= 500 or exc.code in (404, 408, 429):
                 raise _Unavailable(f"HTTP {exc.code} {body}") from None
             raise FeedError(f"{base}{path}: HTTP {exc.code} {body}") from None
@@ -415,15 +444,30 @@ class Feed:
         return Trade.from_fields(trade)
 
     def _api_price(self, base: str) -> Optional[Price]:
-        price = _unwrap(self._get(base, "/v1/price"), "price")
+        try:
+            price = _unwrap(self._get(base, "/v1/price"), "price")
+        except _NoPrice:
+            return None
         return Price.from_fields(price) if price and price.get("p") is not None else None
 
     def _api_trades(self, base: str, after_id: int, limit: int) -> List[Trade]:
-        reply = self._get(base, "/v1/trades", source=self.source, after_id=after_id, limit=limit)
+        try:
+            reply = self._get(base, "/v1/trades", source=self.source, after_id=after_id,
+                              limit=min(limit, API_LIMIT_MAX))
+        except _Gone as gone:
+            if gone.oldest_id - 1 <= after_id:
+                raise _Unavailable(str(gone)) from None
+            return self._api_trades(base, gone.oldest_id - 1, limit)
         return [Trade.from_fields(row) for row in _unwrap(reply, "trades") or []]
 
-    def _api_candles(self, base: str, start_ms, end_ms) -> List[Candle]:
-        reply = self._get(base, "/v1/candles", source=self.source, **{"from": start_ms, "to": end_ms})
+    def _api_candles(self, base: str, start_ms: int, end_ms: int) -> List[Candle]:
+        # The API takes trades with from <= ts < to: whole minutes, from the first that starts at or
+        # after start_ms to the last that starts before end_ms.
+        start = -(-start_ms // MINUTE_MS) * MINUTE_MS
+        end = -(-end_ms // MINUTE_MS) * MINUTE_MS
+        if start >= end:
+            return []
+        reply = self._get(base, "/v1/candles", source=self.source, **{"from": start, "to": end})
         return [Candle.from_fields(row) for row in _unwrap(reply, "candles") or []]
 
     def _api_holds(self, base: str, trade_id: int) -> bool:
@@ -440,18 +484,19 @@ def _unwrap(reply, *names):
     return reply
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
+def _error_text(exc: urllib.error.HTTPError) -> Tuple[str, dict]:
+    """The refusal's one-line text and its JSON document ({} when it is not one)."""
     try:
-        body = exc.read(2000).decode("utf-8", "replace")
+        body = exc.read(4000).decode("utf-8", "replace")
     except OSError:
-        return exc.reason or ""
+        return str(exc.reason or ""), {}
     try:
         document = json.loads(body)
-        if isinstance(document, dict):
-            body = str(document.get("error") or document.get("message") or body)
     except ValueError:
-        pass
-    return " ".join(body.split())[:200]
+        document = None
+    if not isinstance(document, dict):
+        return " ".join(body.split())[:200], {}
+    return " ".join(str(document.get("error") or document.get("message") or body).split())[:200], document
 
 
 def _redact(url: str) -> str:
@@ -493,6 +538,7 @@ class _SSE:
 
     def __init__(self, response):
         self.response = response
+        self.last_bytes = time.monotonic()
         self.buffer = b""
         self.start = 0
         self.data: List[str] = []
@@ -505,6 +551,7 @@ class _SSE:
                 chunk = self.response.read1(65536)
                 if not chunk:
                     return None
+                self.last_bytes = time.monotonic()
                 self.buffer = self.buffer[self.start:] + chunk
                 self.start = 0
                 continue
@@ -598,14 +645,20 @@ class Follower:
     def _give_up_holes(self) -> None:
         if not self.above or time.monotonic() - self.advanced < self.feed.hole_s:
             return
-        low, high = self.watermark + 1, min(self.above) - 1
-        log.warning("btcfeed client %s: trades %d..%d not delivered by any backend for %.0f s; going on "
-                    "without them (delivered if they turn up)", self.feed.source, low, high, self.feed.hole_s)
+        self._give_up(self.watermark + 1, min(self.above) - 1,
+                      f"not delivered by any backend for {self.feed.hole_s:.0f} s")
+
+    def _give_up(self, low: int, high: int, why: str) -> None:
+        """Move the watermark past low..high (a trade of it that turns up later is still delivered once)."""
+        if high < low:
+            return
+        log.warning("btcfeed client %s: going on without trades %d..%d: %s", self.feed.source, low, high, why)
         self.skipped = (self.skipped + [(low, high)])[-MAX_SKIPPED_RANGES:]
         self.watermark = high
         while self.watermark + 1 in self.above:
             self.above.remove(self.watermark + 1)
             self.watermark += 1
+        self.top = max(self.top, self.watermark)
         self.advanced = time.monotonic()
 
     # --- switching ----------------------------------------------------------------------------------
@@ -627,7 +680,13 @@ class Follower:
             self.down_since = now
             self.tried = set()
         self.tried.add(backend)
-        order = feed._order()
+        # The read APIs in turn, starting after the one that failed, and the primary last (it failed,
+        # or it is not caught up yet, or follow() would be on it).
+        apis = list(feed.api_urls)
+        if backend in apis:
+            index = apis.index(backend) + 1
+            apis = apis[index:] + apis[:index]
+        order = apis + ([PRIMARY] if feed.primary is not None else [])
         if now - self.down_since > feed.unavailable_s:
             raise FeedUnavailable(f"follow {feed.source}: no backend answered for {feed.unavailable_s:.0f} s "
                                   f"(last: {feed._name(backend)}: {reason})")
@@ -725,23 +784,35 @@ class Follower:
             response = feed._open(base, "/v1/stream", read_timeout, {"Accept": "text/event-stream",
                                                                      "Last-Event-ID": str(self.watermark)},
                                   source=feed.source)
+        except _Gone as gone:
+            # The host no longer holds the trades right after the watermark (older than its retention).
+            self._give_up(self.watermark + 1, gone.oldest_id - 1, f"{base} no longer holds them")
+            return base, "resume at the host's oldest trade"
         except (_Unavailable, FeedError) as exc:
             reason = f"{base} failed: {exc}"
             return self._failed(base, reason), reason
         self._answered()
-        stream, last_probe, healthy = _SSE(response), time.monotonic(), 0
+        stream, last_probe, healthy, events = _SSE(response), time.monotonic(), 0, 0
         try:
             while not self._closed.is_set():
                 try:
                     event = stream.next_event()
                 except (TimeoutError, socket.timeout):
-                    event = ()       # nothing within the read timeout: reconnect below, after the checks
+                    # Nothing within the read timeout. A plain (not chunked) body can be read on after
+                    # it; a chunked one may have lost its place, and a silent one is reopened.
+                    if response.chunked or time.monotonic() - stream.last_bytes > STREAM_SILENT_S:
+                        return base, "quiet stream reopened"
+                    event = ()
                 except (http.client.HTTPException, OSError, ValueError) as exc:
                     reason = f"{base} stream broke: {_one_line(exc)}"
                     return self._failed(base, reason), reason
                 if event is None:
-                    return base, "stream ended"
-                if event and event[0] in ("message", "trade"):
+                    if events:
+                        return base, "stream ended"
+                    reason = f"{base} ended the stream without an event"
+                    return self._failed(base, reason), reason
+                if event and event[0] == "message":
+                    events += 1
                     try:
                         trade = Trade.from_fields(json.loads(event[1]))
                     except (ValueError, KeyError, TypeError) as exc:
@@ -749,6 +820,9 @@ class Follower:
                         return self._failed(base, reason), reason
                     if self._take(trade):
                         yield trade
+                elif event and event[0] == "error":
+                    log.warning("btcfeed client %s: %s ends the stream: %s", feed.source, base,
+                                event[1][:200])
                 now = time.monotonic()
                 if feed.primary is not None and now - last_probe >= feed.probe_s:
                     last_probe = now
@@ -759,8 +833,6 @@ class Follower:
                 target = self._stall_target(base)
                 if target:
                     return target
-                if event == ():
-                    return base, "quiet stream"
         finally:
             response.close()
         return base, "closed"

@@ -2,7 +2,9 @@
 script or by a real stack fed by the exchange simulator, compared id by id with the simulator."""
 
 import io
+import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -15,7 +17,7 @@ from btcfeed.storage.apply import BatchApplier, read_candles
 from btcfeed.trade import Trade as StoredTrade
 from tools import verify
 from tools.redis_process import free_port
-from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, wait_for
+from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, wait_for, writer_state
 
 RATE = 1000
 SEED = 23
@@ -290,8 +292,9 @@ def test_reads_match_the_primary_and_follow_matches_the_exchange(primary, primar
     assert feed.candles() == [Candle(t=minute, **{name: c[name] for name in ("o", "h", "l", "c", "v", "n")},
                                      fid=c["fid"], lid=c["lid"])
                               for minute, c in sorted(read_candles(primary_client, SOURCE).items())]
-    middle = feed.candles()[-1].t
-    assert [c.t for c in feed.candles(middle, middle)] == [middle]
+    newest_minute = feed.candles()[-1].t
+    assert [c.t for c in feed.candles(newest_minute, newest_minute + 60_000)] == [newest_minute]
+    assert feed.candles(newest_minute + 1, newest_minute + 60_000) == []
 
 
 def test_dead_port_is_refused_not_hung():
@@ -305,3 +308,132 @@ def test_dead_port_is_refused_not_hung():
         with pytest.raises(FeedUnavailable, match="timed out"):
             feed.last()
         assert time.monotonic() - started < 3
+
+
+# --- switching between the primary and feed hosts' read APIs (the api process of a real stack) --------------
+
+def api_url(stack) -> str:
+    return f"http://{stack.env['BTCFEED_API_ADDR']}"
+
+
+@pytest.fixture
+def secured_stack(primary, sim):
+    running = start_stack(primary, sim, BTCFEED_API_TOKEN="client-test-token-0123456789")
+    yield running
+    remove_stack(running)
+
+
+@pytest.mark.integration
+def test_the_read_api_alone_serves_what_the_primary_holds(primary, primary_client, sim, secured_stack):
+    api = api_url(secured_stack)
+    wait_for(lambda: primary_last_id(primary_client) > 0, 30, "trades in the primary")
+    feed = Feed(api_urls=[api], api_token="client-test-token-0123456789")
+    wait_for(lambda: feed.trades(primary_last_id(primary_client) - 1, 1), 10, "the read view to catch up")
+    start = primary_last_id(primary_client)
+    collector = Collector(feed, after_id=start)
+    wait_for(lambda: primary_last_id(primary_client) > start + RATE, 20, "a second of trades")
+    last_id = drain(primary_client, sim)
+    collector.wait_until(last_id, 20)
+    collector.stop()
+    assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
+    assert feed.stats() == {"backend": api, "switches": 0}
+
+    direct = Feed(primary.url)
+    wait_for(lambda: feed.last() == direct.last(), 10, "the view to hold the newest trade")
+    assert feed.trades(start, 300) == direct.trades(start, 300)
+    assert [t.id for t in feed.trades(start, 300)] == list(range(start + 1, start + 301))
+    assert feed.candles() == direct.candles() and feed.candles()
+    assert direct.price() is not None and feed.price() == direct.price()
+
+    with pytest.raises(UnknownSource, match="kraken:BTC/USD"):
+        Feed(api_urls=[api], api_token="client-test-token-0123456789", source="kraken:BTC/USD").last()
+    for token in (None, "wrong"):
+        with pytest.raises(FeedError, match="401") as refused:
+            Feed(api_urls=[api], api_token=token).last()
+        assert not isinstance(refused.value, FeedUnavailable)
+
+
+@pytest.mark.integration
+def test_follow_across_a_primary_sigkill_and_its_return(primary, primary_client, sim, stack):
+    api = api_url(stack)
+    wait_for(lambda: primary_last_id(primary_client) > 0, 30, "trades in the primary")
+    start = primary_last_id(primary_client)
+    feed = Feed(primary.url, api_urls=[api])
+    collector = Collector(feed, after_id=start)
+    collector.wait_until(start + RATE, 10)
+    primary.kill()
+    wait_for(lambda: feed.backend == api, 5, "the client to switch to the read API")
+    at_switch = collector.follower.watermark
+    collector.wait_until(at_switch + 2 * RATE, 10)             # trades keep coming through the API
+    primary.start()
+    wait_for(lambda: writer_state(stack) == "primary", 60, "the feed's hand-back to the primary")
+    wait_for(lambda: feed.backend == "primary", 20, "the client to return to the primary")
+    back = collector.follower.watermark
+    collector.wait_until(back + RATE, 10)
+    last_id = drain(primary_client, sim)
+    collector.wait_until(last_id, 20)
+    collector.stop()
+    assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
+    assert feed.switches >= 2 and feed.backend == "primary"
+
+
+@pytest.mark.integration
+def test_two_feed_hosts_cover_each_other_while_the_primary_is_down(primary, primary_client, sim):
+    first, second = start_stack(primary, sim), start_stack(primary, sim)
+    try:
+        wait_for(lambda: primary_last_id(primary_client) > 0, 30, "trades in the primary")
+        start = primary_last_id(primary_client)
+        feed = Feed(primary.url, api_urls=[api_url(first), api_url(second)])
+        collector = Collector(feed, after_id=start)
+        collector.wait_until(start + RATE, 10)
+        primary.kill()
+        wait_for(lambda: feed.backend == api_url(first), 5, "the client to switch to the first host")
+        collector.wait_until(collector.follower.watermark + RATE, 10)
+        first.stop("api")
+        wait_for(lambda: feed.backend == api_url(second), 10, "the client to switch to the second host")
+        collector.wait_until(collector.follower.watermark + 2 * RATE, 10)
+        primary.start()
+        wait_for(lambda: writer_state(first) == "primary" and writer_state(second) == "primary", 60,
+                 "both feed hosts' hand-back to the primary")
+        wait_for(lambda: feed.backend == "primary", 20, "the client to return to the primary")
+        last_id = drain(primary_client, sim)
+        collector.wait_until(last_id, 20)
+        collector.stop()
+        assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
+        # primary -> first host -> second host -> primary, with no detour to the dead primary between
+        assert feed.switches == 3
+    finally:
+        remove_stack(second)
+        remove_stack(first)
+
+
+def btcfeed_command(stack, *args):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([os.path.join(root, "bin", "btcfeed"), *args], env=stack.env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.integration
+def test_a_primary_paused_for_maintenance_stalls_and_the_client_reads_the_api_meanwhile(
+        primary, primary_client, sim, stack):
+    """The primary answers throughout but gets no trades while paused: the client notices that it
+    gives nothing new while the read API does, reads the API, and returns after the resume."""
+    api = api_url(stack)
+    wait_for(lambda: primary_last_id(primary_client) > 0, 30, "trades in the primary")
+    start = primary_last_id(primary_client)
+    feed = Feed(primary.url, api_urls=[api], stall_s=1.0)
+    collector = Collector(feed, after_id=start)
+    collector.wait_until(start + RATE, 10)
+    btcfeed_command(stack, "primary", "pause", "--reason", "client test")
+    wait_for(lambda: feed.backend == api, 10, "the client to leave the stalled primary")
+    frozen = primary_last_id(primary_client)
+    collector.wait_until(frozen + 2 * RATE, 10)               # well past what the primary holds
+    assert primary_last_id(primary_client) == frozen
+    btcfeed_command(stack, "primary", "resume")
+    wait_for(lambda: feed.backend == "primary", 20, "the client to return to the primary")
+    last_id = drain(primary_client, sim)
+    collector.wait_until(last_id, 20)
+    collector.stop()
+    assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
+    assert feed.switches == 2
