@@ -437,3 +437,20 @@ def test_a_primary_paused_for_maintenance_stalls_and_the_client_reads_the_api_me
     collector.stop()
     assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
     assert feed.switches == 2
+
+
+def test_importing_the_client_loads_nothing_else_of_btcfeed_or_its_other_dependencies():
+    """What a consumer with the wheel (installed without its dependencies) and redis-py runs."""
+    import sys
+    probe = ("import sys, btcfeed.client; "
+             "print(' '.join(sorted(name for name in sys.modules if '.' not in name)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": ""}).stdout.split()
+    assert "redis" in loaded and "btcfeed" in loaded
+    others = {"orjson", "websocket", "supervisor", "click", "psutil", "rich", "prometheus_client", "urllib3",
+              "tools"}
+    assert not others & set(loaded), others & set(loaded)
+    ours = subprocess.run([sys.executable, "-c", "import sys, btcfeed.client; print(' '.join(sorted("
+                           "name for name in sys.modules if name.startswith('btcfeed'))))"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert ours == ["btcfeed", "btcfeed.client", "btcfeed.keys"]
