@@ -5,7 +5,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Tuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -22,6 +22,13 @@ SYMBOL_FORMS = {
     "coinbase": (re.compile(r"^[A-Z0-9]{2,10}-[A-Z0-9]{2,10}$"), "a Coinbase product like BTC-USD"),
     "kraken": (re.compile(r"^[A-Z0-9]{2,10}/[A-Z0-9]{2,10}$"), "a Kraken v2 symbol like BTC/USD"),
 }
+
+
+# `btcfeed primary move` keeps the new primary here, in the state dir: it wins over the environment
+# and the TOML file, so that a restart of any process keeps the primary the feed moved to.
+PRIMARY_OVERRIDE_FILE = "primary.toml"
+PRIMARY_SETTINGS = ("primary_url", "primary_username", "primary_password_file", "primary_tls_ca_file",
+                    "primary_tls_cert_file", "primary_tls_key_file")
 
 
 class ConfigError(ValueError):
@@ -145,6 +152,7 @@ class Config:
     max_conn_hours: float
     log_format: str
     log_level: str
+    primary_override: str = ""        # the state dir's primary.toml when it set the primary, else ""
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -160,8 +168,10 @@ class Config:
         return os.path.join(self.state_dir, *parts)
 
 
-def load(environ: Mapping[str, str] = None) -> Config:
-    """Build the configuration; raise ConfigError with a one-line reason when it is wrong."""
+def load(environ: Mapping[str, str] = None, primary_override: bool = True) -> Config:
+    """Build the configuration; raise ConfigError with a one-line reason when it is wrong. The
+    primary is the one `btcfeed primary move` recorded in the state dir, if any (unless
+    primary_override is False: the configuration as the operator wrote it)."""
     environ = os.environ if environ is None else environ
     raw = {name: default for name, (default, _) in SETTINGS.items()}
     raw.update(_read_file(environ.get("BTCFEED_CONFIG", "")))
@@ -169,13 +179,75 @@ def load(environ: Mapping[str, str] = None) -> Config:
         env_name = "BTCFEED_" + name.upper()
         if env_name in environ:
             raw[name] = environ[env_name]
+    override = primary_override_path(str(raw["state_dir"])) if primary_override else ""
+    moved = read_primary_override(override) if override else {}
+    if moved:
+        # The moved-to primary replaces every primary setting, not only those it names.
+        raw.update({name: moved.get(name, "") for name in PRIMARY_SETTINGS})
+        raw["primary_password"] = ""
     values = {}
     for name, (_, parse) in SETTINGS.items():
         try:
             values[name] = parse(raw[name])
         except (TypeError, ValueError):
             raise ConfigError(f"BTCFEED_{name.upper()}: cannot read {raw[name]!r} as {parse.__name__[1:]}")
-    return _validate(values)
+    config = _validate(values)
+    return replace(config, primary_override=override) if moved else config
+
+
+def primary_override_path(state_dir: str) -> str:
+    return os.path.join(os.path.abspath(state_dir), PRIMARY_OVERRIDE_FILE)
+
+
+def read_primary_override(path: str) -> dict:
+    """The primary settings `btcfeed primary move` recorded ({} when there is no such file)."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the primary recorded by `btcfeed primary move`: {exc}")
+    unknown = sorted(set(data) - set(PRIMARY_SETTINGS))
+    if unknown or not data.get("primary_url"):
+        raise ConfigError(f"{path}: not a primary recorded by `btcfeed primary move` "
+                          f"({'unknown ' + ', '.join(unknown) if unknown else 'no primary_url'})")
+    return {name: str(value) for name, value in data.items()}
+
+
+def write_primary_override(state_dir: str, settings: dict) -> str:
+    """Record the primary in the state dir, all at once (a crash leaves the old file or the new one);
+    readable by the service user only, since the URL may hold a password."""
+    path = primary_override_path(state_dir)
+    lines = ["# Written by `btcfeed primary move`: this primary wins over BTCFEED_PRIMARY_URL and the",
+             "# TOML file. Put it in the service's configuration, then delete this file.\n"]
+    lines += [f"{name} = {_toml_string(settings[name])}" for name in PRIMARY_SETTINGS if settings.get(name)]
+    temporary = path + ".tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def primary_override_stamp(path: str):
+    """What a running process compares to notice that the recorded primary changed (None: no file)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _read_file(path: str) -> dict:

@@ -151,6 +151,10 @@ EPOCHS = f"{PREFIX}:epochs"
 # Hash kept by the writer while the local Redis is at its memory limit: since (ms), reason, trimmed.
 LOCAL_PRESSURE = f"{PREFIX}:local:pressure"
 
+# Hash: the move to a new primary under way (`btcfeed primary move`): phase (copying, switching,
+# committed, done, abandoned), to (redacted), pid and host of the command, by, started_ms, copied.
+MOVE = f"{PREFIX}:move"
+
 # A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
 PROBE = f"{PREFIX}:probe"
 

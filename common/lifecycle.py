@@ -172,6 +172,9 @@ class Process:
     name = "process"
     # Whether the process is useless without the local Redis (health is not: it reports the outage).
     needs_local = True
+    # Whether the process talks to the primary: it then restarts (supervisord starts it again) when
+    # `btcfeed primary move` records another primary, and never writes to the one it moved away from.
+    uses_primary = False
 
     def __init__(self, config, log: EventLog):
         self.config = config
@@ -179,6 +182,8 @@ class Process:
         self.stopping = threading.Event()
         self.local = connect_local(config.local_url)
         self._next_heartbeat = 0.0
+        self._override = config_module.primary_override_path(config.state_dir)
+        self._override_stamp = config_module.primary_override_stamp(self._override)
 
     def validate(self) -> None:
         """Refuse a configuration this process cannot run with (raise ConfigError), before any wait."""
@@ -199,8 +204,15 @@ class Process:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+        if self.uses_primary and config_module.primary_override_stamp(self._override) != self._override_stamp:
+            self.log.warning("primary_moved_restarting", file=self._override)
+            self.stopping.set()
+            return
+        stats = self.stats()
+        if self.uses_primary:
+            stats["primary"] = config_module.redact_url(self.config.primary_url)
         try:
-            write_heartbeat(self.local, self.name, self.stats())
+            write_heartbeat(self.local, self.name, stats)
         except redis.RedisError as exc:
             self.log.warning("heartbeat_failed", error=type(exc).__name__)
 
@@ -219,7 +231,8 @@ class Process:
             if self.needs_local:
                 return EXIT_FAILURE
         self.initialize()
-        self.log.info("started")
+        self.log.info("started", **({"primary_from": self.config.primary_override}
+                                    if self.uses_primary and self.config.primary_override else {}))
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()

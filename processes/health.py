@@ -36,6 +36,7 @@ MAX_CONNECTIONS = 64
 
 class Health(Process):
     name = "health"
+    uses_primary = True
     needs_local = False
 
     def validate(self) -> None:

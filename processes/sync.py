@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from btcfeed.storage import epochs
+from btcfeed.storage import epochs, move
 
 from btcfeed import keys, price
 from btcfeed.storage.antientropy import HeldIndex, compare, resend
@@ -24,7 +24,7 @@ from btcfeed.storage.apply import BatchApplier, is_epoch_error, is_source_refusa
 from btcfeed.config import redact_url
 from btcfeed.events import record_event
 from btcfeed.lifecycle import Process, run_process
-from btcfeed.storage.primary import cluster_probe, connect_primary, is_cluster
+from btcfeed.storage.primary import NotWritable, connect_primary, is_cluster, probe
 from btcfeed.storage.writerstate import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
 
 WATCH_INTERVAL_S = 1.0          # identity and epoch check of a healthy primary
@@ -54,6 +54,7 @@ class PrimaryUnhealthy(Exception):
 
 class Sync(Process):
     name = "sync"
+    uses_primary = True
 
     def initialize(self) -> None:
         cfg = self.config
@@ -104,27 +105,29 @@ class Sync(Process):
         else:                   # maintenance: the operator has the primary; nothing to probe or replay
             self.drain = None
             self.streak = 0
+            self.settle_orphaned_move(now)
             self.stopping.wait(0.2)
+
+    def settle_orphaned_move(self, now: float) -> None:
+        """A `btcfeed primary move` that died while the writer was paused for it is finished (new
+        primary recorded) or abandoned (back to the old one) here, so no crash leaves the feed paused."""
+        if now < self.next_watch:
+            return
+        self.next_watch = now + WATCH_INTERVAL_S
+        done = move.settle_orphaned(self.local)
+        if done:
+            record_event(self.local, self.log, self.name, done, level="warning",
+                         reason="the move command is gone", primary=redact_url(self.config.primary_url))
 
     # --- probing -------------------------------------------------------------------------------
     def probe(self) -> dict:
         """One health check: answers, is a master, accepts a write. Returns the server's identity."""
-        if self.cluster:
-            try:
-                return cluster_probe(self.probe_client, self.sources)
-            except redis.RedisError as exc:
-                raise PrimaryUnhealthy(describe_error(exc, self.config.primary_url))
-        pipe = self.probe_client.pipeline(transaction=False)
-        pipe.info("server")
-        pipe.info("replication")
-        pipe.set(keys.PROBE, int(time.time() * 1000), px=10_000)
         try:
-            server, replication, _ = pipe.execute()
+            return probe(self.probe_client, self.cluster, self.sources)
+        except NotWritable as exc:
+            raise PrimaryUnhealthy(str(exc))
         except redis.RedisError as exc:
             raise PrimaryUnhealthy(describe_error(exc, self.config.primary_url))
-        if replication.get("role") != "master":
-            raise PrimaryUnhealthy(f"primary is a replica (role {replication.get('role')}), not writable")
-        return {"run_id": server.get("run_id")}
 
     def remember(self, identity: dict, sweep: bool = True) -> None:
         """Keep the primary's identity; a new one (a restart, a promoted replica) means a full sweep

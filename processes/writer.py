@@ -65,6 +65,7 @@ class PrimaryFailed(Exception):
 
 class Writer(Process):
     name = "writer"
+    uses_primary = True
 
     def initialize(self) -> None:
         cfg = self.config

@@ -179,6 +179,16 @@ class HeldIndex:
         pipe.execute()
         return len(numbers - remaining)
 
+    def behind(self) -> bool:
+        """Whether the mirror or the failover copy holds entries the index has not taken in yet."""
+        cursor = self.local.hgetall(keys.held_cursor(self.source))
+        for stream, letter in ((keys.mirror(self.source), MIRROR), (keys.trades(self.source), FAILOVER_COPY)):
+            newest = self.local.xrevrange(stream, count=1)
+            taken = cursor.get(letter.encode())
+            if newest and (taken is None or _before(_text(taken), _text(newest[0][0]))):
+                return True
+        return False
+
     def segments(self) -> List[int]:
         """Every segment the index knows, newest first."""
         fields = self.local.hkeys(keys.held_where(self.source))
@@ -274,10 +284,12 @@ class Resent:
     not_held: int = 0         # no longer in the local copy (trimmed by retention)
 
 
-def resend(index: HeldIndex, applier: BatchApplier, difference: Difference) -> Resent:
-    """Re-send every missing trade from the local copy through the idempotent apply, newest segment first."""
+def resend(index: HeldIndex, applier: BatchApplier, difference: Difference, oldest_first: bool = False) -> Resent:
+    """Re-send every missing trade from the local copy through the idempotent apply, newest segment first
+    (live history matters most after a loss), or oldest first (a copy into a new primary, whose
+    stream then holds the window in trade order)."""
     done = Resent()
-    for number in sorted(difference.missing, reverse=True):
+    for number in sorted(difference.missing, reverse=not oldest_first):
         wanted = set(difference.missing[number])
         trades = sorted(index.trades_of(number, wanted), key=lambda t: t.id)
         done.not_held += len(wanted) - len(trades)

@@ -84,6 +84,25 @@ def cluster_probe(client: RedisCluster, sources) -> dict:
     return {"run_id": ",".join(run_ids) or None}
 
 
+class NotWritable(redis.RedisError):
+    """The server answers but is no master that takes btcfeed's writes (a replica)."""
+
+
+def probe(client, cluster: bool, sources) -> dict:
+    """One health check of a primary: it answers, is a master and takes a write; its identity
+    ({"run_id"}). A Redis error says why not; NotWritable for a replica."""
+    if cluster:
+        return cluster_probe(client, sources)
+    pipe = client.pipeline(transaction=False)
+    pipe.info("server")
+    pipe.info("replication")
+    pipe.set(keys.PROBE, int(time.time() * 1000), px=10_000)
+    server, replication, _ = pipe.execute()
+    if replication.get("role") != "master":
+        raise NotWritable(f"primary is a replica (role {replication.get('role')}), not writable")
+    return {"run_id": server.get("run_id")}
+
+
 def master_address(config, timeout_ms: int):
     """(host, port) of the master the sentinels name now, or None for a plain primary URL."""
     if urlsplit(config.primary_url).scheme != SENTINEL_SCHEME:
