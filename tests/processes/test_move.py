@@ -7,10 +7,8 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
-import redis
 
 from btcfeed import config as config_module
 from btcfeed import keys
