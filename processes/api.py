@@ -293,7 +293,7 @@ class Api(Process):
     def _cut(self, handler, source: str, reason: str) -> None:
         self.count("clients_cut")
         record_event(self.local, self.log, self.name, "stream_client_cut", level="warning", source=source,
-                     client=handler.client_address[0], reason=reason)
+                     peer=handler.client_address[0], reason=reason)
         try:
             handler.connection.setblocking(False)
             handler.connection.send(b"event: error\ndata: " + orjson.dumps({"error": reason}) + b"\n\n")
@@ -399,6 +399,8 @@ def _handler_for(api: Api, token: str):
                 api.stream(self, source, after_id)
             except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
                 pass                          # the client went away
+            except Exception as exc:          # the headers are out: end the stream, the client resumes
+                api.log.error("stream_failed", source=source, error=f"{type(exc).__name__}: {str(exc)[:200]}")
             finally:
                 api.count("streams_open", -1)
                 api.stream_slots.release()

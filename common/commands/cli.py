@@ -450,6 +450,13 @@ def bench_health():
     sys.exit(run_health_bench(echo=click.echo))
 
 
+@cli.command("bench-stream")
+def bench_stream():
+    """GET /v1/stream to one client flat out and to 20 live clients, and the feed's rate beside them."""
+    run_stream_bench = tool("tools.bench.stream", "run_stream_bench")
+    sys.exit(run_stream_bench(echo=click.echo))
+
+
 @cli.command("bench-parse")
 @click.option("--messages", default=200_000, show_default=True, help="Trade messages per run.")
 @click.option("--runs", default=5, show_default=True, help="Runs per figure (the median is printed).")

@@ -360,8 +360,9 @@ def test_a_client_that_does_not_read_is_cut_without_slowing_the_feed(primary, si
         landed = primary_last_id(primary.client()) - before
         assert landed >= 0.7 * RATE * elapsed, (landed, elapsed)     # the feed kept its pace
         assert len(follower.events) >= 0.7 * RATE * (elapsed - 1)      # and so did the other client
-        cut = [e for e in recent_events(local, 100) if e["event"] == "stream_client_cut"]
-        assert cut and "did not read" in cut[0]["fields"]["reason"]
+        cut = wait_for(lambda: [e for e in recent_events(local, 100) if e["event"] == "stream_client_cut"], 5,
+                       "the event: " + open(stack.log_path("api")).read()[-3000:])
+        assert "did not read" in cut[0]["fields"]["reason"]
         slow.settimeout(10)
         while slow.recv(65536):                                        # the server closed it
             pass

@@ -106,7 +106,7 @@ def test_steady_state_is_ok_everywhere(stack):
     assert source["connected"] and source["last_id"] > 0 and source["last_trade_age_ms"] < 5000
     assert 300 < source["trades_per_s"] < 3000          # the simulator prints 1,000/s
     assert float(doc["price"]["last"]) > 0 and doc["price"]["source"] == "binance:BTCUSDT"
-    for name in ("redis-local", "ingest", "writer", "sync", "health", "listener"):
+    for name in ("redis-local", "ingest", "writer", "sync", "health", "api", "listener"):
         info = doc["processes"][name]
         assert info["state"] == "RUNNING" and info["pid"] > 0 and info["uptime_s"] >= 0, (name, info)
         assert info["rss_mb"] and info["rss_mb"] > 1
@@ -281,7 +281,7 @@ LOG_LINE = re.compile(r"^time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z proc=[a-z-]
 def test_every_log_line_is_one_key_value_event(stack):
     """After all the faults above: one line per event, time/process/level/event first, no traceback."""
     seen = 0
-    for name in ("ingest", "writer", "sync", "health", "listener"):
+    for name in ("ingest", "writer", "sync", "health", "api", "listener"):
         with open(stack.log_path(name), errors="replace") as handle:
             for number, line in enumerate(handle, 1):
                 assert LOG_LINE.match(line), f"{name}.log:{number}: {line!r}"
