@@ -454,3 +454,46 @@ def test_importing_the_client_loads_nothing_else_of_btcfeed_or_its_other_depende
                            "name for name in sys.modules if name.startswith('btcfeed'))))"],
                           capture_output=True, text=True, check=True).stdout.split()
     assert ours == ["btcfeed", "btcfeed.client", "btcfeed.keys"]
+
+
+@pytest.mark.integration
+def test_a_black_holed_primary_is_a_failure_within_the_timeout(redis_server, applier):
+    """SIGSTOP: the port accepts but nothing answers; every read gives up after the timeout."""
+    write(applier, range(1, 11))
+    feed = Feed(redis_server.url, timeout=0.3, unavailable_s=1)
+    collector = Collector(feed, after_id=5)
+    collector.wait_until(10, 10)
+    redis_server.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(FeedUnavailable, match="[Tt]imeout|timed out"):
+            feed.last()
+        assert time.monotonic() - started < 2
+        wait_for(lambda: collector.error is not None, 10, "follow() to give up on a silent primary")
+        assert isinstance(collector.error, FeedUnavailable), repr(collector.error)
+    finally:
+        redis_server.thaw()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_follow_across_a_black_holed_primary(primary, primary_client, sim, stack):
+    api = api_url(stack)
+    wait_for(lambda: primary_last_id(primary_client) > 0, 30, "trades in the primary")
+    start = primary_last_id(primary_client)
+    feed = Feed(primary.url, api_urls=[api])
+    collector = Collector(feed, after_id=start)
+    collector.wait_until(start + RATE, 10)
+    primary.freeze()
+    try:
+        wait_for(lambda: feed.backend == api, 5, "the client to leave the silent primary")
+        collector.wait_until(collector.follower.watermark + 2 * RATE, 10)
+    finally:
+        primary.thaw()
+    wait_for(lambda: writer_state(stack) == "primary", 60, "the feed's hand-back to the primary")
+    wait_for(lambda: feed.backend == "primary", 20, "the client to return to the primary")
+    last_id = drain(primary_client, sim)
+    collector.wait_until(last_id, 20)
+    collector.stop()
+    assert_exactly_the_exchanges(collector.trades, sim, start + 1, last_id)
+    assert feed.switches == 2
