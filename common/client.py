@@ -251,7 +251,7 @@ class Feed:
         """Trades after_id+1, after_id+2, ... in id order, at most limit, stopping before the first id
         the backend does not hold yet: a caller that pages with after_id = the last id it got never
         skips one. If after_id lies before everything kept (the retention window), the run starts at
-        the oldest trade kept."""
+        the oldest trade kept. A read API gives at most 10,000 per call."""
         after_id, limit = int(after_id), int(limit)
         if limit < 1:
             raise ValueError("limit must be at least 1")
