@@ -427,6 +427,15 @@ def bench_reseed(trades, rate):
     sys.exit(run_reseed_bench(trades=trades, rate=rate, echo=click.echo))
 
 
+@cli.command("bench-move")
+@click.option("--trades", default=2_000_000, show_default=True, help="Trades in the window to move.")
+@click.option("--rate", default=1000, show_default=True, help="Live trades per second meanwhile.")
+def bench_move(trades, rate):
+    """`btcfeed primary move` of a full window with the feed on: duration, pause, exactness."""
+    run_move_bench = tool("tools.bench.move", "run_move_bench")
+    sys.exit(run_move_bench(trades=trades, rate=rate, echo=click.echo))
+
+
 @cli.command("bench-primary")
 def bench_primary():
     """The write path into a primary over plain TCP and TLS, and into a Redis Cluster (sources on one

@@ -245,16 +245,26 @@ class _Move:
         self.local.hincrby(keys.MOVE, "copied", copied)
         return copied
 
+    def _step(self, what: str) -> None:
+        """One line per step, with the time since the previous one: where a slow move spends it."""
+        now = time.monotonic()
+        click.echo(f"btcfeed primary: {what} (+{now - getattr(self, 'last_step', self.started):.1f}s)")
+        self.last_step = now
+
     def _pause(self) -> None:
         """The writer on the local copy, and everything it wrote before in the held index."""
+        self._step("window copied; pausing the writer for the last seconds")
         moving.set_phase(self.local, moving.SWITCHING)
         found = writerstate.pause(self.local, f"moving the primary to {self.to}", self.by)
         # Paused by the move only when it was not paused already: then resuming is the move's to do.
         self.local.hset(keys.MOVE, mapping={"paused": 1, "was": found})
         _wait(lambda: self._heartbeat("writer").get("state") == writerstate.MAINTENANCE,
               "the writer to move to the local copy")
-        _wait(lambda: moving.index_caught_up(self.local, self.sources),
+        self._step("the writer is on the local copy")
+        ends = moving.local_copy_ends(self.local, self.sources)
+        _wait(lambda: moving.index_caught_up(self.local, ends),
               "sync's held index to take in the last batches")
+        self._step("sync's held index has every batch")
 
     def _commit(self) -> None:
         """From here on the move finishes, whatever happens: the new primary is recorded."""
@@ -262,10 +272,12 @@ class _Move:
         self.local.hset(keys.EPOCHS, mapping=self.applier.epochs)
         self.local.hdel(keys.SYNC_PRIMARY, "run_id")
         moving.set_phase(self.local, moving.COMMITTED, file=path)
+        self._step(f"the new primary is recorded in {path}")
         _wait(lambda: all(self._heartbeat(name).get("primary") == self.to for name in USING_PRIMARY),
               "the writer and sync to restart on the new primary")
 
     def _resume(self) -> None:
+        self._step("the writer and sync run on the new primary; resuming")
         writerstate.resume(self.local)
         _wait(lambda: writerstate.read_state(self.local) == writerstate.PRIMARY,
               "the writer to hand back to the new primary", HAND_BACK_WAIT_S)

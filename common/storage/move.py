@@ -54,9 +54,15 @@ def copy_window(local, target, sources: Sequence[str], applier,
     return copied
 
 
-def index_caught_up(local, sources: Sequence[str]) -> bool:
-    """Whether sync's held index has taken in everything the local copy holds now."""
-    return not any(HeldIndex(local, source).behind() for source in sources)
+def local_copy_ends(local, sources: Sequence[str]) -> Dict[str, dict]:
+    """Where the mirror and the failover copy of each source end now."""
+    return {source: HeldIndex(local, source).ends() for source in sources}
+
+
+def index_caught_up(local, ends: Dict[str, dict]) -> bool:
+    """Whether sync's held index has taken in the local copy up to these ends (what the writer wrote
+    before it paused; what it writes after is the backlog, which the resume replays)."""
+    return all(HeldIndex(local, source).has_taken_in(upto) for source, upto in ends.items())
 
 
 # --- the record of a move -------------------------------------------------------------------------
