@@ -22,6 +22,7 @@ from supervisor.http import NOT_DONE_YET, tail_f_producer
 from btcfeed import config as config_module
 from btcfeed.commands.maintenance import primary
 from btcfeed.commands.stack import PROGRAMS, Stack, StackError
+from btcfeed.commands.upgrade import upgrade_check
 from btcfeed.observability.status import Thresholds, exit_code
 
 PACKAGE = "btcfeed"
@@ -466,6 +467,16 @@ def bench_stream():
     sys.exit(run_stream_bench(echo=click.echo))
 
 
+@cli.command("bench-availability")
+@click.option("--scale", default=1.0, show_default=True,
+              help="Multiplies every phase of the schedule (0.2 for a quick run).")
+def bench_availability(scale):
+    """What consumers see (the Python client, an SSE reader, a naive reader of the primary) through
+    primary, exchange and process faults: fresh 100 ms slots, longest stale stretch, missing, duplicated."""
+    run_availability_bench = tool("tools.bench.availability", "run_availability_bench")
+    sys.exit(run_availability_bench(scale=scale, echo=click.echo))
+
+
 @cli.command("bench-parse")
 @click.option("--messages", default=200_000, show_default=True, help="Trade messages per run.")
 @click.option("--runs", default=5, show_default=True, help="Runs per figure (the median is printed).")
@@ -490,6 +501,7 @@ def chaos(minutes, seed, rate):
 
 
 cli.add_command(primary)
+cli.add_command(upgrade_check)
 
 
 def main(argv=None, command: str = None):
