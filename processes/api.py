@@ -39,7 +39,7 @@ from btcfeed import keys
 from btcfeed.config import ConfigError, is_loopback
 from btcfeed.events import record_event
 from btcfeed.lifecycle import Process, run_process
-from btcfeed.processes.health import REQUEST_DEADLINE_S, BoundedHTTPServer, DeadlineReader
+from btcfeed.httpserver import REQUEST_DEADLINE_S, BoundedHTTPServer, DeadlineReader
 from btcfeed.storage.apply import expected_candles
 from btcfeed.storage.bus import connect_local
 from btcfeed.storage.view import SSE_EVENT, ViewBuilder, first_id_from_time, start_entry, trades_after, view_ends

@@ -121,7 +121,7 @@ def timed_get(health: HealthProcess, path: str = "/health"):
 
 # --- idle and slow clients, and the connection cap --------------------------------------------------
 def test_idle_and_slow_clients_are_dropped_while_the_api_answers(health):
-    from btcfeed.processes.health import REQUEST_DEADLINE_S
+    from btcfeed.httpserver import REQUEST_DEADLINE_S
     idle = [connect(health.port) for _ in range(40)]
     slow = connect(health.port)
     slow.sendall(b"GET /health HTTP/1.0\r\nX-Slow: ")
@@ -149,7 +149,7 @@ def test_idle_and_slow_clients_are_dropped_while_the_api_answers(health):
 
 
 def test_connections_beyond_the_cap_are_closed_at_once_and_the_api_recovers(health):
-    from btcfeed.processes.health import MAX_CONNECTIONS, REQUEST_DEADLINE_S
+    from btcfeed.httpserver import MAX_CONNECTIONS, REQUEST_DEADLINE_S
     held = [connect(health.port) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.5)                                      # all accepted, each holding a slot
