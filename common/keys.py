@@ -155,6 +155,9 @@ LOCAL_PRESSURE = f"{PREFIX}:local:pressure"
 # committed, done, abandoned), to (redacted), pid and host of the command, by, started_ms, copied.
 MOVE = f"{PREFIX}:move"
 
+# String: the version of the local Redis's data format (common/storage/schema.py), set by the writer.
+SCHEMA = f"{PREFIX}:schema"
+
 # A short-lived key sync writes to check that the primary accepts writes (OOM, READONLY, ACL).
 PROBE = f"{PREFIX}:probe"
 

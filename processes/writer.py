@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from btcfeed.storage import epochs
+from btcfeed.storage import epochs, schema
 
 from btcfeed import keys, price
 from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
-from btcfeed.config import redact_url
+from btcfeed.config import ConfigError, redact_url
 from btcfeed.events import record_event
 from btcfeed.latency import LatencyHistogram, newest_trade_ts
 from btcfeed.lifecycle import Process, run_process
@@ -69,6 +69,9 @@ class Writer(Process):
 
     def initialize(self) -> None:
         cfg = self.config
+        refusal = schema.problem(schema.claim(self.local))
+        if refusal:
+            raise ConfigError(refusal)
         compat = cfg.compat_source.name if cfg.compat_source else None
         self.primary = connect_primary(cfg, cfg.primary_timeout_ms)
         # The epochs sync verified: the apply script refuses a primary that does not hold them.
