@@ -428,6 +428,15 @@ def bench_reseed(trades, rate):
     sys.exit(run_reseed_bench(trades=trades, rate=rate, echo=click.echo))
 
 
+@cli.command("bench-cost")
+@click.option("--rates", default="0,300,1000,10000", show_default=True, help="Trades per second, one phase each.")
+@click.option("--window", default=30.0, show_default=True, help="Seconds measured per phase (after a warm-up).")
+def bench_cost(rates, window):
+    """CPU of every process and both Redis servers at idle and at real rates, and RSS."""
+    run_cost_bench = tool("tools.bench.cost", "run_cost_bench")
+    sys.exit(run_cost_bench(rates=[float(r) for r in rates.split(",")], window_s=window, echo=click.echo))
+
+
 @cli.command("bench-move")
 @click.option("--trades", default=2_000_000, show_default=True, help="Trades in the window to move.")
 @click.option("--rate", default=1000, show_default=True, help="Live trades per second meanwhile.")
@@ -470,11 +479,15 @@ def bench_stream():
 @cli.command("bench-availability")
 @click.option("--scale", default=1.0, show_default=True,
               help="Multiplies every phase of the schedule (0.2 for a quick run).")
-def bench_availability(scale):
+@click.option("--price-stale-ms", type=int, default=None,
+              help="BTCFEED_PRICE_STALE_MS for the stack (default: the product's default).")
+@click.option("--keep", is_flag=True, help="Keep the state directory (logs, consumers' logs) after the run.")
+def bench_availability(scale, price_stale_ms, keep):
     """What consumers see (the Python client, an SSE reader, a naive reader of the primary) through
     primary, exchange and process faults: fresh 100 ms slots, longest stale stretch, missing, duplicated."""
     run_availability_bench = tool("tools.bench.availability", "run_availability_bench")
-    sys.exit(run_availability_bench(scale=scale, echo=click.echo))
+    sys.exit(run_availability_bench(scale=scale, price_stale_ms=price_stale_ms, keep=keep,
+                                    echo=click.echo))
 
 
 @cli.command("bench-parse")

@@ -122,6 +122,7 @@ class Freshness:
     longest_stale_ms: int
     stale_by_phase: Dict[str, int] = field(default_factory=dict)
     worst_lag_ms: int = 0
+    stretches: List[tuple] = field(default_factory=list)   # (phase, slot index in it, stale slots, worst lag)
 
     @property
     def share(self) -> float:
@@ -133,22 +134,35 @@ class Freshness:
                 f"{self.longest_stale_ms / 1000:.1f} s, worst lag {self.worst_lag_ms / 1000:.1f} s"
                 + (f"; stale slots: {where}" if where else ""))
 
+    def stretch_lines(self, limit: int = 8, slot_ms: int = SLOT_MS) -> List[str]:
+        """Where each stale stretch began (its phase, seconds into it), how long it was, its worst lag."""
+        return [f"stale {count * slot_ms / 1000:.1f} s from {start * slot_ms / 1000:.1f} s into '{phase}' "
+                f"(worst lag {worst / 1000:.2f} s)" for phase, start, count, worst in self.stretches[:limit]]
+
 
 def freshness(lags: Sequence[int], phases: Sequence[str], fresh_ms: int = FRESH_MS,
               slot_ms: int = SLOT_MS) -> Freshness:
     """Fresh slots (lag <= fresh_ms), the longest run of stale slots, and the stale slots per phase."""
     fresh = run = longest = 0
     by_phase: Dict[str, int] = {}
-    for lag, phase in zip(lags, phases):
+    stretches: List[list] = []
+    phase_start, previous = 0, None
+    for index, (lag, phase) in enumerate(zip(lags, phases)):
         by_phase.setdefault(phase, 0)
+        if phase != previous:
+            phase_start, previous = index, phase
         if lag <= fresh_ms:
             fresh += 1
             run = 0
         else:
+            if run == 0:
+                stretches.append([phase, index - phase_start, 0, 0])
             run += 1
+            stretches[-1][2:] = [run, max(stretches[-1][3], lag)]
             longest = max(longest, run)
             by_phase[phase] += 1
-    return Freshness(len(lags), fresh, longest * slot_ms, by_phase, max(lags, default=0))
+    return Freshness(len(lags), fresh, longest * slot_ms, by_phase, max(lags, default=0),
+                     [tuple(stretch) for stretch in stretches])
 
 
 def exactness(received: Sequence[int], first_id: int, last_id: int) -> tuple:
@@ -163,6 +177,9 @@ def exactness(received: Sequence[int], first_id: int, last_id: int) -> tuple:
 # --- consumers (each in its own process) ------------------------------------------------------------
 
 def _consumer_main(kind: str, primary_url: str, api_url: str, latest, price_ts, stop, ids_path: str) -> None:
+    import logging
+    logging.basicConfig(filename=ids_path + ".log", level=logging.INFO,
+                        format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S")
     received = array.array("q")
     errors = [0]
 
@@ -278,9 +295,10 @@ def _poll_price(feed, primary_url, price_ts, stop, errors) -> None:
 class Rig(SimulatedStack):
     """The simulated rig with a second simulator (coinbase) beside the binance one."""
 
-    def __init__(self):
+    def __init__(self, price_stale_ms: Optional[int] = None):
         super().__init__("bf-avail-")
         self.coinbase_process = self.coinbase = None
+        self.extra_env = {} if price_stale_ms is None else {"BTCFEED_PRICE_STALE_MS": str(price_stale_ms)}
 
     def start(self, connect_timeout_s: float = 30) -> None:
         self.start_primary()
@@ -291,7 +309,7 @@ class Rig(SimulatedStack):
         env = isolated_env(self.primary_server.url, self.sim.base_url, source=f"{BINANCE},{COINBASE}",
                            BTCFEED_COINBASE_WS_URL=f"ws://127.0.0.1:{port}",
                            BTCFEED_COINBASE_REST_URL=f"http://127.0.0.1:{port}",
-                           BTCFEED_PRICE_SOURCES=f"{BINANCE},{COINBASE}")
+                           BTCFEED_PRICE_SOURCES=f"{BINANCE},{COINBASE}", **self.extra_env)
         self.stack = Stack(self.state_dir, env)
         self.stack.up()
         self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=30)
@@ -338,13 +356,16 @@ def _print_times(sim: SimulatorClient, from_id: int, to_id: int, chunk: int = 20
     return times
 
 
-def run_availability_bench(scale: float = 1.0, echo=print) -> int:
+def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = None, keep: bool = False,
+                           echo=print) -> int:
     steps = schedule(scale)
     total = sum(seconds for _, seconds, _ in steps)
     echo(f"bench-availability: binance {BINANCE_RATE:,}/s and coinbase {COINBASE_RATE:,}/s; consumers "
          f"{', '.join(CONSUMERS)}; schedule of {total:.0f} s (scale {scale:g}); a slot is fresh when at most "
          f"{FRESH_MS:,} ms behind")
-    rig = Rig()
+    if price_stale_ms is not None:
+        echo(f"bench-availability: BTCFEED_PRICE_STALE_MS={price_stale_ms} (not the default)")
+    rig = Rig(price_stale_ms)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     shared = {kind: (context.Value("q", -1, lock=False), context.Value("q", 0, lock=False)) for kind in CONSUMERS}
@@ -389,11 +410,17 @@ def run_availability_bench(scale: float = 1.0, echo=print) -> int:
                 received.frombytes(handle.read())
             missing, duplicated = exactness(received, first_id, last_id)
             echo(f"{kind:>6} trades: {trades.line()}")
+            if kind != "naive":
+                for line in trades.stretch_lines():
+                    echo(f"{'':>15}{line}")
             echo(f"{'':>6}         ids {first_id:,}..{last_id:,}: {missing:,} missing, {duplicated:,} duplicated")
             if kind != "sse":
                 prices = freshness(price_lags(sample_ms, [s[2 + 2 * column] for s in samples],
                                               [binance_times, coinbase_times]), labels)
                 echo(f"{kind:>6}  price: {prices.line()}")
+                if kind != "naive":
+                    for line in prices.stretch_lines():
+                        echo(f"{'':>15}{line}")
             if kind != "naive":
                 met &= trades.share >= TARGET_SHARE and not missing and not duplicated
                 if kind != "sse":
@@ -410,7 +437,9 @@ def run_availability_bench(scale: float = 1.0, echo=print) -> int:
         for process in processes.values():
             if process.is_alive():
                 process.kill()
-        rig.close(keep=not ok)
+        rig.close(keep=keep or not ok)
+        if keep or not ok:
+            echo(f"bench-availability: logs kept in {rig.root}")
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
