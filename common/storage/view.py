@@ -140,19 +140,24 @@ class ViewBuilder:
         return appended
 
     def _read(self, block_ms: Optional[int]) -> bool:
-        """One XREAD of both streams; True when either returned a full chunk (more is waiting)."""
+        """Read what is new in both streams; True when a read returned a full chunk (more is waiting).
+
+        At a real rate a batch comes at a time, so one XREAD of both streams (blocking when block_ms)
+        is all a round costs; only a full reply (a backlog, a failover copy at a high rate) is
+        followed by reads of each stream with its own COUNT."""
+        streams = {self.mirror_key: self.mirror_pos, self.copy_key: self.copy_pos}
+        reply = self.client.xread(streams, count=MIRROR_COUNT, block=block_ms or None)
+        more = False
+        for stream, entries in reply or []:
+            more |= self._take(_text(stream), entries, MIRROR_COUNT)
+        if not more:
+            return False
         full = False
         for count, stream in ((MIRROR_COUNT, self.mirror_key), (COPY_COUNT, self.copy_key)):
-            # One stream at a time with its own COUNT; the block applies only when both were idle.
             position = self.mirror_pos if stream == self.mirror_key else self.copy_pos
             reply = self.client.xread({stream: position}, count=count)
             if reply:
                 full |= self._take(stream, reply[0][1], count)
-        if not full and block_ms:
-            streams = {self.mirror_key: self.mirror_pos, self.copy_key: self.copy_pos}
-            reply = self.client.xread(streams, count=MIRROR_COUNT, block=block_ms)
-            for stream, entries in reply or []:
-                self._take(_text(stream), entries, MIRROR_COUNT)
         return full
 
     def _take(self, stream: str, entries, count: int) -> bool:

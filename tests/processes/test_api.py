@@ -302,15 +302,23 @@ def api_port(stack) -> int:
     return int(stack.env["BTCFEED_API_ADDR"].rpartition(":")[2])
 
 
+def view_field(port: int, name: str):
+    """A field of the first source in /v1/sources; None while the api is not listening yet."""
+    try:
+        status, document = get_json(port, "/v1/sources")
+    except OSError:
+        return None
+    return document["sources"][0][name] if status == 200 else None
+
+
 def view_newest(port: int):
-    status, document = get_json(port, "/v1/sources")
-    return document["sources"][0]["newest_id"] if status == 200 else None
+    return view_field(port, "newest_id")
 
 
 @pytest.mark.integration
 def test_a_stream_follows_every_trade_across_an_outage_a_kill_and_a_disconnect(primary, sim, stack):
     port = api_port(stack)
-    first = wait_for(lambda: get_json(port, "/v1/sources")[1]["sources"][0]["oldest_id"], 20, "the view's first trade")
+    first = wait_for(lambda: view_field(port, "oldest_id"), 20, "the view's first trade")
     follower = Follower(port, SOURCE, after_id=first - 1)
     follower.start()
     try:
