@@ -19,6 +19,7 @@ a warning, 2 no-go (a configuration error too, in one line).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +49,9 @@ RATE_WINDOW_MINUTES = 5         # the source's recent rate: its last complete ca
 PRIMARY_TIMEOUT_MS = 2000
 COPY_LOAD_WAIT_S = 120.0        # for the copy of the local Redis's data to load
 EXAMPLE_STOP_S = 3600
+HOSTS = ("single host: the primary keeps no record of the feed hosts that write it; while this one is "
+         "stopped the exchange's REST backfill covers the stop (a second host writing the same primary "
+         "would carry the live feed)")
 
 
 class Check(dict):
@@ -72,10 +76,9 @@ def run(as_json: bool) -> int:
         else:
             checks += _local_checks(cfg, local.client, running)
     primary = _primary(cfg)
-    checks += [_backfill_check(cfg, source, local.cursor_times.get(source.name), primary) for source in cfg.sources]
-    checks.append(Check("hosts", OK, "single host: the primary keeps no record of the feed hosts that write it; "
-                                     "while this one is stopped the exchange's REST backfill covers the stop "
-                                     "(a second host writing the same primary would carry the live feed)"))
+    checks += [_backfill_check(cfg, source, local.cursor_times.get(source.name), primary)
+               for source in cfg.sources]
+    checks.append(Check("hosts", OK, HOSTS))
     worst = max((c["status"] for c in checks), key=lambda s: EXIT[s])
     report = {"verdict": JSON_VERDICT[worst], "exit_code": EXIT[worst],
               "checks": checks}
@@ -112,7 +115,8 @@ class _LocalData:
         self.cursor_times = {}
 
     def __enter__(self):
-        # The supervised local Redis (no BTCFEED_LOCAL_URL) stops with the stack; its files are in the state dir.
+        # The supervised local Redis (no BTCFEED_LOCAL_URL) stops with the stack; its files are in the
+        # state dir.
         supervised = self.cfg.local_url == f"unix://{quote(self.cfg.path('redis.sock'))}"
         try:
             client = connect_local(self.cfg.local_url, timeout_s=2)
@@ -145,8 +149,9 @@ class _LocalData:
         sock = os.path.join(self.copy, "redis.sock")
         self.server = subprocess.Popen(
             [server, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--dir",
-             os.path.join(self.copy, "redis"), "--appendonly", "yes", "--save", "", "--aof-load-truncated", "yes",
-             "--maxmemory", "0", "--auto-aof-rewrite-percentage", "0", "--logfile", os.path.join(self.copy, "log")],
+             os.path.join(self.copy, "redis"), "--appendonly", "yes", "--save", "",
+             "--aof-load-truncated", "yes", "--maxmemory", "0", "--auto-aof-rewrite-percentage", "0",
+             "--logfile", os.path.join(self.copy, "log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(unix_socket_path=sock, socket_timeout=10)
         deadline = time.monotonic() + COPY_LOAD_WAIT_S
@@ -175,8 +180,9 @@ def _local_checks(cfg, local, running: bool) -> list:
     if problem:
         checks.append(Check("schema", FAIL, problem, found=found))
     elif found is None:
-        checks.append(Check("schema", OK, f"none recorded (data from before versions: format {schema.UNRECORDED}); "
-                                          f"this code reads it and records {schema.VERSION} at the writer's start",
+        checks.append(Check("schema", OK, f"none recorded (data from before versions: format "
+                                          f"{schema.UNRECORDED}); this code reads it and records "
+                                          f"{schema.VERSION} at the writer's start",
                             found=found))
     else:
         checks.append(Check("schema", OK, f"data format {found}; this code reads "
@@ -263,7 +269,10 @@ def _recent_rate(primary, source: str):
     if primary is None:
         return None
     try:
-        minutes = [int(m) for m in primary.zrevrange(keys.candles_index(source), 1, RATE_WINDOW_MINUTES)]
+        # The newest minute is still going on, and the oldest may have begun in its middle.
+        oldest = primary.zrange(keys.candles_index(source), 0, 0)
+        minutes = [int(m) for m in primary.zrevrange(keys.candles_index(source), 1, RATE_WINDOW_MINUTES)
+                   if [m] != oldest]
         if not minutes:
             return None
         counts = [int(primary.hget(keys.candle(source, m), "n") or 0) for m in minutes]
@@ -272,36 +281,40 @@ def _recent_rate(primary, source: str):
     return sum(counts) / (60.0 * len(minutes))
 
 
-def _fill_rate(cfg, exchange: str):
-    """(the most trades a second the backfill reads under the exchange's limits, how it pages)."""
+def _pages_per_minute(cfg, exchange: str):
+    """(how many REST pages the backfill reads a minute under the exchange's limits, trades per page, how
+    it pages)."""
     if exchange == "binance":
         endpoint = binance.REST_ENDPOINTS[cfg.binance_trade_kind]
-        pages = binance.WEIGHT_LIMIT_PER_MINUTE * binance.WEIGHT_SAFE_FRACTION / endpoint.weight / 60
-        return pages * binance.REST_PAGE_LIMIT, f"{endpoint.path}?fromId= from the cursor"
+        budget = binance.WEIGHT_LIMIT_PER_MINUTE * binance.WEIGHT_SAFE_FRACTION
+        return budget // endpoint.weight, binance.REST_PAGE_LIMIT, f"{endpoint.path}?fromId= from the cursor"
     if exchange == "coinbase":
-        return (coinbase.REST_PER_SECOND * coinbase.REST_PAGE_LIMIT,
+        return (coinbase.REST_PER_SECOND * 60, coinbase.REST_PAGE_LIMIT,
                 "/products/{id}/trades?after= paged by trade id from the cursor")
-    return kraken.REST_PER_SECOND * kraken.REST_PAGE_LIMIT, "/0/public/Trades?since= paged by time"
+    return (kraken.REST_PER_SECOND * 60, kraken.REST_PAGE_LIMIT,
+            "/0/public/Trades?since= paged by time from the cursor's trade")
 
 
 def _backfill_check(cfg, source, cursor_ts, primary) -> Check:
-    fill, how = _fill_rate(cfg, source.exchange)
+    pages, page_size, how = _pages_per_minute(cfg, source.exchange)
     retention_h = cfg.retention_hours
     if source.exchange == "kraken" and cursor_ts is None:
         search_h = kraken.SEARCH_MAX_LOOKBACK_S / 3600
         reach = (f"the time of the cursor's trade is not recorded, so the start is searched back at most "
-                 f"{search_h / 24:g} days: a stop up to {min(retention_h, search_h):g} h (the shorter of that "
-                 "and the retention window)")
+                 f"{search_h / 24:g} days: a stop up to {min(retention_h, search_h):g} h (the shorter of "
+                 "that and the retention window)")
     else:
-        reach = (f"the exchange keeps its history, so any stop up to the retention window ({retention_h:g} h; "
-                 "older trades are trimmed from the primary as they land)")
-    detail = f"REST {how}: {reach} is filled, at up to {fill:,.0f} trades/s"
+        reach = (f"the exchange keeps its history, so any stop up to the retention window "
+                 f"({retention_h:g} h; older trades are trimmed from the primary as they land)")
+    detail = (f"REST {how}: {reach} is filled, {pages:,.0f} pages of {page_size:,} trades a minute "
+              "under the exchange's limits")
+    extra = {"pages_per_minute": pages, "retention_hours": retention_h}
     rate = _recent_rate(primary, source.name)
-    extra = {"fill_trades_per_s": round(fill), "retention_hours": retention_h}
     if rate:
-        seconds = EXAMPLE_STOP_S * rate / fill
-        detail += (f"; at the last {RATE_WINDOW_MINUTES} minutes' {rate:,.0f} trades/s a "
-                   f"{EXAMPLE_STOP_S // 60}-minute stop is filled about {seconds:,.0f}s after `up`")
+        needed = math.ceil(EXAMPLE_STOP_S * rate / page_size)
+        takes = "within the first minute" if needed <= pages else f"about {needed / pages:.0f} minutes"
+        detail += (f"; at the recent {rate:,.0f} trades/s a {EXAMPLE_STOP_S // 60}-minute stop is "
+                   f"{needed:,} pages, {takes}")
         extra["recent_trades_per_s"] = round(rate, 1)
     return Check(f"backfill {source.name}", OK, detail, **extra)
 
