@@ -4,9 +4,11 @@ GET /health   200 while trades reach the primary or the local copy durably, else
 GET /status   the whole status document (common/observability/status.py)
 GET /metrics  the same figures in Prometheus text format
 
-A background sampler refreshes the status document every STATUS_REFRESH_S (rates and the price
-history need consecutive samples, and a slow primary must not slow the API down); /status and
-/metrics serve the latest document. /health reads the local Redis on every request, so it turns
+A background sampler refreshes the status document every STATUS_REFRESH_S while somebody reads it
+(rates and the price history need consecutive samples, and a slow primary must not slow the API
+down), and every IDLE_REFRESH_S when nobody did for WATCHED_FOR_S (a Prometheus scrape every 15 s
+gets a document at most that old; the first /status after a quiet spell wakes the fast pace); /status
+and /metrics serve the latest document. /health reads the local Redis on every request, so it turns
 within a heartbeat of a failover.
 
 Every connection has REQUEST_DEADLINE_S for its request and answer, and at most MAX_CONNECTIONS are
@@ -28,6 +30,8 @@ from btcfeed.observability.metrics import CONTENT_TYPE, render_metrics
 from btcfeed.observability.status import StatusCollector
 
 STATUS_REFRESH_S = 0.5
+IDLE_REFRESH_S = 5.0
+WATCHED_FOR_S = 2.0
 PATHS = ("/health", "/status", "/metrics")
 
 
@@ -46,6 +50,7 @@ class Health(Process):
         host, port, token = self.config.health_host, self.config.health_port, self.config.health_token
         self.collector = StatusCollector(self.config, origin="health")
         self.latest = None                 # (document, JSON bytes, metrics bytes)
+        self.read_at = self.refreshed_at = 0.0     # monotonic: the last /status or /metrics, the last refresh
         self.eviction_said = None          # the primary's eviction risk as last logged
         self.refresh_status()
         self.server = self._listen(host, port, token)
@@ -64,6 +69,7 @@ class Health(Process):
 
     # --- documents ---------------------------------------------------------------------------------
     def refresh_status(self) -> None:
+        self.refreshed_at = time.monotonic()
         document = self.collector.collect()
         self.latest = (document, json.dumps(document).encode(), render_metrics(document).encode())
         self._say_eviction_risk(document)
@@ -81,6 +87,9 @@ class Health(Process):
 
     def _sample_forever(self) -> None:
         while not self.stopping.wait(STATUS_REFRESH_S):
+            now = time.monotonic()
+            if now - self.read_at > WATCHED_FOR_S and now - self.refreshed_at < IDLE_REFRESH_S:
+                continue
             try:
                 self.refresh_status()
             except Exception as exc:       # the API keeps serving the previous document
@@ -125,6 +134,7 @@ def _handler_for(health: Health, token: str):
             if path == "/health":
                 document = health.health_document()
                 return self._send(503 if document["status"] == "critical" else 200, _json(document))
+            health.read_at = time.monotonic()
             _, status_json, metrics = health.latest
             if path == "/status":
                 return self._send(200, status_json)
