@@ -21,9 +21,10 @@ check: setup
 	$(PY) -m pytest -q -m "not integration and not slow and not chaos"
 
 # The default test run: unit and integration tests against real redis-server, supervisord and
-# the exchange simulator (about 17 minutes on 2 cores). Long soaks are in `make soak`.
+# the exchange simulator, two at a time (pytest-xdist): most of a stack test's time is spent waiting
+# on real faults and timeouts, not on the CPU. Long soaks are in `make soak`.
 test: setup
-	$(PY) -m pytest -m "not slow and not chaos"
+	$(PY) -m pytest -n 2 --durations=15 -m "not slow and not chaos"
 
 test-all: setup
 	$(PY) -m pytest

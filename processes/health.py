@@ -6,9 +6,10 @@ GET /metrics  the same figures in Prometheus text format
 
 A background sampler refreshes the status document every STATUS_REFRESH_S while somebody reads it
 (rates and the price history need consecutive samples, and a slow primary must not slow the API
-down), and every IDLE_REFRESH_S when nobody did for WATCHED_FOR_S (a Prometheus scrape every 15 s
-gets a document at most that old; the first /status after a quiet spell wakes the fast pace); /status
-and /metrics serve the latest document. /health reads the local Redis on every request, so it turns
+down), and every IDLE_REFRESH_S when nobody did for WATCHED_FOR_S; /status and /metrics serve the
+latest document. A request that finds it older than STALE_AFTER_S (after a quiet spell) wakes the
+sampler and waits up to FRESH_WAIT_S for a new one, so no reader gets an old document and a slow
+primary still cannot hold a request for long. /health reads the local Redis on every request, so it turns
 within a heartbeat of a failover.
 
 Every connection has REQUEST_DEADLINE_S for its request and answer, and at most MAX_CONNECTIONS are
@@ -32,6 +33,8 @@ from btcfeed.observability.status import StatusCollector
 STATUS_REFRESH_S = 0.5
 IDLE_REFRESH_S = 5.0
 WATCHED_FOR_S = 2.0
+STALE_AFTER_S = 1.0
+FRESH_WAIT_S = 1.5
 PATHS = ("/health", "/status", "/metrics")
 
 
@@ -51,6 +54,8 @@ class Health(Process):
         self.collector = StatusCollector(self.config, origin="health")
         self.latest = None                 # (document, JSON bytes, metrics bytes)
         self.read_at = self.refreshed_at = 0.0     # monotonic: the last /status or /metrics, the last refresh
+        self.wake = threading.Event()              # a reader wants a fresh document now
+        self.fresh = threading.Condition()         # notified after each refresh
         self.eviction_said = None          # the primary's eviction risk as last logged
         self.refresh_status()
         self.server = self._listen(host, port, token)
@@ -69,10 +74,23 @@ class Health(Process):
 
     # --- documents ---------------------------------------------------------------------------------
     def refresh_status(self) -> None:
-        self.refreshed_at = time.monotonic()
+        started = time.monotonic()
         document = self.collector.collect()
-        self.latest = (document, json.dumps(document).encode(), render_metrics(document).encode())
+        with self.fresh:
+            self.latest = (document, json.dumps(document).encode(), render_metrics(document).encode())
+            self.refreshed_at = started
+            self.fresh.notify_all()
         self._say_eviction_risk(document)
+
+    def latest_for_reader(self):
+        """The latest document for /status or /metrics; one older than STALE_AFTER_S is refreshed first
+        (waiting at most FRESH_WAIT_S)."""
+        asked = self.read_at = time.monotonic()
+        if asked - self.refreshed_at > STALE_AFTER_S:
+            self.wake.set()
+            with self.fresh:
+                self.fresh.wait_for(lambda: self.refreshed_at >= asked, FRESH_WAIT_S)
+        return self.latest
 
     def _say_eviction_risk(self, document: dict) -> None:
         """A primary that can evict btcfeed's keys is worth one warning line and event: at start, and
@@ -86,9 +104,11 @@ class Health(Process):
                          policy=primary["maxmemory_policy"], reason=self.eviction_said)
 
     def _sample_forever(self) -> None:
-        while not self.stopping.wait(STATUS_REFRESH_S):
+        while not self.stopping.is_set():
+            woken = self.wake.wait(STATUS_REFRESH_S)
+            self.wake.clear()
             now = time.monotonic()
-            if now - self.read_at > WATCHED_FOR_S and now - self.refreshed_at < IDLE_REFRESH_S:
+            if not woken and now - self.read_at > WATCHED_FOR_S and now - self.refreshed_at < IDLE_REFRESH_S:
                 continue
             try:
                 self.refresh_status()
@@ -134,8 +154,7 @@ def _handler_for(health: Health, token: str):
             if path == "/health":
                 document = health.health_document()
                 return self._send(503 if document["status"] == "critical" else 200, _json(document))
-            health.read_at = time.monotonic()
-            _, status_json, metrics = health.latest
+            _, status_json, metrics = health.latest_for_reader()
             if path == "/status":
                 return self._send(200, status_json)
             if path == "/metrics":

@@ -182,7 +182,7 @@ class ChaosSoak:
                                                  log_path=os.path.join(self.root, "logs", "exchange-sim.log"))
         self.sim = SimulatorClient(f"http://127.0.0.1:{port}", timeout=SIM_CALL_TIMEOUT_S)
         env = {"BTCFEED_PRIMARY_URL": self.primary.url, "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
-               "BTCFEED_SOURCES": SOURCE, "BTCFEED_LOG_LEVEL": "INFO",
+               "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}", "BTCFEED_SOURCES": SOURCE, "BTCFEED_LOG_LEVEL": "INFO",
                "BTCFEED_BINANCE_WS_URL": f"ws://127.0.0.1:{port}",
                "BTCFEED_BINANCE_REST_URL": f"http://127.0.0.1:{port}"}
         for name in ("BTCFEED_CONFIG", "BTCFEED_LOCAL_URL"):

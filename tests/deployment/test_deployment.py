@@ -129,8 +129,9 @@ def test_systemd_commands_run_and_stop_in_time():
     sim = Simulator(rate=200)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTCFEED_")}
     env.update(sim.env, BTCFEED_PRIMARY_URL=primary.url, BTCFEED_SOURCES=sim.source,
-               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_STATE_DIR=state_dir)
-    supervisord = None
+               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_API_ADDR=f"127.0.0.1:{free_port()}",
+               BTCFEED_STATE_DIR=state_dir)
+    supervisord, children = None, []
     try:
         subprocess.run(as_here(service["ExecStartPre"]), env=env, check=True, timeout=30)
         supervisord = subprocess.Popen(as_here(service["ExecStart"]), env=env, cwd=ROOT,
@@ -156,7 +157,7 @@ def test_systemd_commands_run_and_stop_in_time():
                                   env=bare, cwd="/", capture_output=True, text=True, timeout=60)
             assert done.returncode in (0, 1) and re.search(expected, done.stdout), \
                 (command, done.stdout, done.stderr)
-        children = [p["pid"] for p in stack.processes()]
+        children[:] = [p["pid"] for p in stack.processes()]
         assert all(children)
         started = time.monotonic()
         supervisord.send_signal(signal.SIGTERM)
@@ -172,8 +173,16 @@ def test_systemd_commands_run_and_stop_in_time():
         assert os.listdir(os.path.join(state_dir, "redis")), "the local Redis wrote no AOF"
     finally:
         if supervisord is not None and supervisord.poll() is None:
-            os.killpg(supervisord.pid, signal.SIGKILL)
-            supervisord.wait(10)
+            # supervisord stops its children (each in a process group of its own) only on SIGTERM.
+            supervisord.send_signal(signal.SIGTERM)
+            try:
+                supervisord.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(supervisord.pid, signal.SIGKILL)
+                supervisord.wait(10)
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
         sim.stop()
         primary.stop()
         shutil.rmtree(primary.directory, ignore_errors=True)
@@ -310,7 +319,8 @@ def test_container_start_sends_program_logs_to_stdout():
     sim = Simulator(rate=50)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTCFEED_")}
     env.update(sim.env, BTCFEED_PRIMARY_URL=primary.url, BTCFEED_SOURCES=sim.source,
-               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_STATE_DIR=state_dir,
+               BTCFEED_HEALTH_ADDR=f"127.0.0.1:{free_port()}", BTCFEED_API_ADDR=f"127.0.0.1:{free_port()}",
+               BTCFEED_STATE_DIR=state_dir,
                BTCFEED_LOG_TO_STDOUT="1")
     out_path = os.path.join(state_dir + "-out")
     supervisord = None
@@ -320,7 +330,7 @@ def test_container_start_sends_program_logs_to_stdout():
                                            start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         Stack(state_dir).wait_running(PROGRAMS, 30)
         deadline = time.monotonic() + 30
-        wanted = {f"proc={name}" for name in ("ingest", "writer", "sync", "health", "listener")}
+        wanted = {f"proc={name}" for name in ("ingest", "writer", "sync", "health", "api", "listener")}
         while True:
             with open(out_path, errors="replace") as handle:
                 output = handle.read()
