@@ -95,7 +95,7 @@ SETTINGS = {
     "api_token": ("", _text),
     "api_token_file": ("", _text),
     "price_sources": ("", _text),
-    "price_stale_ms": (2000, _int),
+    "price_stale_ms": (800, _int),
     "retention_hours": (24.0, _float),
     "bus_max_entries": (200_000, _int),
     "backlog_max_entries": (500_000, _int),
