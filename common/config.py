@@ -106,6 +106,7 @@ SETTINGS = {
     "compat_history_len": (1000, _int),
     "primary_timeout_ms": (500, _int),
     "writer_max_batch": (2000, _int),
+    "linger_ms": (5, _int),
     "max_conn_hours": (23.5, _float),
     "log_format": ("kv", _text),
     "log_level": ("INFO", _text),
@@ -149,6 +150,7 @@ class Config:
     compat_history_len: int
     primary_timeout_ms: int
     writer_max_batch: int
+    linger_ms: int
     max_conn_hours: float
     log_format: str
     log_level: str
@@ -303,6 +305,8 @@ def _validate(values: dict) -> Config:
     retention_hours = values["retention_hours"]
     if not (0 < retention_hours and math.isfinite(retention_hours)):
         raise ConfigError(f"BTCFEED_RETENTION_HOURS: must be a positive number, got {retention_hours}")
+    if not 0 <= values["linger_ms"] <= 1000:
+        raise ConfigError(f"BTCFEED_LINGER_MS: must be 0 (no wait) to 1000 ms, got {values['linger_ms']}")
     if not 0 < values["max_conn_hours"] <= 24:
         raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
     values.pop("health_addr")

@@ -37,7 +37,6 @@ OUTGOING_PER_S = 5               # Binance disconnects a connection that sends i
 RECV_BYTES = 1 << 18            # one socket read; its trades are handed over together
 BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
-FLUSH_WAIT_S = 0.002            # latency budget for batching at low rates
 BUS_FULL_ALARM_EVERY_S = 10.0
 # REST may lag the stream by seconds or minutes: a gap REST has nothing for yet is asked about
 # again with a growing pause (up to the cap) and kept until REST has its ids or it is older than
@@ -515,6 +514,8 @@ class SourceFeed(threading.Thread):
         self.adapter = adapter_for(source, cfg)
         self.ws_url = self.adapter.ws_url
         self.max_conn_s = cfg.max_conn_hours * 3600
+        self.linger_s = cfg.linger_ms / 1000
+        self.pending_since = None
         self.retention_ms = cfg.retention_ms
         self.bus = bus
         self.log = log
@@ -584,13 +585,22 @@ class SourceFeed(threading.Thread):
             self._next_quarantine_check = now + 0.5
             self._expire_quarantine()
         try:
-            kind, conn, data = self.inbox.get(timeout=FLUSH_WAIT_S if self.pending else 0.2)
+            kind, conn, data = self.inbox.get(timeout=max(0.0, self._linger_left(now)) if self.pending else 0.2)
         except queue.Empty:
             self.flush()
             return
-        self.handle(kind, conn, data, time.monotonic())
-        if len(self.pending) >= BUS_BATCH_MAX or self.inbox.empty():
+        now = time.monotonic()
+        self.handle(kind, conn, data, now)
+        if self.pending and self.pending_since is None:
+            self.pending_since = now
+        if self.inbox.empty() and self._linger_left(time.monotonic()) <= 0:
             self.flush()
+
+    def _linger_left(self, now: float) -> float:
+        """How much longer the pending trades may wait for more (BTCFEED_LINGER_MS from the first):
+        at a real rate trades come one per message, and a bus entry, a writer round and a primary
+        round trip per trade is what the feed would otherwise cost."""
+        return (self.pending_since or now) + self.linger_s - now
 
     # --- connections -------------------------------------------------------------------------
     def manage_connections(self, now: float) -> None:
@@ -888,6 +898,7 @@ class SourceFeed(threading.Thread):
                 self._local_redis_failed(exc)
                 continue
             if result in (PUBLISHED, PUBLISHED_AFTER_GAP, ALREADY_DURABLE):
+                self.pending_since = None
                 self.counts["batches"] += result != ALREADY_DURABLE
                 if result == PUBLISHED_AFTER_GAP:
                     self.counts["gaps"] += 1
@@ -916,7 +927,7 @@ class SourceFeed(threading.Thread):
                 continue
             self.log.info("local_redis_back", source=self.source, cursor=cursor, dropped_pending=len(self.pending))
             self.resets += 1
-            self.pending = []
+            self.pending, self.pending_since = [], None
             self.last_id = cursor
             self.last_id_ms = int(time.time() * 1000)
             try:

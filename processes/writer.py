@@ -1,14 +1,13 @@
 """writer: bus batches -> the primary Redis (and the local copy), ACKed only once durable.
 
 States (DESIGN.md §4), kept in the local Redis so sync can see and change them:
-  primary   apply to the primary and, at the same time, keep the batch in the local mirror
-            stream; ACK once both confirmed;
+  primary   apply to the primary; once it confirmed, keep the batch in the local mirror stream
+            and ACK it, in one script on the local Redis (one round trip to each server per round);
   failover  the primary failed: apply to the local copy, append to the backlog and ACK, atomically;
   draining  as failover, while sync replays the backlog into the primary; sync hands back.
 """
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
@@ -54,6 +53,36 @@ if pending[1] > 0 and before(pending[2], floor) then floor = pending[2] end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 """
 
+# The batches the primary confirmed: kept in the mirror (compressed payloads, trimmed to the retention
+# window), their bus entries ACKed and the bus trimmed as above, the newest mirror entry of each source
+# recorded for sync's held index, the price view stored; returns the writer state (sync may have asked
+# for failover). A crash before it leaves the entries pending: they are applied again (a no-op in the
+# primary) and mirrored then.
+# KEYS bus, mirror-confirmed hash, writer state, price view, then one mirror stream per batch
+# ARGV group, bus trim floor, mirror MINID, number of bus ids, the ids, then per batch: source, payload
+# field name, payload; then the price view's field/value pairs
+ACK_SCRIPT = """
+local group, floor, minid, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local at = 5 + n
+for i = 1, #KEYS - 4 do
+  local source, name, payload = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  local entry = redis.call('XADD', KEYS[4 + i], 'MINID', '~', minid, '*', name, payload)
+  redis.call('HSET', KEYS[2], source, entry)
+  at = at + 3
+end
+if at <= #ARGV then redis.call('HSET', KEYS[4], unpack(ARGV, at, #ARGV)) end
+redis.call('XACK', KEYS[1], group, unpack(ARGV, 5, 4 + n))
+local pending = redis.call('XPENDING', KEYS[1], group)
+if pending[1] > 0 then
+  local pms, pseq = string.match(pending[2], '(%d+)-(%d+)')
+  local fms, fseq = string.match(floor, '(%d+)-(%d+)')
+  pms, pseq, fms, fseq = tonumber(pms), tonumber(pseq), tonumber(fms), tonumber(fseq)
+  if pms < fms or (pms == fms and pseq < fseq) then floor = pending[2] end
+end
+redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
+return redis.call('HGET', KEYS[3], 'state')
+"""
+
 
 class PrimaryFailed(Exception):
     """The primary did not confirm a batch; the cause is the Redis error."""
@@ -80,7 +109,7 @@ class Writer(Process):
                                        epochs=self.epochs)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
         self.price = self._price_selector()
-        self.primary_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="primary")
+        self.ack_script = self.local.register_script(ACK_SCRIPT)
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
         self.read_from = "0"
@@ -215,11 +244,11 @@ class Writer(Process):
         """One try: True once the entries are durable and ACKed (with the price view, when it moved)."""
         if self.state == PRIMARY:
             try:
-                self._apply_to_primary_and_mirror(batches, view)
+                self._apply_to_primary(batches, view)
             except PrimaryFailed as failure:
                 self._fail_over(failure.cause)
                 return False
-            self._ack(ids)
+            self._mirror_and_ack(ids, batches, view)
             return True
         try:
             return self._commit_to_backlog(ids, batches, view)
@@ -229,23 +258,16 @@ class Writer(Process):
             self._observe_state(read_state(self.local))
             return False
 
-    def _apply_to_primary_and_mirror(self, batches, view) -> None:
-        """The primary applies on a helper thread while the local Redis takes the mirror: the two
-        servers work at once. A local error propagates; a primary error becomes PrimaryFailed."""
+    def _apply_to_primary(self, batches, view) -> None:
+        """One pipelined round trip to the primary (the batches and the price view); a primary error
+        becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
         then = [("HSET", keys.PRICE, *[part for item in view.items() for part in item])] if view else ()
-        primary_results = self.primary_pool.submit(self.to_primary.apply_many, batches, None, False, then)
         try:
-            mirrored = self._mirror(batches, now_ms, view)
-        finally:
-            try:
-                results = primary_results.result()
-            except redis.RedisError as exc:
-                raise PrimaryFailed(exc)
+            results = self.to_primary.apply_many(batches, None, False, then)
+        except redis.RedisError as exc:
+            raise PrimaryFailed(exc)
         results = self._set_aside_refusals(batches, results)
-        # Both sides hold these batches now (a refused one is in the mirror, and sync re-sends it
-        # once the primary takes it): the ACK tells sync's held index it may take them in.
-        self.confirmed = {source: entry_id for (source, _), entry_id in zip(batches, mirrored)}
         self.counts["applied"] += sum(r[0] for r in results)
         self.counts["skipped"] += sum(r[1] for r in results)
         self.counts["batches"] += len(batches)
@@ -281,26 +303,20 @@ class Writer(Process):
         for _, payload in batches:
             self.latency.observe(confirmed_ms - newest_trade_ts(payload))
 
-    def _mirror(self, batches, now_ms: int, view) -> list:
-        """Keep each batch in the local Redis as it is (one stream entry, not one per trade), for
-        the retention window: what a re-seed or sync-check needs, at a fraction of the cost. The
-        price view goes with them, for the read API."""
-        pipe = self.local.pipeline(transaction=False)
+    def _mirror_and_ack(self, ids, batches, view) -> None:
+        """The primary holds the batches (a refused one too, once sync re-sends it): keep each in the
+        local mirror as it is (one stream entry, not one per trade) for the retention window, which
+        is what a re-seed or sync-check reads back, ACK the bus entries, and store the price view for
+        the read API; one script, one round trip. The state it returns may be sync's failover."""
+        minid = max(0, int(time.time() * 1000) - self.config.retention_ms)
+        streams, args = [], []
         for source, payload in batches:
-            pipe.xadd(keys.mirror(source), mirror_entry(payload),
-                      minid=max(0, now_ms - self.config.retention_ms), approximate=True)
-        if view:
-            pipe.hset(keys.PRICE, mapping=view)
-        return pipe.execute()[:len(batches)]
-
-    def _ack(self, ids) -> None:
-        """The entries are in the primary (and mirrored): ACK them and trim the bus."""
-        pipe = self.local.pipeline(transaction=False)
-        pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
-        pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
-        pipe.hset(keys.MIRROR_CONFIRMED, mapping=self.confirmed)
-        pipe.hget(keys.WRITER_STATE, "state")     # sync may have asked for failover (a lost epoch)
-        state = pipe.execute()[-1]
+            (name, value), = mirror_entry(payload).items()
+            streams.append(keys.mirror(source))
+            args += [source, name, value]
+        args += [part for item in (view or {}).items() for part in item]
+        state = self.ack_script(keys=[keys.BUS, keys.MIRROR_CONFIRMED, keys.WRITER_STATE, keys.PRICE, *streams],
+                                args=[keys.BUS_GROUP, _next_id(ids[-1]), minid, len(ids), *ids, *args])
         self._observe_state(state.decode() if state else PRIMARY)
 
     def _commit_to_backlog(self, ids, batches, view) -> bool:
