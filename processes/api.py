@@ -42,7 +42,8 @@ from btcfeed.lifecycle import Process, run_process
 from btcfeed.httpserver import REQUEST_DEADLINE_S, BoundedHTTPServer, DeadlineReader
 from btcfeed.storage.apply import expected_candles
 from btcfeed.storage.bus import connect_local
-from btcfeed.storage.view import SSE_EVENT, ViewBuilder, first_id_from_time, start_entry, trades_after, view_ends
+from btcfeed.storage.view import (SSE_EVENT, ViewBuilder, entry_rows, first_id_from_time, start_entry, trades_after,
+                                  view_ends)
 from btcfeed.trade import MAX_EXACT_INT, Trade
 
 PATHS = ("/v1/sources", "/v1/last", "/v1/price", "/v1/trades", "/v1/candles", "/v1/stream")
@@ -275,7 +276,7 @@ class Api(Process):
             quiet_since = time.monotonic()
             parts = []
             for entry_id, fields in reply[0][1]:
-                rows = orjson.loads(fields[b"t"])
+                rows = entry_rows(fields)
                 if expected is not None and rows[0][0] > expected:
                     return self._cut(handler, source, f"trades {expected}-{rows[0][0] - 1} are no longer held here")
                 for row in rows:

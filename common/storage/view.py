@@ -36,6 +36,7 @@ import redis
 
 from btcfeed import keys
 from btcfeed.events import record_event
+from btcfeed.storage.apply import mirror_entry
 from btcfeed.trade import Trade, decode_batch, encode_batch
 
 MIRROR_COUNT = 32               # mirror entries per read (each a batch of up to a few thousand trades)
@@ -227,7 +228,7 @@ class ViewBuilder:
         pipe = self.client.pipeline(transaction=True)
         for offset in range(0, len(run), RUN_MAX):
             part = run[offset:offset + RUN_MAX]
-            pipe.xadd(self.view_key, {"t": encode_batch(part)}, id=entry_id_for(part[0].id))
+            pipe.xadd(self.view_key, mirror_entry(encode_batch(part)), id=entry_id_for(part[0].id))
         pipe.hset(self.state_key, mapping={"next": next_id, "m": self.saved[0], "t": self.saved[1]})
         pipe.execute()
         self.next = next_id
@@ -336,8 +337,15 @@ def in_gap(trade_id: int, gaps: dict) -> bool:
 
 # --- reading the view ---------------------------------------------------------------------------------
 
+def entry_rows(fields) -> list:
+    """A view entry's trades as rows [id, p, q, side, ts, rts, units]: compressed like the mirror
+    (most of the local Redis's memory is trades), or plain in a view built before that."""
+    payload = zlib.decompress(fields[b"z"]) if b"z" in fields else fields[b"t"]
+    return orjson.loads(payload)
+
+
 def entry_trades(fields) -> List[Trade]:
-    return decode_batch(fields[b"t"])
+    return [Trade(*row[:6]) for row in entry_rows(fields)]
 
 
 def view_ends(client: redis.Redis, source: str) -> Optional[Tuple[Trade, Trade]]:

@@ -12,7 +12,7 @@ from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
 from btcfeed.storage import view as view_module
 from btcfeed.storage.apply import mirror_entry
-from btcfeed.storage.view import ViewBuilder, first_id_of, in_gap, trades_after, view_ends
+from btcfeed.storage.view import ViewBuilder, entry_trades, first_id_of, in_gap, trades_after, view_ends
 from btcfeed.trade import Trade, decode_batch, encode_batch
 
 SOURCE = "binance:BTCUSDT"
@@ -48,7 +48,7 @@ def writer_applies(client, where, count: int = 100) -> None:
 def view_ids(client) -> list:
     out = []
     for entry_id, fields in client.xrange(keys.view(SOURCE)):
-        trades = decode_batch(fields[b"t"])
+        trades = entry_trades(fields)
         assert first_id_of(entry_id) == trades[0].id
         assert [t.id for t in trades] == list(range(trades[0].id, trades[0].id + len(trades)))
         out.extend(t.id for t in trades)
