@@ -90,6 +90,8 @@ class StatusCollector:
             "latency_ms": _latency(local_state["heartbeats"]),
             "events": local_state["events"],
             "failovers": _failovers(local_state["failover_events"]),
+            "planned": _planned(local_state),
+            "price_view": local_state["price_view"],
         }
         if self.sentinel:
             doc["redis"]["primary"]["master"] = self._sentinel_master()
@@ -118,7 +120,8 @@ class StatusCollector:
     # --- local Redis -----------------------------------------------------------------------------
     def _local_state(self, now_ms: int, with_events: bool = True) -> dict:
         state = {"heartbeats": {}, "writer_state": {}, "backlog": None, "restarts": {}, "events": [],
-                 "failover_events": [], "error": None, "local_pressure": {}, "sync_record": {}}
+                 "failover_events": [], "error": None, "local_pressure": {}, "sync_record": {}, "move": {},
+                 "price_view": {}}
         try:
             state["heartbeats"] = read_heartbeats(self.local, HEARTBEAT_PROCESSES)
             pipe = self.local.pipeline(transaction=False)
@@ -127,7 +130,11 @@ class StatusCollector:
             pipe.hgetall(keys.PROCESS_RESTARTS)
             pipe.hgetall(keys.LOCAL_PRESSURE)
             pipe.hgetall(keys.SYNC_PRIMARY)
-            record, state["backlog"], restarts, pressure, sync_record = pipe.execute()
+            pipe.hgetall(keys.MOVE)
+            pipe.hgetall(keys.PRICE)
+            record, state["backlog"], restarts, pressure, sync_record, move, price_view = pipe.execute()
+            state["move"] = {k.decode(): v.decode() for k, v in move.items()}
+            state["price_view"] = {k.decode(): v.decode() for k, v in price_view.items()}
             state["local_pressure"] = {k.decode(): v.decode() for k, v in pressure.items()}
             state["sync_record"] = {k.decode(): v.decode() for k, v in sync_record.items()}
             state["writer_state"] = {k.decode(): v.decode() for k, v in record.items()}
@@ -295,6 +302,24 @@ def _writer(local_state: dict, now_ms: int) -> dict:
     return {"state": record.get("state") or beat.get("state"), "since_ms": since,
             "for_s": round((now_ms - since) / 1000, 1) if since else None, "reason": record.get("reason"),
             **{k: beat.get(k) for k in ("applied", "skipped", "to_backlog", "primary_errors", "last_apply_ms")}}
+
+
+def _planned(local_state: dict) -> dict:
+    """The planned operations: a pause of the primary (who, why, since when) and the latest move of the
+    feed to a new primary (its phase, who asked, when, how long, trades copied)."""
+    record = local_state["writer_state"]
+    paused = None
+    if record.get("state") == "maintenance":
+        paused = {"by": record.get("by"), "reason": record.get("reason"),
+                  "since_ms": int(record["paused_ms"]) if record.get("paused_ms") else None}
+    move = local_state["move"]
+    moved = None
+    if move:
+        moved = {"phase": move.get("phase"), "to": move.get("to"), "by": move.get("by"),
+                 "started_ms": int(move["started_ms"]) if move.get("started_ms") else None,
+                 "seconds": float(move["seconds"]) if move.get("seconds") else None,
+                 "trades_copied": int(move.get("copied") or 0)}
+    return {"maintenance": paused, "move": moved}
 
 
 def _consistency(local_state: dict, now_ms: int) -> dict:

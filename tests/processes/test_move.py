@@ -3,10 +3,12 @@ trades flow, a switch with no gap, nothing written to the old primary after it, 
 across restarts; a move whose command is killed is finished or abandoned by sync; misuse gives one line
 and changes nothing."""
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -21,7 +23,7 @@ from tools.redis_process import RedisProcess, free_port
 from tools.tlscerts import make_test_pki, tls_server_args
 
 pytestmark = pytest.mark.integration
-RATE = 2000
+RATE = 5000
 SEED = 37
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,6 +84,11 @@ def test_move_to_a_new_primary_while_trades_flow(primary, sim, stack, target):
     assert_moved_exactly(stack, sim, primary, target.client())
     assert move_record(stack)["phase"] == "done"
     assert {"move_start", "primary_moved"} <= set(events(stack))
+    with urllib.request.urlopen(f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status", timeout=10) as response:
+        planned = json.loads(response.read())["planned"]
+    assert planned["maintenance"] is None
+    assert planned["move"]["phase"] == "done" and planned["move"]["to"] == target.url
+    assert planned["move"]["trades_copied"] > RATE and planned["move"]["seconds"] > 0 and planned["move"]["by"]
 
 
 def test_a_killed_move_before_the_switch_is_abandoned_and_the_feed_stays(primary, sim, stack, target):
