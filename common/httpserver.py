@@ -5,7 +5,7 @@ import io
 import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # A local client (bin/health, Prometheus, a proxy) sends its request in milliseconds.
 REQUEST_DEADLINE_S = 5.0
@@ -64,3 +64,21 @@ class DeadlineReader(io.RawIOBase):
             raise TimeoutError("the request took longer than its deadline")
         self.sock.settimeout(remaining)
         return self.sock.recv_into(buffer)
+
+
+class DeadlineHandler(BaseHTTPRequestHandler):
+    """A request handler whose request must arrive within REQUEST_DEADLINE_S, however slowly it trickles."""
+
+    # The socket's timeout: bounds the first read, and each write of the answer.
+    timeout = REQUEST_DEADLINE_S
+
+    def setup(self):
+        super().setup()
+        # Read through the deadline; the read timeout that BaseHTTPRequestHandler catches
+        # (TimeoutError) closes the connection.
+        plain, deadline = self.rfile, time.monotonic() + REQUEST_DEADLINE_S
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
+        plain.close()
+
+    def log_message(self, fmt, *args):
+        pass                            # one line per event, not per request

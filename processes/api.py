@@ -23,13 +23,11 @@ At most MAX_STREAMS streams are open at once (503 beyond). A trade id the view n
 """
 
 import hmac
-import io
 import json
 import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -39,7 +37,7 @@ from btcfeed import keys
 from btcfeed.config import ConfigError, is_loopback
 from btcfeed.events import record_event
 from btcfeed.lifecycle import Process, run_process
-from btcfeed.httpserver import REQUEST_DEADLINE_S, BoundedHTTPServer, DeadlineReader
+from btcfeed.httpserver import BoundedHTTPServer, DeadlineHandler
 from btcfeed.storage.apply import expected_candles
 from btcfeed.storage.bus import connect_local
 from btcfeed.storage.view import (SSE_EVENT, ViewBuilder, entry_rows, first_id_from_time, start_entry, trades_after,
@@ -346,15 +344,7 @@ def _handler_for(api: Api, token: str):
               "/v1/last": lambda q: api.last_document(api.source_param(q)),
               "/v1/trades": api.trades_document, "/v1/candles": api.candles_document}
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_DEADLINE_S
-
-        def setup(self):
-            super().setup()
-            plain, deadline = self.rfile, time.monotonic() + REQUEST_DEADLINE_S
-            self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
-            plain.close()
-
+    class Handler(DeadlineHandler):
         def do_GET(self):
             api.count("requests")
             try:
@@ -428,9 +418,6 @@ def _handler_for(api: Api, token: str):
             self.end_headers()
             if getattr(self, "command", None) != "HEAD":
                 self.wfile.write(body)
-
-        def log_message(self, fmt, *args):
-            pass
 
     return Handler
 

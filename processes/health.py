@@ -17,15 +17,13 @@ served at once: an idle or slow client (before any token is checked) cannot hold
 """
 
 import hmac
-import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 from btcfeed.config import ConfigError, is_loopback
 from btcfeed.events import record_event
-from btcfeed.httpserver import REQUEST_DEADLINE_S, BoundedHTTPServer, DeadlineReader
+from btcfeed.httpserver import BoundedHTTPServer, DeadlineHandler
 from btcfeed.lifecycle import Process, run_process
 from btcfeed.observability.metrics import CONTENT_TYPE, render_metrics
 from btcfeed.observability.status import StatusCollector
@@ -134,18 +132,7 @@ class Health(Process):
 def _handler_for(health: Health, token: str):
     expected = f"Bearer {token}".encode() if token else None
 
-    class Handler(BaseHTTPRequestHandler):
-        # The socket's timeout: bounds the first read, and each write of the answer.
-        timeout = REQUEST_DEADLINE_S
-
-        def setup(self):
-            super().setup()
-            # Read through the deadline; the read timeout that BaseHTTPRequestHandler catches
-            # (TimeoutError) closes the connection.
-            plain, deadline = self.rfile, time.monotonic() + REQUEST_DEADLINE_S
-            self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
-            plain.close()
-
+    class Handler(DeadlineHandler):
         def do_GET(self):
             path = self.path.split("?")[0]
             if expected is not None and not hmac.compare_digest(
@@ -168,9 +155,6 @@ def _handler_for(health: Health, token: str):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.wfile.write(body)
-
-        def log_message(self, fmt, *args):
-            pass                            # one line per event, not per request
 
     return Handler
 
