@@ -40,18 +40,20 @@ MEMORY_CHECK_EVERY_S = 2.0
 
 # Trim the bus below the oldest entry still pending (or below the newest ACKed one when nothing
 # is pending): an entry that was delivered but not ACKed is never trimmed away.
-TRIM_BUS_SCRIPT = """
-local function before(a, b)
-  local ams, aseq = string.match(a, '(%d+)-(%d+)')
-  local bms, bseq = string.match(b, '(%d+)-(%d+)')
-  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
-  return ams < bms or (ams == bms and aseq < bseq)
+TRIM_BUS_LUA = """
+local function trim_bus(bus, group, floor)
+  local pending = redis.call('XPENDING', bus, group)
+  if pending[1] > 0 then
+    local pms, pseq = string.match(pending[2], '(%d+)-(%d+)')
+    local fms, fseq = string.match(floor, '(%d+)-(%d+)')
+    pms, pseq, fms, fseq = tonumber(pms), tonumber(pseq), tonumber(fms), tonumber(fseq)
+    if pms < fms or (pms == fms and pseq < fseq) then floor = pending[2] end
+  end
+  return redis.call('XTRIM', bus, 'MINID', '~', floor)
 end
-local floor = ARGV[2]
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
-if pending[1] > 0 and before(pending[2], floor) then floor = pending[2] end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 """
+# KEYS bus; ARGV group, floor
+TRIM_BUS_SCRIPT = TRIM_BUS_LUA + "return trim_bus(KEYS[1], ARGV[1], ARGV[2])"
 
 # The batches the primary confirmed: kept in the mirror (compressed payloads, trimmed to the retention
 # window), their bus entries ACKed and the bus trimmed as above, the newest mirror entry of each source
@@ -61,7 +63,7 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 # KEYS bus, mirror-confirmed hash, writer state, price view, then one mirror stream per batch
 # ARGV group, bus trim floor, mirror MINID, number of bus ids, the ids, then per batch: source, payload
 # field name, payload; then the price view's field/value pairs
-ACK_SCRIPT = """
+ACK_SCRIPT = TRIM_BUS_LUA + """
 local group, floor, minid, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local at = 5 + n
 for i = 1, #KEYS - 4 do
@@ -72,14 +74,7 @@ for i = 1, #KEYS - 4 do
 end
 if at <= #ARGV then redis.call('HSET', KEYS[4], unpack(ARGV, at, #ARGV)) end
 redis.call('XACK', KEYS[1], group, unpack(ARGV, 5, 4 + n))
-local pending = redis.call('XPENDING', KEYS[1], group)
-if pending[1] > 0 then
-  local pms, pseq = string.match(pending[2], '(%d+)-(%d+)')
-  local fms, fseq = string.match(floor, '(%d+)-(%d+)')
-  pms, pseq, fms, fseq = tonumber(pms), tonumber(pseq), tonumber(fms), tonumber(fseq)
-  if pms < fms or (pms == fms and pseq < fseq) then floor = pending[2] end
-end
-redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
+trim_bus(KEYS[1], group, floor)
 return redis.call('HGET', KEYS[3], 'state')
 """
 
