@@ -106,10 +106,23 @@ def test_a_killed_move_before_the_switch_is_abandoned_and_the_feed_stays(primary
     assert not os.path.exists(os.path.join(stack.state_dir, "primary.toml"))
     before = primary_last_id(client)
     wait_for(lambda: primary_last_id(client) > before + RATE, 20, "live trades in the old primary again")
-    first = verify.lowest_trade_id(client, SOURCE)
-    drain(client, sim)
-    wait_verified(stack)
-    assert verify_primary(client, sim, from_id=first).exact()
+    # The new primary holds the half-run copy; moving there again adds each trade once, not twice.
+    moved = btcfeed(stack, "primary", "move", "--to", target.url)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert_moved_exactly(stack, sim, primary, target.client())
+
+
+def test_a_new_primary_that_forgets_right_after_the_move_is_refilled(primary, sim, stack, target):
+    """A silent loss on the new primary (FLUSHALL, no error to anyone) just after the switch: the epoch
+    the move recorded is gone with it, so the writer's next batch is refused and sync re-seeds it."""
+    client = primary.client()
+    wait_for(lambda: primary_last_id(client) > 2 * RATE, 30, "trades in the old primary")
+    moved = btcfeed(stack, "primary", "move", "--to", target.url)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    new_client = target.client()
+    new_client.flushall()
+    wait_for(lambda: "reseed_done" in events(stack), 60, "sync to re-seed the new primary")
+    assert_moved_exactly(stack, sim, primary, new_client)
 
 
 def test_a_move_survives_a_writer_and_sync_killed_while_it_copies(primary, sim, stack, target):
