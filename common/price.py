@@ -97,6 +97,27 @@ def view_fields(source: str, row: list, since_ms: int) -> dict:
             "id": str(trade_id), "ts": str(ts), "rts": str(rts), "since": str(since_ms)}
 
 
+# The primary's price view may be written by several feed hosts (each with its own selector): a host a
+# few milliseconds behind must not put back an older trade of the same source. A write of the same
+# source is kept only when its trade id is higher; a write of another source is a host's switch and
+# is kept. KEYS[1] the view; ARGV its field/value pairs (view_fields), source first, id among them.
+WRITE_VIEW_LUA = """
+local source, id
+for i = 1, #ARGV, 2 do
+  if ARGV[i] == 'source' then source = ARGV[i + 1] elseif ARGV[i] == 'id' then id = tonumber(ARGV[i + 1]) end
+end
+local stored = redis.call('HMGET', KEYS[1], 'source', 'id')
+if stored[1] == source and tonumber(stored[2]) and tonumber(stored[2]) >= id then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def write_view_command(view: dict) -> tuple:
+    """The command that stores the view in a primary shared by several hosts (see WRITE_VIEW_LUA)."""
+    return ("EVAL", WRITE_VIEW_LUA, 1, keys.PRICE, *[part for item in view.items() for part in item])
+
+
 def read_view(client) -> dict:
     """The price view as stored (keys.PRICE), text fields; {} when none was written yet."""
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.PRICE).items()}

@@ -257,7 +257,7 @@ class Writer(Process):
         """One pipelined round trip to the primary (the batches and the price view); a primary error
         becomes PrimaryFailed."""
         now_ms = int(time.time() * 1000)
-        then = [("HSET", keys.PRICE, *[part for item in view.items() for part in item])] if view else ()
+        then = [price.write_view_command(view)] if view else ()
         try:
             results = self.to_primary.apply_many(batches, None, False, then)
         except redis.RedisError as exc:

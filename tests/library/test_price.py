@@ -88,3 +88,27 @@ def test_the_quote_currency_comes_from_the_symbol(source, quote):
 def test_the_newest_row_is_read_without_decoding_the_batch():
     batch = encode_batch([Trade(1, "1.5", "0.2", "buy", 5, 6), Trade(2, "2.5", "0.3", "sell", 7, 8)])
     assert price.newest_row(batch)[:6] == [2, "2.5", "0.3", "sell", 7, 8]
+
+
+def test_two_hosts_writing_one_primary_never_put_back_an_older_trade_of_the_same_source(redis_server):
+    """Two feed hosts write the primary's price view, one a few trades behind the other: the view only
+    moves forward within a source, and a host's move to another source is kept (a real Redis runs the
+    same script the writer sends)."""
+    client = redis_server.client()
+
+    def write(source: str, trade_id: int, p: str) -> None:
+        client.execute_command(*price.write_view_command(price.view_fields(source, row(trade_id, 10_000, p), 1)))
+
+    write("binance:BTCUSDT", 10, "10.0")       # host A
+    write("binance:BTCUSDT", 9, "9.0")         # host B, behind: refused
+    write("binance:BTCUSDT", 10, "10.0")       # host B catches up with the same trade: no change
+    assert price.read_view(client)["id"] == "10" and price.read_view(client)["p"] == "10.0"
+    write("binance:BTCUSDT", 11, "11.0")
+    assert price.read_view(client)["p"] == "11.0"
+    write("coinbase:BTC-USD", 3, "99.0")       # a host moved to coinbase: kept, whatever its id
+    assert price.read_view(client)["source"] == "coinbase:BTC-USD"
+    write("coinbase:BTC-USD", 2, "98.0")
+    assert price.read_view(client)["p"] == "99.0"
+    write("binance:BTCUSDT", 5, "5.0")         # back to binance: a switch is kept
+    assert price.read_view(client)["source"] == "binance:BTCUSDT" and price.read_view(client)["id"] == "5"
+    client.close()
