@@ -482,11 +482,13 @@ def bench_stream():
 @click.option("--price-stale-ms", type=int, default=None,
               help="BTCFEED_PRICE_STALE_MS for the stack (default: the product's default).")
 @click.option("--keep", is_flag=True, help="Keep the state directory (logs, consumers' logs) after the run.")
-def bench_availability(scale, price_stale_ms, keep):
+@click.option("--hosts", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="Feed hosts feeding the primary; with 2 the consumers know both and host A is also lost whole.")
+def bench_availability(scale, price_stale_ms, keep, hosts):
     """What consumers see (the Python client, an SSE reader, a naive reader of the primary) through
     primary, exchange and process faults: fresh 100 ms slots, longest stale stretch, missing, duplicated."""
     run_availability_bench = tool("tools.bench.availability", "run_availability_bench")
-    sys.exit(run_availability_bench(scale=scale, price_stale_ms=price_stale_ms, keep=keep,
+    sys.exit(run_availability_bench(scale=scale, price_stale_ms=price_stale_ms, keep=keep, hosts=hosts,
                                     echo=click.echo))
 
 

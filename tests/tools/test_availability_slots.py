@@ -1,6 +1,6 @@
 """bench-availability's slot accounting on synthetic timelines (no stack, no clock)."""
 
-from tools.bench.availability import exactness, freshness, price_lags, schedule, trade_lags
+from tools.bench.availability import _FirstSeen, exactness, freshness, price_lags, schedule, trade_lags
 
 # Trades 100..109 printed 100 ms apart from t=1,000 ms.
 FIRST = 100
@@ -52,3 +52,23 @@ def test_the_schedule_scales_every_phase_and_kills_each_feed_process():
     assert actions[:7] == [None, "primary_kill", "primary_restart", "primary_stop", "primary_cont",
                            "binance_pause", "binance_resume"]
     assert actions[7:] == [f"kill:{name}" for name in ("ingest", "writer", "sync", "health", "api")]
+
+
+def test_with_two_hosts_the_kills_hit_host_a_and_host_a_is_then_lost_whole():
+    actions = [action for _, _, action in schedule(1.0, hosts=2)]
+    assert actions[:-2] == [action for _, _, action in schedule(1.0)]
+    assert actions[-2:] == ["host_kill", "host_start"]
+
+
+def test_the_sse_merge_takes_each_id_once_from_either_host_and_keeps_a_hosts_own_repeats():
+    taken = []
+    merged = _FirstSeen(taken.append)
+    merged.offer(10, None)          # host A's first
+    merged.offer(10, None)          # host B's first: A gave it already
+    merged.offer(11, 10)            # A
+    merged.offer(12, 10)            # B is ahead now
+    merged.offer(12, 11)            # A catches up: not again
+    merged.offer(13, 12)            # A
+    merged.offer(12, 13)            # A repeats an id it sent before: its own duplicate, kept for the count
+    assert taken == [10, 11, 12, 13, 12]
+    assert exactness(taken, 10, 13) == (0, 1)

@@ -16,6 +16,12 @@ data), calm, primary black-holed (SIGSTOP) for 30 s, calm, the binance simulator
 calm, then a SIGKILL of ingest, writer, sync, health and api in turn (supervisord restarts each) with
 a calm period after each.
 
+With --hosts 2, a second feed host (a whole stack of its own: local Redis, processes, API) feeds the
+same primary from the same exchanges, as two redundant hosts would: the client gets both APIs
+(api_urls=[A, B]); the SSE reader keeps one stream open to each host and takes every id once (a
+trade arrives from whichever host has it first); the process SIGKILLs hit host A, and the schedule
+ends with host A lost entirely (supervisord and every process SIGKILLed) for 30 s, then started again.
+
 Freshness, judged once per 100 ms slot by a sampler in the bench's own process, which reads each
 consumer's state (shared memory) at the slot's instant t:
   trades  the consumer's latest trade is its highest binance trade id c. Its lag at t is the age of
@@ -39,6 +45,7 @@ import array
 import bisect
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -62,6 +69,7 @@ FRESH_MS = 1000
 TARGET_SHARE = 0.9999
 PRICE_POLL_S = 0.1
 SSE_SILENT_S = 20.0
+HOST_DOWN_S = 30.0
 FEED_PROCESSES = ("ingest", "writer", "sync", "health", "api")
 CONSUMERS = ("client", "sse", "naive")
 # (phase name, seconds at --scale 1, fault started at its beginning, undone at its end)
@@ -69,14 +77,18 @@ CALM_S = 20.0
 AFTER_KILL_S = 15.0
 
 
-def schedule(scale: float) -> List[tuple]:
+def schedule(scale: float, hosts: int = 1) -> List[tuple]:
     """[(phase, seconds, action)] in order; action names what happens at the phase's start."""
     steps = [("calm", CALM_S, None),
              ("primary SIGKILL", 60.0, "primary_kill"), ("calm after primary restart", CALM_S, "primary_restart"),
              ("primary SIGSTOP", 30.0, "primary_stop"), ("calm after SIGCONT", CALM_S, "primary_cont"),
              ("binance paused", 60.0, "binance_pause"), ("calm after binance resumed", CALM_S, "binance_resume")]
+    where = " on host A" if hosts > 1 else ""
     for name in FEED_PROCESSES:
-        steps.append((f"{name} SIGKILL", AFTER_KILL_S, f"kill:{name}"))
+        steps.append((f"{name} SIGKILL{where}", AFTER_KILL_S, f"kill:{name}"))
+    if hosts > 1:
+        steps += [("host A lost (every process SIGKILLed)", HOST_DOWN_S, "host_kill"),
+                  ("calm after host A started again", CALM_S, "host_start")]
     return [(name, seconds * scale, action) for name, seconds, action in steps]
 
 
@@ -176,25 +188,35 @@ def exactness(received: Sequence[int], first_id: int, last_id: int) -> tuple:
 
 # --- consumers (each in its own process) ------------------------------------------------------------
 
-def _consumer_main(kind: str, primary_url: str, api_url: str, latest, price_ts, stop, ids_path: str) -> None:
+def _consumer_main(kind: str, primary_url: str, api_urls: List[str], latest, price_ts, stop,
+                   ids_path: str) -> None:
     import logging
     logging.basicConfig(filename=ids_path + ".log", level=logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S")
     received = array.array("q")
     errors = [0]
 
+    taking = threading.Lock()
+
     def take(trade_id: int) -> None:
-        received.append(trade_id)
-        if trade_id > latest.value:
-            latest.value = trade_id
+        with taking:
+            received.append(trade_id)
+            if trade_id > latest.value:
+                latest.value = trade_id
 
     feed = None
     if kind == "client":
         # One Feed for both threads, as an application would have: price() asks the backend follow() uses.
         from btcfeed.client import Feed
-        feed = Feed(primary_url, api_urls=[api_url], source=BINANCE)
-    follow = {"client": _follow_client, "sse": _follow_sse, "naive": _follow_naive}[kind]
-    threads = [threading.Thread(target=follow, args=(feed, primary_url, api_url, take, stop, errors), daemon=True)]
+        feed = Feed(primary_url, api_urls=api_urls, source=BINANCE)
+    if kind == "sse":
+        # One stream per host; an id is taken once, from whichever host gives it first.
+        merged = _FirstSeen(take)
+        threads = [threading.Thread(target=_follow_sse, args=(api_url, merged, stop, errors), daemon=True)
+                   for api_url in api_urls]
+    else:
+        follow = {"client": _follow_client, "naive": _follow_naive}[kind]
+        threads = [threading.Thread(target=follow, args=(feed, primary_url, take, stop, errors), daemon=True)]
     if kind != "sse":
         threads.append(threading.Thread(target=_poll_price, args=(feed, primary_url, price_ts, stop, errors),
                                         daemon=True))
@@ -206,7 +228,7 @@ def _consumer_main(kind: str, primary_url: str, api_url: str, latest, price_ts, 
         received.tofile(handle)
 
 
-def _follow_client(feed, primary_url, api_url, take, stop, errors) -> None:
+def _follow_client(feed, primary_url, take, stop, errors) -> None:
     from btcfeed.client import FeedUnavailable
     after = None
     while not stop.is_set():
@@ -222,12 +244,34 @@ def _follow_client(feed, primary_url, api_url, take, stop, errors) -> None:
             time.sleep(0.1)
 
 
-def _follow_sse(feed, primary_url, api_url, take, stop, errors) -> None:
+class _FirstSeen:
+    """The SSE reader's merge of its streams. Each host's stream is in id order with no hole, so an
+    id above the highest taken is new, and one at or below it came first from the other host. An id
+    at or below what the same connection gave before (or resumed after) is the host's own duplicate:
+    it is taken, so that the exactness check counts it."""
+
+    def __init__(self, take):
+        self.take = take
+        self.highest = None
+        self.lock = threading.Lock()
+
+    def offer(self, trade_id: int, connection_last: Optional[int]) -> None:
+        with self.lock:
+            if connection_last is not None and trade_id <= connection_last:
+                self.take(trade_id)
+            elif self.highest is None or trade_id > self.highest:
+                self.highest = trade_id
+                self.take(trade_id)
+
+
+def _follow_sse(api_url: str, merged: _FirstSeen, stop, errors) -> None:
+    """One host's /v1/stream, reconnecting after any error, end of stream or silence, resuming after
+    the highest id taken from any host."""
     host, _, port = api_url.rpartition("//")[2].partition(":")
-    last_id = None
     while not stop.is_set():
         try:
             sock = socket.create_connection((host, int(port)), timeout=SSE_SILENT_S)
+            last_id = merged.highest
             header = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
             sock.sendall(f"GET /v1/stream?source={BINANCE} HTTP/1.0\r\n{header}\r\n".encode())
             buffer = b""
@@ -242,15 +286,16 @@ def _follow_sse(feed, primary_url, api_url, take, stop, errors) -> None:
                 block, buffer = buffer[:cut], buffer[cut + 2:]
                 for line in block.split(b"\n"):
                     if line.startswith(b"id: "):
-                        last_id = int(line[4:])
-                        take(last_id)
+                        trade_id = int(line[4:])
+                        merged.offer(trade_id, last_id)
+                        last_id = trade_id if last_id is None else max(last_id, trade_id)
             sock.close()
         except (OSError, ValueError):
             errors[0] += 1
         time.sleep(0.1)
 
 
-def _follow_naive(feed, primary_url, api_url, take, stop, errors) -> None:
+def _follow_naive(feed, primary_url, take, stop, errors) -> None:
     client = redis.Redis.from_url(primary_url)
     stream, position = keys.trades(BINANCE), "$"
     while not stop.is_set():
@@ -295,9 +340,11 @@ def _poll_price(feed, primary_url, price_ts, stop, errors) -> None:
 class Rig(SimulatedStack):
     """The simulated rig with a second simulator (coinbase) beside the binance one."""
 
-    def __init__(self, price_stale_ms: Optional[int] = None):
+    def __init__(self, price_stale_ms: Optional[int] = None, hosts: int = 1):
         super().__init__("bf-avail-")
         self.coinbase_process = self.coinbase = None
+        self.hosts = hosts
+        self.stacks: List[Stack] = []
         self.extra_env = {} if price_stale_ms is None else {"BTCFEED_PRICE_STALE_MS": str(price_stale_ms)}
 
     def start(self, connect_timeout_s: float = 30) -> None:
@@ -306,15 +353,20 @@ class Rig(SimulatedStack):
         self.coinbase_process, port = start_simulator(rate=COINBASE_RATE, paused=True, mode="coinbase",
                                                       log_path=os.path.join(self.root, "coinbase.log"))
         self.coinbase = SimulatorClient(f"http://127.0.0.1:{port}")
-        env = isolated_env(self.primary_server.url, self.sim.base_url, source=f"{BINANCE},{COINBASE}",
-                           BTCFEED_COINBASE_WS_URL=f"ws://127.0.0.1:{port}",
-                           BTCFEED_COINBASE_REST_URL=f"http://127.0.0.1:{port}",
-                           BTCFEED_PRICE_SOURCES=f"{BINANCE},{COINBASE}", **self.extra_env)
-        self.stack = Stack(self.state_dir, env)
-        self.stack.up()
+        for host in range(self.hosts):
+            # Each host its own state directory and ports (isolated_env picks free ones).
+            env = isolated_env(self.primary_server.url, self.sim.base_url, source=f"{BINANCE},{COINBASE}",
+                               BTCFEED_COINBASE_WS_URL=f"ws://127.0.0.1:{port}",
+                               BTCFEED_COINBASE_REST_URL=f"http://127.0.0.1:{port}",
+                               BTCFEED_PRICE_SOURCES=f"{BINANCE},{COINBASE}", **self.extra_env)
+            stack = Stack(self.state_dir if host == 0 else f"{self.state_dir}{host + 1}", env)
+            stack.up()
+            self.stacks.append(stack)
+        self.stack = self.stacks[0]
         self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=30)
         deadline = time.monotonic() + connect_timeout_s
-        while self.sim.status()["connections"] < 1 or self.coinbase.status()["connections"] < 1:
+        while (self.sim.status()["connections"] < self.hosts
+               or self.coinbase.status()["connections"] < self.hosts):
             if time.monotonic() > deadline:
                 raise StackError(f"ingest did not connect to both simulators within {connect_timeout_s:.0f}s")
             time.sleep(0.1)
@@ -322,8 +374,18 @@ class Rig(SimulatedStack):
         self.coinbase.resume()
 
     @property
-    def api_url(self) -> str:
-        return "http://" + self.stack.env["BTCFEED_API_ADDR"]
+    def api_urls(self) -> List[str]:
+        return ["http://" + stack.env["BTCFEED_API_ADDR"] for stack in self.stacks]
+
+    def kill_host(self) -> None:
+        """Host A lost at once: supervisord first (so it restarts nothing), then every process it ran."""
+        pids = [info["pid"] for info in self.stack.processes() if info["pid"]]
+        supervisord = self.stack.supervisord_pid()
+        for pid in ([supervisord] if supervisord else []) + pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def act(self, action: Optional[str]) -> None:
         if action is None:
@@ -342,8 +404,17 @@ class Rig(SimulatedStack):
             self.sim.resume()
         elif action.startswith("kill:"):
             self.stack.kill(action[5:])
+        elif action == "host_kill":
+            self.kill_host()
+        elif action == "host_start":
+            self.stack.up()
 
     def close(self, keep: bool) -> None:
+        for stack in self.stacks[1:]:
+            try:
+                stack.down()
+            except (StackError, OSError, xmlrpc.client.Error):
+                pass
         super().close(keep)
         if self.coinbase_process is not None:
             stop_simulator(self.coinbase_process)
@@ -357,15 +428,16 @@ def _print_times(sim: SimulatorClient, from_id: int, to_id: int, chunk: int = 20
 
 
 def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = None, keep: bool = False,
-                           echo=print) -> int:
-    steps = schedule(scale)
+                           hosts: int = 1, echo=print) -> int:
+    steps = schedule(scale, hosts)
     total = sum(seconds for _, seconds, _ in steps)
-    echo(f"bench-availability: binance {BINANCE_RATE:,}/s and coinbase {COINBASE_RATE:,}/s; consumers "
+    echo(f"bench-availability: {hosts} feed host{'s' if hosts > 1 else ''} feeding one primary; "
+         f"binance {BINANCE_RATE:,}/s and coinbase {COINBASE_RATE:,}/s; consumers "
          f"{', '.join(CONSUMERS)}; schedule of {total:.0f} s (scale {scale:g}); a slot is fresh when at most "
          f"{FRESH_MS:,} ms behind")
     if price_stale_ms is not None:
         echo(f"bench-availability: BTCFEED_PRICE_STALE_MS={price_stale_ms} (not the default)")
-    rig = Rig(price_stale_ms)
+    rig = Rig(price_stale_ms, hosts)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     shared = {kind: (context.Value("q", -1, lock=False), context.Value("q", 0, lock=False)) for kind in CONSUMERS}
@@ -378,7 +450,7 @@ def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = N
             latest, price_ts = shared[kind]
             processes[kind] = context.Process(
                 target=_consumer_main, daemon=True, name=f"consumer-{kind}",
-                args=(kind, rig.primary_server.url, rig.api_url, latest, price_ts, stop,
+                args=(kind, rig.primary_server.url, rig.api_urls, latest, price_ts, stop,
                       os.path.join(rig.root, f"ids-{kind}")))
             processes[kind].start()
         wait_until(lambda: all(shared[k][0].value > 0 for k in CONSUMERS)
