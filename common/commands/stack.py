@@ -1,9 +1,11 @@
 """Start, inspect and stop one supervised btcfeed stack (supervisord with supervisord.conf)."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xmlrpc.client
 
@@ -11,10 +13,73 @@ import xmlrpc.client
 from supervisor.xmlrpc import SupervisorTransport
 
 
-# The checkout (or install) root that holds supervisord.conf: common/commands/ is two levels down.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONF = os.path.join(ROOT, "supervisord.conf")
+# Run from the checkout (an editable install: this file is <checkout>/common/commands/stack.py), the
+# stack is the checkout's supervisord.conf, as operators use it with supervisorctl. Installed from a
+# wheel, the package carries a copy of supervisord.conf and deployment/redis-local.conf (setup.py puts
+# them in STACK_FILES), and `up` renders that copy into the state dir with this interpreter and the
+# packaged redis-local.conf in place of the checkout's paths. config_path() is where that is decided.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(PACKAGE_DIR)
+CHECKOUT_CONF = os.path.join(ROOT, "supervisord.conf")
+STACK_FILES = os.path.join(PACKAGE_DIR, "commands", "stack-files")
+RENDERED_CONF = "supervisord.conf"      # in the state dir, for an installed btcfeed
 PROGRAMS = ("redis-local", "ingest", "writer", "sync", "health", "api", "listener")
+# The checkout's paths in supervisord.conf, and what an installed stack runs instead. Any other
+# %(here)s is the directory the configuration is in: the state dir, once rendered there.
+CHECKOUT_PYTHON = "%(here)s/.venv/bin/python"
+CHECKOUT_REDIS_CONF = "%(here)s/deployment/redis-local.conf"
+
+
+def from_checkout() -> bool:
+    """Whether this code is the checkout's own (not a copy installed from a wheel)."""
+    return os.path.basename(PACKAGE_DIR) == "common" and os.path.isfile(CHECKOUT_CONF)
+
+
+def config_path(state_dir: str) -> str:
+    """The supervisord configuration of the stack in state_dir: the checkout's supervisord.conf, or, for
+    an installed btcfeed, the packaged one rendered into the state dir (written again at each call, so
+    an upgraded package takes effect at the next `up`)."""
+    if from_checkout():
+        return CHECKOUT_CONF
+    return render_config(os.path.join(STACK_FILES, "supervisord.conf"),
+                         os.path.join(STACK_FILES, "redis-local.conf"), state_dir)
+
+
+def render_config(template: str, redis_conf: str, state_dir: str, python: str = sys.executable) -> str:
+    """supervisord.conf with the checkout's interpreter and redis-local.conf replaced by `python` and
+    `redis_conf`, written to state_dir/supervisord.conf (mode 0600); returns its path."""
+    try:
+        with open(template) as handle:
+            text = handle.read()
+        if not os.path.isfile(redis_conf):
+            raise OSError(f"{redis_conf} is missing")
+    except OSError as exc:
+        raise StackError(f"the installed package lacks its supervisord configuration ({exc}); "
+                         "reinstall btcfeed from a wheel built with setup.py") from None
+    for checkout_path, path in ((CHECKOUT_PYTHON, python), (CHECKOUT_REDIS_CONF, redis_conf)):
+        if checkout_path not in text:
+            raise StackError(f"{template} does not name {checkout_path}: it does not fit this btcfeed")
+        # supervisord splits a command like a shell and expands %(...)s: quote, then double each %.
+        text = text.replace(checkout_path, shlex.quote(os.path.abspath(path)).replace("%", "%%"))
+    left = [line for line in map(str.strip, text.splitlines()) if "%(here)s/" in line and line[:1] != ";"]
+    if left:
+        raise StackError(f"{template} names a file of the checkout that an installed btcfeed does not have: "
+                         f"{left[0]}")
+    header = (f"; Written by `btcfeed up` for the installed btcfeed ({python}), from\n"
+              f";   {template}\n"
+              "; and written again at each `up`: a change here does not last.\n")
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, RENDERED_CONF)
+    handle = tempfile.NamedTemporaryFile("w", dir=state_dir, prefix=".supervisord-", delete=False)
+    try:
+        with handle:
+            handle.write(header + text)
+        os.chmod(handle.name, 0o600)
+        os.replace(handle.name, path)
+    except OSError:
+        os.unlink(handle.name)
+        raise
+    return path
 
 
 class StackError(RuntimeError):
@@ -34,11 +99,17 @@ class Stack:
         for sub in ("logs", "redis"):
             os.makedirs(os.path.join(self.state_dir, sub), mode=0o700, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
+        conf = config_path(self.state_dir)
+        # supervisord's script next to this interpreter (a venv), or its module when the scripts were
+        # installed elsewhere; the processes run where the configuration is.
         supervisord = os.path.join(os.path.dirname(sys.executable), "supervisord")
-        result = subprocess.run([supervisord, "-c", CONF], env=self.env, cwd=ROOT,
+        command = [supervisord] if os.access(supervisord, os.X_OK) else [sys.executable, "-m",
+                                                                          "supervisor.supervisord"]
+        result = subprocess.run([*command, "-c", conf], env=self.env, cwd=os.path.dirname(conf),
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise StackError(f"supervisord did not start: {(result.stderr or result.stdout).strip()[:300]}")
+            detail = " ".join((result.stderr or result.stdout).split())[:300]
+            raise StackError(f"supervisord did not start: {detail}")
         self.wait_running(PROGRAMS, wait_s)
 
     def down(self, wait_s: float = 30.0) -> None:
