@@ -11,7 +11,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 SUPPORTED_EXCHANGES = ("binance", "coinbase", "kraken")
 PLANNED_EXCHANGES = ()
-REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME := "redis+sentinel", CLUSTER_SCHEME := "redis+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix",
+                 SENTINEL_SCHEME := "redis+sentinel", CLUSTER_SCHEME := "redis+cluster")
 # The Binance record kinds a source can follow (common.trade.BINANCE_KINDS; not imported, so that
 # loading the configuration stays free of the parsers' dependencies).
 BINANCE_TRADE_KINDS = ("trade", "aggTrade")
@@ -286,10 +287,12 @@ def _validate(values: dict) -> Config:
     for name in ("binance_ws_url", "binance_rest_url", "coinbase_ws_url", "coinbase_rest_url",
                  "kraken_ws_url", "kraken_rest_url"):
         # Kraken's websocket endpoint is versioned by its path (/v2), so that one URL keeps its path.
-        _check_base_url("BTCFEED_" + name.upper(), values[name], ("ws", "wss") if "ws_url" in name else ("http", "https"),
+        schemes = ("ws", "wss") if "ws_url" in name else ("http", "https")
+        _check_base_url("BTCFEED_" + name.upper(), values[name], schemes,
                         path_allowed=name == "kraken_ws_url")
     if values["binance_stream_form"] not in ("raw", "combined"):
-        raise ConfigError("BTCFEED_BINANCE_STREAM_FORM: must be 'raw' (/ws/...) or 'combined' (/stream?streams=...)")
+        raise ConfigError("BTCFEED_BINANCE_STREAM_FORM: must be 'raw' (/ws/...) or 'combined' "
+                          "(/stream?streams=...)")
     if values["binance_trade_kind"] not in BINANCE_TRADE_KINDS:
         raise ConfigError("BTCFEED_BINANCE_TRADE_KIND: must be 'trade' (every trade, ids t) or 'aggTrade' "
                           f"(aggregate trades, ids a), got {values['binance_trade_kind'][:40]!r}")
@@ -299,7 +302,9 @@ def _validate(values: dict) -> Config:
     api_host, api_port = parse_addr("BTCFEED_API_ADDR", values.pop("api_addr"))
     sources = parse_sources(values["sources"])
     values["price_sources"] = _price_sources(values["price_sources"], sources)
-    for name in ("price_stale_ms", "bus_max_entries", "backlog_max_entries", "probe_interval_ms", "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch", "compat_history_len"):
+    for name in ("price_stale_ms", "bus_max_entries", "backlog_max_entries", "probe_interval_ms",
+                 "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch",
+                 "compat_history_len"):
         if values[name] <= 0:
             raise ConfigError(f"BTCFEED_{name.upper()}: must be a positive number, got {values[name]}")
     retention_hours = values["retention_hours"]
@@ -310,7 +315,8 @@ def _validate(values: dict) -> Config:
     if not 0 < values["max_conn_hours"] <= 24:
         raise ConfigError("BTCFEED_MAX_CONN_HOURS: must be above 0 and at most 24 (the exchange's limit)")
     values.pop("health_addr")
-    values["health_token"] = _token("BTCFEED_HEALTH_TOKEN", values.pop("health_token"), values.pop("health_token_file"))
+    values["health_token"] = _token("BTCFEED_HEALTH_TOKEN", values.pop("health_token"),
+                                    values.pop("health_token_file"))
     values["api_token"] = _token("BTCFEED_API_TOKEN", values.pop("api_token"), values.pop("api_token_file"))
     return Config(
         **{**values, "state_dir": state_dir, "local_url": local_url,
@@ -341,7 +347,8 @@ def parse_sources(text: str) -> Tuple[Source, ...]:
         exchange, sep, symbol = item.partition(":")
         exchange = exchange.strip().lower()
         if not sep or not symbol.strip():
-            raise ConfigError(f"BTCFEED_SOURCES: {item!r} is not exchange:SYMBOL (for example binance:BTCUSDT)")
+            raise ConfigError(f"BTCFEED_SOURCES: {item!r} is not exchange:SYMBOL "
+                              "(for example binance:BTCUSDT)")
         if exchange in PLANNED_EXCHANGES:
             raise ConfigError(f"BTCFEED_SOURCES: exchange {exchange!r} is not supported yet "
                               f"(supported: {', '.join(SUPPORTED_EXCHANGES)})")
@@ -462,7 +469,8 @@ def _primary_password(url: str, password: str, password_file: str) -> str:
             raise ConfigError(f"BTCFEED_PRIMARY_PASSWORD_FILE: {password_file!r} is empty")
     if password and (_url_has_password(url)):
         # redis-py lets the URL win over a separate password: two sources would be a silent trap.
-        raise ConfigError("BTCFEED_PRIMARY_PASSWORD: the password is also in BTCFEED_PRIMARY_URL; give it in one place")
+        raise ConfigError("BTCFEED_PRIMARY_PASSWORD: the password is also in BTCFEED_PRIMARY_URL; "
+                          "give it in one place")
     return password
 
 
@@ -488,7 +496,8 @@ def _check_primary_tls(values: dict) -> None:
         if not os.path.isfile(values[name]) or not os.access(values[name], os.R_OK):
             raise ConfigError(f"BTCFEED_{name.upper()}: cannot read {values[name]!r}")
     if bool(values["primary_tls_cert_file"]) != bool(values["primary_tls_key_file"]):
-        raise ConfigError("BTCFEED_PRIMARY_TLS_CERT_FILE and BTCFEED_PRIMARY_TLS_KEY_FILE: give both or neither")
+        raise ConfigError("BTCFEED_PRIMARY_TLS_CERT_FILE and BTCFEED_PRIMARY_TLS_KEY_FILE: "
+                          "give both or neither")
     # The URL's own TLS options were checked with the URL (check_redis_url, _check_tls_query).
 
 

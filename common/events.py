@@ -11,7 +11,8 @@ EVENTS_MAX = 10_000
 
 
 def record_event(client, log, process: str, event: str, level: str = "info", **fields) -> None:
-    """Log the event and append it to the bounded events stream; the log line is kept even if Redis is down."""
+    """Log the event and append it to the bounded events stream; the log line is kept even if Redis is
+    down."""
     getattr(log, level)(event, **fields)
     entry = {"ts": int(time.time() * 1000), "proc": process, "event": event, "level": level,
              "fields": json.dumps(fields, default=str)}

@@ -18,8 +18,8 @@ MAX_QTY_WHOLE_DIGITS = 7
 # Used with fullmatch: "$" alone would also accept a trailing newline.
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{1,20})?")
 # Binance stream events that are valid but carry no trade for us.
-BINANCE_NON_TRADE_EVENTS = frozenset(
-    ("depthUpdate", "kline", "aggTrade", "24hrTicker", "24hrMiniTicker", "bookTicker", "outboundAccountPosition"))
+BINANCE_NON_TRADE_EVENTS = frozenset(("depthUpdate", "kline", "aggTrade", "24hrTicker", "24hrMiniTicker",
+                                      "bookTicker", "outboundAccountPosition"))
 # The spot bookTicker stream sends its updates without an "e" field.
 BINANCE_BOOK_TICKER_KEYS = frozenset(("u", "s", "b", "B", "a", "A"))
 
@@ -48,7 +48,8 @@ class Trade(NamedTuple):
 def qty_units(qty: str) -> int:
     """The quantity as an integer count of 1e-8 (validated trades never have finer digits)."""
     whole, _, frac = qty.partition(".")
-    return int(whole) * 10 ** QTY_DECIMALS + (int(frac[:QTY_DECIMALS].ljust(QTY_DECIMALS, "0")) if frac else 0)
+    units = int(frac[:QTY_DECIMALS].ljust(QTY_DECIMALS, "0")) if frac else 0
+    return int(whole) * 10 ** QTY_DECIMALS + units
 
 
 def check_decimal(name: str, value) -> str:

@@ -92,7 +92,8 @@ class Listener:
             self.rpc.supervisor.startProcess(process, False)
             self._record("warning", "process_restarted", program=process, by="listener")
         except (OSError, xmlrpc.client.Error) as exc:
-            self._record("error", "process_restart_failed", program=process, error=f"{type(exc).__name__}: {exc}")
+            self._record("error", "process_restart_failed", program=process,
+                         error=f"{type(exc).__name__}: {exc}")
 
     def _forget_old_failures(self) -> None:
         now = time.monotonic()
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         try:
             listener.handle(headers, payload)
         except Exception as exc:   # one bad event must not take the listener (and its restarts) down
-            log.error("event_failed", eventname=headers.get("eventname"), error=f"{type(exc).__name__}: {exc}")
+            log.error("event_failed", eventname=headers.get("eventname"),
+                      error=f"{type(exc).__name__}: {exc}")
         childutils.listener.ok(sys.stdout)
 
 

@@ -154,7 +154,8 @@ def assert_exact(primary_client, sim: Simulator) -> Verdict:
 
 
 def verify_primary(primary_client, sim: Simulator, from_id: int = None, to_id: int = None) -> Verdict:
-    return verify.verify_primary(primary_client, sim.client, from_id, to_id, source=getattr(sim, "source", SOURCE))
+    return verify.verify_primary(primary_client, sim.client, from_id, to_id,
+                                 source=getattr(sim, "source", SOURCE))
 
 
 def verify_derived(primary_client, sim: Simulator, from_id: int, to_id: int) -> None:

@@ -4,10 +4,10 @@ One fault at a time, each restored before the next: the primary killed, frozen, 
 replica or out of memory; the primary losing data silently (FLUSHALL, an empty restart faster than
 the writer's retry, the tail of its AOF as a host crash loses it); the local Redis or a stack process
 SIGKILLed; the exchange's websocket dropped, cut, stalled or fragmented; its REST API refusing with
-429. (A Cluster slot migration needs a cluster: tests/deployment/test_cluster.py runs it.) The same seed gives the same
-sequence of faults (their timing follows the machine). Afterwards the exchange is paused, the stack
-settles, and the primary (and the local copy a re-seed would restore it from) is compared with the
-exchange's history, id by id, from the first trade the primary held.
+429. (A Cluster slot migration needs a cluster: tests/deployment/test_cluster.py runs it.) The same
+seed gives the same sequence of faults (their timing follows the machine). Afterwards the exchange is
+paused, the stack settles, and the primary (and the local copy a re-seed would restore it from) is
+compared with the exchange's history, id by id, from the first trade the primary held.
 """
 
 import collections
@@ -182,7 +182,8 @@ class ChaosSoak:
                                                  log_path=os.path.join(self.root, "logs", "exchange-sim.log"))
         self.sim = SimulatorClient(f"http://127.0.0.1:{port}", timeout=SIM_CALL_TIMEOUT_S)
         env = {"BTCFEED_PRIMARY_URL": self.primary.url, "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
-               "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}", "BTCFEED_SOURCES": SOURCE, "BTCFEED_LOG_LEVEL": "INFO",
+               "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}", "BTCFEED_SOURCES": SOURCE,
+               "BTCFEED_LOG_LEVEL": "INFO",
                "BTCFEED_BINANCE_WS_URL": f"ws://127.0.0.1:{port}",
                "BTCFEED_BINANCE_REST_URL": f"http://127.0.0.1:{port}"}
         for name in ("BTCFEED_CONFIG", "BTCFEED_LOCAL_URL"):

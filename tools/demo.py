@@ -44,7 +44,8 @@ class Demo:
         env = {"BTCFEED_PRIMARY_URL": self.primary.url, "BTCFEED_SOURCES": SOURCE,
                "BTCFEED_BINANCE_WS_URL": f"ws://127.0.0.1:{port}",
                "BTCFEED_BINANCE_REST_URL": f"http://127.0.0.1:{port}",
-               "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}", "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}",
+               "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+               "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}",
                "BTCFEED_LOCAL_URL": "",
                "BTCFEED_CONFIG": ""}
         self.stack = Stack(os.path.join(self.root, "stack"), env)
@@ -117,7 +118,8 @@ class Demo:
         return self.final_count()
 
     def final_count(self) -> int:
-        self.echo("4) the count: the exchange stops; every trade it printed must be in the primary exactly once")
+        self.echo("4) the count: the exchange stops; every trade it printed must be in the primary "
+                  "exactly once")
         self.sim.pause()
         last_id = self.sim.status()["last_id"]
         client = self.primary.client()

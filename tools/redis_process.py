@@ -18,7 +18,8 @@ def free_port() -> int:
 class RedisProcess:
     """One redis-server with its own directory; can be killed, frozen and restarted on the same port."""
 
-    def __init__(self, directory: str, port: int = None, appendonly: bool = True, extra_args=(), password=None):
+    def __init__(self, directory: str, port: int = None, appendonly: bool = True, extra_args=(),
+                 password=None):
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.port = port or free_port()

@@ -65,7 +65,8 @@ class SimulatedStack:
         """Bring the stack up and wait until ingest is connected to the simulator."""
         self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
         self.stack.up()
-        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=30)
+        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"),
+                                 socket_timeout=30)
         deadline = time.monotonic() + connect_timeout_s
         while self.sim.status()["connections"] < 1:
             if time.monotonic() > deadline:

@@ -18,8 +18,8 @@ def make_ca(directory: str, name: str) -> str:
 def make_signed(directory: str, name: str, ca: str, extensions: str) -> str:
     with open(os.path.join(directory, f"{name}.ext"), "w") as handle:
         handle.write(extensions + "\n")
-    _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-             "-subj", f"/CN={name}")
+    _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", f"/CN={name}")
     _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
              "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
     return os.path.join(directory, f"{name}.crt")

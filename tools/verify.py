@@ -41,7 +41,8 @@ def lowest_trade_id(client, source: str = SOURCE) -> int:
     return min(trade.id for trade in read_trades(client, source))
 
 
-def verify_primary(primary_client, sim_client, from_id: int = None, to_id: int = None, source: str = SOURCE) -> Verdict:
+def verify_primary(primary_client, sim_client, from_id: int = None, to_id: int = None,
+                   source: str = SOURCE) -> Verdict:
     """Compare the primary's trade stream with the exchange's history, id by id and field by field.
 
     from_id defaults to the first id in the primary (a fresh stack starts at the first live trade).
@@ -85,8 +86,10 @@ def derived_differences(primary_client, sim_client, from_id: int, to_id: int, so
     """How the last hash and 1-minute candles differ from a recomputation from the exchange's trades."""
     expected = exchange_trades(sim_client, from_id, to_id)
     newest = expected[-1]
-    last = {k.decode(): v.decode() for k, v in primary_client.hgetall(keys.last(source)).items() if k != b"rts"}
-    want_last = {"id": str(newest.id), "p": newest.p, "q": newest.q, "side": newest.side, "ts": str(newest.ts)}
+    last = {k.decode(): v.decode()
+            for k, v in primary_client.hgetall(keys.last(source)).items() if k != b"rts"}
+    want_last = {"id": str(newest.id), "p": newest.p, "q": newest.q, "side": newest.side,
+                 "ts": str(newest.ts)}
     problems = [] if last == want_last else [f"last hash {last} != {want_last}"]
     stored, wanted = read_candles(primary_client, source), expected_candles(expected)
     for minute in sorted(set(stored) | set(wanted)):

@@ -429,8 +429,10 @@ def bench_reseed(trades, rate):
 
 
 @cli.command("bench-cost")
-@click.option("--rates", default="0,300,1000,10000", show_default=True, help="Trades per second, one phase each.")
-@click.option("--window", default=30.0, show_default=True, help="Seconds measured per phase (after a warm-up).")
+@click.option("--rates", default="0,300,1000,10000", show_default=True,
+              help="Trades per second, one phase each.")
+@click.option("--window", default=30.0, show_default=True,
+              help="Seconds measured per phase (after a warm-up).")
 def bench_cost(rates, window):
     """CPU of every process and both Redis servers at idle and at real rates, and RSS."""
     run_cost_bench = tool("tools.bench.cost", "run_cost_bench")
@@ -483,7 +485,8 @@ def bench_stream():
               help="BTCFEED_PRICE_STALE_MS for the stack (default: the product's default).")
 @click.option("--keep", is_flag=True, help="Keep the state directory (logs, consumers' logs) after the run.")
 @click.option("--hosts", type=click.IntRange(1, 2), default=1, show_default=True,
-              help="Feed hosts feeding the primary; with 2 the consumers know both and host A is also lost whole.")
+              help="Feed hosts feeding the primary; with 2 the consumers know both and host A is also "
+                   "lost whole.")
 def bench_availability(scale, price_stale_ms, keep, hosts):
     """What consumers see (the Python client, an SSE reader, a naive reader of the primary) through
     primary, exchange and process faults: fresh 100 ms slots, longest stale stretch, missing, duplicated."""

@@ -65,7 +65,8 @@ def primary():
 
 
 @primary.command()
-@click.option("--reason", default="planned maintenance", show_default=True, help="Shown in /health and the events.")
+@click.option("--reason", default="planned maintenance", show_default=True,
+              help="Shown in /health and the events.")
 def pause(reason):
     """Move the writer to the local copy now, until `btcfeed primary resume`."""
     _, local = _connected()
@@ -117,8 +118,10 @@ def resume(wait):
 @click.option("--tls-cert-file", default="", help="For rediss://: a client certificate.")
 @click.option("--tls-key-file", default="", help="For rediss://: the client certificate's key.")
 @click.option("--username", default="", help="The new primary's user, when not in the URL.")
-@click.option("--password-file", default="", help="A file holding the new primary's password, when not in the URL.")
-@click.option("--abort", is_flag=True, help="Give up a move that has not switched yet: the feed stays on the old primary.")
+@click.option("--password-file", default="",
+              help="A file holding the new primary's password, when not in the URL.")
+@click.option("--abort", is_flag=True,
+              help="Give up a move that has not switched yet: the feed stays on the old primary.")
 def move(url, tls_ca_file, tls_cert_file, tls_key_file, username, password_file, abort):
     """Move the feed to a new primary with no gap: copy the window, switch, resume there."""
     cfg, local = _connected()
@@ -142,7 +145,8 @@ def move(url, tls_ca_file, tls_cert_file, tls_key_file, username, password_file,
 def _target_config(settings: dict):
     """The configuration with the new primary, checked as any configuration is."""
     environ = {k: v for k, v in os.environ.items()
-               if not k.startswith("BTCFEED_PRIMARY_") or k.upper()[8:].lower() not in config_module.PRIMARY_SETTINGS}
+               if not k.startswith("BTCFEED_PRIMARY_")
+               or k.upper()[8:].lower() not in config_module.PRIMARY_SETTINGS}
     environ.pop("BTCFEED_PRIMARY_PASSWORD", None)
     environ.update({"BTCFEED_" + name.upper(): value for name, value in settings.items()})
     try:
@@ -193,7 +197,8 @@ class _Move:
     """The steps of one move; any failure before the switch leaves the feed on the old primary."""
 
     def __init__(self, cfg, local, target_cfg, target, settings: dict):
-        self.cfg, self.local, self.target_cfg, self.target, self.settings = cfg, local, target_cfg, target, settings
+        self.cfg, self.local, self.settings = cfg, local, settings
+        self.target_cfg, self.target = target_cfg, target
         self.sources = [source.name for source in cfg.sources]
         self.to = config_module.redact_url(target_cfg.primary_url)
         self.by = getpass.getuser()
@@ -229,13 +234,15 @@ class _Move:
                      trades_copied=copied, seconds=round(seconds, 1), paused_s=round(pause_s, 1))
         click.echo(f"btcfeed primary: moved to {self.to} in {seconds:.1f}s ({copied} trades copied; the "
                    f"writer was on the local copy for {pause_s:.1f}s)")
-        click.echo(f"btcfeed primary: the new primary is kept in {config_module.primary_override_path(self.cfg.state_dir)},"
+        override = config_module.primary_override_path(self.cfg.state_dir)
+        click.echo(f"btcfeed primary: the new primary is kept in {override},"
                    " which wins over BTCFEED_PRIMARY_URL; put the new URL in the service's configuration "
                    "(e.g. /etc/btcfeed/btcfeed.env or BTCFEED_CONFIG) and delete that file")
 
     def _applier(self) -> BatchApplier:
         held = moving.new_primary_epochs(self.target, self.sources)
-        return BatchApplier(self.target, self.cfg.retention_ms, None, self.cfg.compat_history_len, epochs=held)
+        return BatchApplier(self.target, self.cfg.retention_ms, None, self.cfg.compat_history_len,
+                            epochs=held)
 
     def _copy(self, what: str) -> int:
         def progress(source, done, total, copied):
@@ -291,7 +298,8 @@ class _Move:
         if record.get("paused") == "1" and record.get("was") != writerstate.MAINTENANCE:
             writerstate.resume(self.local)
         moving.set_phase(self.local, moving.ABANDONED, reason=reason[:200])
-        record_event(self.local, QUIET_LOG, "cli", "move_abandoned", level="warning", to=self.to, reason=reason[:200])
+        record_event(self.local, QUIET_LOG, "cli", "move_abandoned", level="warning", to=self.to,
+                     reason=reason[:200])
         _fail(f"move abandoned, the feed stays on the old primary: {reason}")
 
 

@@ -62,7 +62,9 @@ RETRIES = False
 # "HTTPConnectionPool(host='x', port=1): " and the like, before urllib3's own words.
 POOL_PREFIX = re.compile(r"^\w*Connection(?:Pool)?\([^)]*\): ")
 # ISO-8601 in UTC as Coinbase and Kraken print trade times (fractions up to nanoseconds).
-ISO_UTC = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?(?:Z|\+00:00)")
+ISO_UTC = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"               # date
+                     r"T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"  # time, fraction
+                     r"(?:Z|\+00:00)")
 
 
 class RestError(Exception):

@@ -38,7 +38,8 @@ SAMPLE_RECORD_ID_FIELDS = {kind: "trade_id" for kind in TRADE_TYPES}
 
 
 def subscribe_message(product_id: str) -> bytes:
-    return orjson.dumps({"type": "subscribe", "product_ids": [product_id], "channels": ["matches", "heartbeat"]})
+    return orjson.dumps({"type": "subscribe", "product_ids": [product_id],
+                         "channels": ["matches", "heartbeat"]})
 
 
 def taker_side(maker_side) -> str:
@@ -75,7 +76,8 @@ def parse_ws(raw, product_id: str, rts: int):
         check_product(message, product_id)
         return Heartbeat(check_int("heartbeat last_trade_id", message.get("last_trade_id")))
     if kind == "error":
-        raise BadMessage(f"exchange error: {str(message.get('message'))[:80]} {str(message.get('reason'))[:80]}")
+        text, reason = str(message.get("message"))[:80], str(message.get("reason"))[:80]
+        raise BadMessage(f"exchange error: {text} {reason}")
     if isinstance(kind, str) and kind in NON_TRADE_TYPES:
         return None
     raise BadMessage("unknown message shape")
@@ -125,8 +127,9 @@ class CoinbaseAdapter:
         return parse_ws(raw, self.symbol, rts)
 
     def fetch_page(self, from_id: int, after_ts_ms=None):
-        """(trades from_id .. from_id + 999, whether that reached the newest trade): `after` is exclusive and pages go newest first, so asking
-        for the page older than from_id + 1000 gives exactly that window (or the newest trades)."""
+        """(trades from_id .. from_id + 999, whether that reached the newest trade): `after` is exclusive
+        and pages go newest first, so asking for the page older than from_id + 1000 gives exactly that
+        window (or the newest trades)."""
         query = urllib.parse.urlencode({"after": from_id + REST_PAGE_LIMIT, "limit": REST_PAGE_LIMIT})
         path = f"/products/{urllib.parse.quote(self.symbol, safe='')}/trades?{query}"
         body, _ = self.rest.get_json(path)

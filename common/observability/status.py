@@ -24,7 +24,8 @@ from btcfeed.storage.bus import read_heartbeats
 from btcfeed.config import SENTINEL_SCHEME, redact_url, scrub, secrets_of
 from btcfeed.events import recent_events
 from btcfeed.latency import quantile_ms
-from btcfeed.storage.primary import connect_primary, eviction_reason, is_cluster, master_address, maxmemory_policies
+from btcfeed.storage.primary import (connect_primary, eviction_reason, is_cluster, master_address,
+                                     maxmemory_policies)
 
 VERSION = 1
 WATCHED = ("ingest", "writer", "sync")          # without their heartbeat no trade moves
@@ -301,7 +302,8 @@ def _writer(local_state: dict, now_ms: int) -> dict:
     since = int(record["since"]) if record.get("since") else None
     return {"state": record.get("state") or beat.get("state"), "since_ms": since,
             "for_s": round((now_ms - since) / 1000, 1) if since else None, "reason": record.get("reason"),
-            **{k: beat.get(k) for k in ("applied", "skipped", "to_backlog", "primary_errors", "last_apply_ms")}}
+            **{k: beat.get(k)
+               for k in ("applied", "skipped", "to_backlog", "primary_errors", "last_apply_ms")}}
 
 
 def _planned(local_state: dict) -> dict:
@@ -328,7 +330,8 @@ def _consistency(local_state: dict, now_ms: int) -> dict:
     sync = local_state["heartbeats"].get("sync") or {}
     record = local_state["sync_record"]
     verified = int(record.get("verified_ms") or 0) or None
-    out = {"verified_ms": verified, "verified_age_s": round((now_ms - verified) / 1000, 1) if verified else None,
+    out = {"verified_ms": verified,
+           "verified_age_s": round((now_ms - verified) / 1000, 1) if verified else None,
            "reseed_pending": record.get("sweep"), "sweep": None,
            **{k: sync.get(k) for k in ("repaired", "missing_found", "not_held", "compared_bytes", "sweeps")}}
     if sync.get("sweep_reason"):

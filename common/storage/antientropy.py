@@ -202,7 +202,8 @@ class HeldIndex:
         return sorted({int(_text(f)[1:]) for f in fields}, reverse=True)
 
     def where(self, number: int) -> Dict[str, Tuple[str, str]]:
-        raw = self.local.hmget(keys.held_where(self.source), MIRROR + str(number), FAILOVER_COPY + str(number))
+        raw = self.local.hmget(keys.held_where(self.source), MIRROR + str(number),
+                               FAILOVER_COPY + str(number))
         spans = {}
         for letter, value in zip((MIRROR, FAILOVER_COPY), raw):
             if value:
@@ -291,7 +292,8 @@ class Resent:
     not_held: int = 0         # no longer in the local copy (trimmed by retention)
 
 
-def resend(index: HeldIndex, applier: BatchApplier, difference: Difference, oldest_first: bool = False) -> Resent:
+def resend(index: HeldIndex, applier: BatchApplier, difference: Difference,
+           oldest_first: bool = False) -> Resent:
     """Re-send every missing trade from the local copy through the idempotent apply, newest segment first
     (live history matters most after a loss), or oldest first (a copy into a new primary, whose
     stream then holds the window in trade order)."""

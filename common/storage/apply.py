@@ -36,7 +36,8 @@ def is_source_refusal(exc: Exception) -> bool:
     """Whether a Redis error refuses one source's batch while the primary itself is fine."""
     if isinstance(exc, (ClusterDownError, ConnectionError, TimeoutError)) or is_epoch_error(exc):
         return False
-    return isinstance(exc, (ResponseError, ClusterError)) and any(text in str(exc) for text in SOURCE_REFUSALS)
+    return (isinstance(exc, (ResponseError, ClusterError))
+            and any(text in str(exc) for text in SOURCE_REFUSALS))
 
 
 def load_script_source() -> str:
@@ -61,11 +62,13 @@ class BatchApplier:
         self.epochs = epochs
 
     def apply(self, source: str, payload: str, client=None):
-        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped, floored]."""
+        """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped,
+        floored]."""
         keys_, args = self.script_arguments(source, payload)
         return self.script(keys=keys_, args=args, client=client)
 
-    def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True, then: Sequence = ()) -> list:
+    def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True,
+                   then: Sequence = ()) -> list:
         """Apply (source, payload) batches in one pipelined round trip; one [applied, skipped, floored] each
         (or, with raise_on_error False, the error of a batch the server refused, in its place). The
         commands in `then` (argument tuples, idempotent) follow in the same round trip; their
@@ -96,7 +99,8 @@ class BatchApplier:
             client.script_load(self.script.script)
 
     def queue_in_transaction(self, pipe, source: str, payload) -> None:
-        """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a transaction."""
+        """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a
+        transaction."""
         script_keys, args = self.script_arguments(source, payload)
         pipe.eval(self.script.script, len(script_keys), *script_keys, *args)
 
@@ -112,7 +116,8 @@ class BatchApplier:
         args = [keys.seen_prefix(source), keys.candle_prefix(source),
                 keys.live_channel(source) if self.publish else "",
                 self.retention_ms, self.retention_ms // 1000 + CANDLE_TTL_MARGIN_S,
-                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, epoch, payload]
+                keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, epoch,
+                payload]
         return script_keys, args
 
 

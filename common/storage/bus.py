@@ -34,7 +34,8 @@ local result = 1
 if cursor >= 0 and first > cursor + 1 then
   -- The missing ids are known now: the open catch-up (if any) becomes this bounded gap.
   local before = redis.call('HGET', KEYS[4], 'cursor_ts') or ''
-  redis.call('HSET', KEYS[3], string.format('%d', cursor + 1), string.format('%d', first - 1) .. ':' .. before)
+  redis.call('HSET', KEYS[3], string.format('%d', cursor + 1),
+             string.format('%d', first - 1) .. ':' .. before)
   redis.call('HDEL', KEYS[3], 'open')
   result = 2
 elseif redis.call('HEXISTS', KEYS[3], 'open') == 1 then
@@ -189,17 +190,22 @@ class Bus:
         self._give_up = client.register_script(GIVE_UP_SCRIPT)
         self._claim_id_space = client.register_script(CLAIM_ID_SPACE_SCRIPT)
 
+    @staticmethod
+    def _keys(source: str) -> list:
+        """The keys of the publish and backfill scripts."""
+        return [keys.BUS, keys.cursor(source), keys.gaps(source), keys.source_stats(source)]
+
     def publish(self, source: str, trades) -> int:
         """Append one live batch (ids contiguous, ascending); ids skipped since the cursor become a
         gap. PUBLISHED, ALREADY_DURABLE or BUS_FULL."""
-        return self._publish(keys=[keys.BUS, keys.cursor(source), keys.gaps(source), keys.source_stats(source)],
+        return self._publish(keys=self._keys(source),
                              args=[self.max_entries, source, len(trades), trades[0].id, trades[-1].id,
                                    encode_batch(trades), trades[-1].ts])
 
     def publish_backfill(self, source: str, gap: str, trades) -> int:
         """Append a batch fetched for the gap recorded at `gap` (its first id, or "open"); the gap
         shrinks by it. PUBLISHED, ALREADY_DURABLE (the gap moved on meanwhile) or BUS_FULL."""
-        return self._backfill(keys=[keys.BUS, keys.cursor(source), keys.gaps(source), keys.source_stats(source)],
+        return self._backfill(keys=self._keys(source),
                               args=[self.max_entries, source, len(trades), trades[0].id, trades[-1].id,
                                     encode_batch(trades), trades[-1].ts, gap])
 

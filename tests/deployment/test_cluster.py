@@ -52,7 +52,8 @@ def test_a_source_keys_share_one_slot():
 def test_compat_keys_are_refused_on_a_cluster():
     with pytest.raises(config_module.ConfigError, match="BTCFEED_COMPAT_KEYS"):
         config_module.load({"BTCFEED_PRIMARY_URL": "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"})
-    cfg = config_module.load({"BTCFEED_PRIMARY_URL": "redis+cluster://127.0.0.1:7000", "BTCFEED_COMPAT_KEYS": "false"})
+    cfg = config_module.load({"BTCFEED_PRIMARY_URL": "redis+cluster://127.0.0.1:7000",
+                              "BTCFEED_COMPAT_KEYS": "false"})
     assert cfg.compat_source is None
 
 
@@ -142,7 +143,8 @@ def test_exactly_once_while_the_source_slot_migrates(cluster, sim):
 
 def status(stack) -> dict:
     try:
-        with urllib.request.urlopen(f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status", timeout=5) as response:
+        url = f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
             return json.loads(response.read())
     except urllib.error.URLError:
         return {}

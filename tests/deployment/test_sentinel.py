@@ -17,8 +17,8 @@ from btcfeed import keys
 
 from tools import verify
 from tools.redis_process import RedisProcess, free_port
-from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack, verify_primary, wait_for,
-                     wait_verified)
+from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack, verify_primary,
+                     wait_for, wait_verified)
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,7 +104,8 @@ def sentinel_set():
 def status(stack) -> dict:
     """GET /status, or an empty document while the health API is not listening yet."""
     try:
-        with urllib.request.urlopen(f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status", timeout=5) as response:
+        url = f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
             return json.loads(response.read())
     except urllib.error.URLError:
         return {"redis": {"primary": {}}}

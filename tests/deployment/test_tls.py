@@ -19,7 +19,8 @@ from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir,
                      verify_primary, wait_for)
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")]
+              pytest.mark.skipif(shutil.which("openssl") is None,
+                                 reason="openssl is needed to make certificates")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RATE = 1000
 SEED = 13
@@ -81,8 +82,11 @@ def test_a_wrong_ca_is_refused_clearly_and_trades_are_kept_locally(certs, sim):
     stack = start_stack(primary, sim, BTCFEED_PRIMARY_URL=tls_url(primary),
                         BTCFEED_PRIMARY_TLS_CA_FILE=f"{certs}/other-ca.crt")
     try:
-        record = wait_for(lambda: (lambda r: r if r.get("state") == "failover" else None)(writer_record(stack)),
-                          20, "the writer to refuse the primary")
+        def failover_record():
+            record = writer_record(stack)
+            return record if record.get("state") == "failover" else None
+
+        record = wait_for(failover_record, 20, "the writer to refuse the primary")
         assert "BTCFEED_PRIMARY_TLS_CA_FILE" in record["reason"] and "certificate" in record["reason"]
         import redis
         local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
@@ -114,8 +118,9 @@ def test_a_client_certificate_is_presented_when_the_server_requires_one(certs, s
 def test_bin_health_reads_a_tls_primary_directly(certs):
     primary = tls_primary(certs)
     try:
-        env = {**os.environ, "BTCFEED_STATE_DIR": short_tmpdir("bf-h-"), "BTCFEED_PRIMARY_URL": tls_url(primary),
-               "BTCFEED_PRIMARY_TLS_CA_FILE": f"{certs}/ca.crt", "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}"}
+        env = {**os.environ, "BTCFEED_STATE_DIR": short_tmpdir("bf-h-"),
+               "BTCFEED_PRIMARY_URL": tls_url(primary), "BTCFEED_PRIMARY_TLS_CA_FILE": f"{certs}/ca.crt",
+               "BTCFEED_HEALTH_ADDR": f"127.0.0.1:{free_port()}"}
         result = subprocess.run([os.path.join(ROOT, "bin", "health"), "--json"], env=env, capture_output=True,
                                 text=True, timeout=60)
         document = json.loads(result.stdout)
@@ -131,8 +136,10 @@ def test_bin_health_reads_a_tls_primary_directly(certs):
     ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0?ssl_cert_reqs=none"}, "cannot be turned off"),
     ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0?ssl_cert_reqs=optional"}, "cannot be turned off"),
     ({"BTCFEED_PRIMARY_URL": "redis://h:6379/0", "BTCFEED_PRIMARY_TLS_CA_FILE": __file__}, "not rediss://"),
-    ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0", "BTCFEED_PRIMARY_TLS_CA_FILE": "/no/such/ca.crt"}, "cannot read"),
-    ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0", "BTCFEED_PRIMARY_TLS_CERT_FILE": __file__}, "both or neither"),
+    ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0", "BTCFEED_PRIMARY_TLS_CA_FILE": "/no/such/ca.crt"},
+     "cannot read"),
+    ({"BTCFEED_PRIMARY_URL": "rediss://h:6380/0", "BTCFEED_PRIMARY_TLS_CERT_FILE": __file__},
+     "both or neither"),
     ({"BTCFEED_PRIMARY_URL": "redis://:a-pass@h:6379/0", "BTCFEED_PRIMARY_PASSWORD": "b-pass"}, "one place"),
     ({"BTCFEED_PRIMARY_PASSWORD_FILE": "/no/such/file"}, "cannot read"),
 ])
@@ -146,7 +153,8 @@ def test_tls_and_credential_settings_are_checked(env, message):
 def test_password_from_a_file_is_used_and_kept_out_of_repr(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("file-Secret-77\n")
-    cfg = config_module.load({"BTCFEED_PRIMARY_USERNAME": "btcfeed", "BTCFEED_PRIMARY_PASSWORD_FILE": str(secret)})
+    cfg = config_module.load({"BTCFEED_PRIMARY_USERNAME": "btcfeed",
+                              "BTCFEED_PRIMARY_PASSWORD_FILE": str(secret)})
     assert cfg.primary_password == "file-Secret-77" and "file-Secret-77" not in repr(cfg)
     from btcfeed.storage.primary import credentials
     assert credentials(cfg) == {"username": "btcfeed", "password": "file-Secret-77"}

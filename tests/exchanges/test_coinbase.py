@@ -124,7 +124,8 @@ def test_hostile_messages_never_become_trades(message):
 
 
 def rest_row(trade_id, price="100.00", size="0.10000000", side="sell"):
-    return {"time": "2021-04-17T16:43:30.244075Z", "trade_id": trade_id, "price": price, "size": size, "side": side}
+    return {"time": "2021-04-17T16:43:30.244075Z", "trade_id": trade_id, "price": price, "size": size,
+            "side": side}
 
 
 def test_rest_page_is_newest_first_and_comes_back_ascending():
@@ -178,7 +179,8 @@ def test_bad_coinbase_settings_are_one_readable_line(variable, value, needle):
 def test_rest_pages_forward_from_any_id_and_cursor_headers():
     sim = Simulator(rate=5000, mode="coinbase")
     try:
-        wait_for(lambda: sim.client.status()["last_id"] >= sim.client.status()["first_id"] + 2500, 10, "trades")
+        wait_for(lambda: sim.client.status()["last_id"] >= sim.client.status()["first_id"] + 2500,
+                 10, "trades")
         sim.client.pause()
         status = sim.client.status()
         adapter = coinbase.CoinbaseAdapter(PRODUCT, "ws://unused", f"http://127.0.0.1:{sim.port}")
@@ -195,7 +197,8 @@ def test_rest_pages_forward_from_any_id_and_cursor_headers():
         with urllib.request.urlopen(f"http://127.0.0.1:{sim.port}/products/{PRODUCT}/trades?before="
                                     f"{status['first_id'] + 9}&limit=5") as response:
             body = json.loads(response.read())
-            assert [row["trade_id"] for row in body] == list(range(status["first_id"] + 14, status["first_id"] + 9, -1))
+            first = status["first_id"]
+            assert [row["trade_id"] for row in body] == list(range(first + 14, first + 9, -1))
             assert response.headers["CB-BEFORE"] == str(status["first_id"] + 14)
             assert response.headers["CB-AFTER"] == str(status["first_id"] + 10)
     finally:

@@ -196,7 +196,8 @@ def test_rate_limits_and_errors_are_one_line_rest_errors(counting_server):
     assert str(broken.value) == "HTTP 500 from /broken: first line second line"
     with pytest.raises(RestError) as refused:
         RestClient("http://127.0.0.1:1").get("/x")
-    assert "\n" not in str(refused.value) and str(refused.value).startswith("cannot reach http://127.0.0.1:1/x: ")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("cannot reach http://127.0.0.1:1/x: ")
 
 
 # --- the sequencer against a real local Redis (no network) ------------------------------------------

@@ -61,13 +61,16 @@ def test_the_same_trade_reads_the_same_over_websocket_and_rest():
 
 def test_heartbeat_status_and_acks_are_not_trades():
     assert kraken.parse_ws(b'{"channel":"heartbeat"}', SYMBOL, 1) == Heartbeat(None)
-    assert kraken.parse_ws(b'{"channel":"status","type":"update","data":[{"system":"online"}]}', SYMBOL, 1) is None
-    assert kraken.parse_ws(b'{"method":"subscribe","result":{"channel":"trade"},"success":true}', SYMBOL, 1) is None
+    status = b'{"channel":"status","type":"update","data":[{"system":"online"}]}'
+    assert kraken.parse_ws(status, SYMBOL, 1) is None
+    ack = b'{"method":"subscribe","result":{"channel":"trade"},"success":true}'
+    assert kraken.parse_ws(ack, SYMBOL, 1) is None
     assert kraken.parse_ws(b'{"channel":"trade","type":"update","data":[]}', SYMBOL, 1) is None
 
 
 @pytest.mark.parametrize("message", [
-    update(item(trade_id="5"), item(trade_id="6").replace('"BTC/USD"', '"ETH/USD"')),   # wrong pair in a batch
+    # a wrong pair in a batch
+    update(item(trade_id="5"), item(trade_id="6").replace('"BTC/USD"', '"ETH/USD"')),
     update(item(price='"41000.1"')),                       # a string where Kraken v2 sends a number
     update(item(price="NaN")),
     update(item(price="Infinity")),
@@ -114,7 +117,8 @@ def test_v1_capture_trades_parse_and_events_are_ignored(path):
             trades += parsed
             rows += len(message[1])
             for got, row in zip(parsed, message[1]):
-                assert got.p == kraken.normalized_decimal(row[0]) and got.q == kraken.normalized_decimal(row[1])
+                assert got.p == kraken.normalized_decimal(row[0])
+                assert got.q == kraken.normalized_decimal(row[1])
                 assert got.side == {"b": "buy", "s": "sell"}[row[3]]
     assert len(trades) == rows >= 10 and ignored >= 40
     assert trades[0] == kraken.V1Trade("354.11", "0.89594024", "sell", 1618678142557)
@@ -129,8 +133,9 @@ def rest_body(rows, last="1688671969993150842", error=()):
 
 
 def test_rest_answer_rows_and_cursor():
-    page = kraken.parse_rest_answer(rest_body([["30243.40000", "0.34507674", 1688669597.8277369, "b", "m", "", 61044952],
-                                               ["30243.30000", "0.00376960", 1688669598.2804112, "s", "l", "", 61044953]]), 4)
+    rows = [["30243.40000", "0.34507674", 1688669597.8277369, "b", "m", "", 61044952],
+            ["30243.30000", "0.00376960", 1688669598.2804112, "s", "l", "", 61044953]]
+    page = kraken.parse_rest_answer(rest_body(rows), 4)
     assert page.trades == [Trade(61044952, "30243.4", "0.34507674", "buy", 1688669597827, 4),
                            Trade(61044953, "30243.3", "0.0037696", "sell", 1688669598280, 4)]
     assert page.last_ns == 1688671969993150842 and page.rows == 2
@@ -144,12 +149,13 @@ def test_rest_rate_limit_and_errors():
 
 
 @pytest.mark.parametrize("rows", [
-    [["1.0", "1.0", 1688669597.1, "b", "m", "", 6], ["1.0", "1.0", 1688669597.2, "b", "m", "", 5]],   # backwards
-    [["1.0", "1.0", 1688669597.1, "b", "m", "", 6], ["1.0", "1.0", 1688669597.2, "b", "m", "", 6]],   # repeated
+    # backwards, then repeated
+    [["1.0", "1.0", 1688669597.1, "b", "m", "", 6], ["1.0", "1.0", 1688669597.2, "b", "m", "", 5]],
+    [["1.0", "1.0", 1688669597.1, "b", "m", "", 6], ["1.0", "1.0", 1688669597.2, "b", "m", "", 6]],
     [["NaN", "1.0", 1688669597.1, "b", "m", "", 6]],
     [["1e5", "1.0", 1688669597.1, "b", "m", "", 6]],
     [["1.0", "1.0", 1688669597.1, "x", "m", "", 6]],
-    [["1.0", "1.0", 1688669597.1, "b", "m", ""]],                                                       # no id
+    [["1.0", "1.0", 1688669597.1, "b", "m", ""]],                      # no id
 ])
 def test_hostile_rest_pages_are_refused_whole(rows):
     with pytest.raises(BadMessage):
@@ -169,7 +175,8 @@ def test_kraken_source_and_urls_configure():
     assert keys.trades(config.sources[0].name) == "btcfeed:{kraken:BTC/USD}:trades"
     assert config.kraken_ws_url == "ws://127.0.0.1:1/v2"
     defaults = load({})
-    assert (defaults.kraken_ws_url, defaults.kraken_rest_url) == ("wss://ws.kraken.com/v2", "https://api.kraken.com")
+    assert (defaults.kraken_ws_url, defaults.kraken_rest_url) == ("wss://ws.kraken.com/v2",
+                                                                  "https://api.kraken.com")
 
 
 @pytest.mark.parametrize("variable, value, needle", [
@@ -190,7 +197,8 @@ def test_bad_kraken_settings_are_one_readable_line(variable, value, needle):
 def test_rest_pages_by_time_from_any_id_with_or_without_its_time():
     sim = Simulator(rate=5000, mode="kraken")
     try:
-        wait_for(lambda: sim.client.status()["last_id"] >= sim.client.status()["first_id"] + 2500, 10, "trades")
+        wait_for(lambda: sim.client.status()["last_id"] >= sim.client.status()["first_id"] + 2500,
+                 10, "trades")
         sim.client.pause()
         status = sim.client.status()
         start = status["first_id"] + 1234

@@ -7,8 +7,8 @@ import redis.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btcfeed.config import (ConfigError, Source, check_redis_url, is_loopback, load, parse_addr, parse_sources,
-                           redact_url)
+from btcfeed.config import (ConfigError, Source, check_redis_url, is_loopback, load, parse_addr,
+                            parse_sources, redact_url)
 
 
 @pytest.fixture(autouse=True)

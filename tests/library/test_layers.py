@@ -48,7 +48,8 @@ def modules():
             prefix = package if relative == "." else package + "." + relative.replace(os.sep, ".")
             for name in files:
                 if name.endswith(".py") and "__pycache__" not in directory:
-                    yield (prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"), os.path.join(directory, name)
+                    module = prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"
+                    yield module, os.path.join(directory, name)
 
 
 def imports_of(path: str):
@@ -68,7 +69,8 @@ MODULES = sorted(modules())
 
 def test_every_module_of_the_package_is_found():
     names = {name for name, _ in MODULES}
-    assert {"btcfeed.keys", "btcfeed.storage.apply", "btcfeed.processes.writer", "btcfeed.commands.cli"} <= names
+    assert {"btcfeed.keys", "btcfeed.storage.apply", "btcfeed.processes.writer",
+            "btcfeed.commands.cli"} <= names
 
 
 @pytest.mark.parametrize("module,path", MODULES, ids=[name for name, _ in MODULES])
@@ -85,7 +87,8 @@ def test_only_the_command_line_reaches_the_tools_and_only_inside_its_commands():
     path = dict(MODULES)["btcfeed.commands.cli"]
     tree = ast.parse(open(path).read(), path)
     top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    assert not [node for node in top_level if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools")]
+    assert not [node for node in top_level
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools")]
 
 
 def test_the_tools_are_not_installed():

@@ -97,7 +97,8 @@ def test_two_hosts_writing_one_primary_never_put_back_an_older_trade_of_the_same
     client = redis_server.client()
 
     def write(source: str, trade_id: int, p: str) -> None:
-        client.execute_command(*price.write_view_command(price.view_fields(source, row(trade_id, 10_000, p), 1)))
+        fields = price.view_fields(source, row(trade_id, 10_000, p), 1)
+        client.execute_command(*price.write_view_command(fields))
 
     write("binance:BTCUSDT", 10, "10.0")       # host A
     write("binance:BTCUSDT", 9, "9.0")         # host B, behind: refused

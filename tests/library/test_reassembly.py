@@ -415,7 +415,8 @@ def test_parse_first_gives_what_splitting_everything_gives(parts, message_cuts, 
         # while the hot path judges each message by itself (an exchange never spreads a document
         # over messages).
         assert reassembler.dangling == expected[3]
-        assert [(reason, raw.strip()) for reason, raw in rejects] == [(r, raw.strip()) for r, raw in expected[1]]
+        assert ([(reason, raw.strip()) for reason, raw in rejects]
+                == [(reason, raw.strip()) for reason, raw in expected[1]])
 
 
 def is_subsequence(small: bytes, big: bytes) -> bool:

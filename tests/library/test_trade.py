@@ -574,6 +574,7 @@ def test_non_json_numbers_and_lone_surrogates_are_malformed(text):
 
 def test_server_shutdown_notice_is_recognised_raw_and_combined():
     from btcfeed.trade import ServerShutdown
-    assert parse_binance_ws(b'{"e":"serverShutdown","E":1700000000000}', "BTCUSDT", 1) == ServerShutdown(1700000000000)
+    raw = b'{"e":"serverShutdown","E":1700000000000}'
+    assert parse_binance_ws(raw, "BTCUSDT", 1) == ServerShutdown(1700000000000)
     combined = b'{"stream":"btcusdt@trade","data":{"e":"serverShutdown","E":5}}'
     assert parse_binance_ws(combined, "BTCUSDT", 1) == ServerShutdown(5)

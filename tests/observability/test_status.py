@@ -105,7 +105,8 @@ def test_disconnected_source_is_degraded():
 def test_fatal_process_is_critical_and_stopped_one_degraded():
     verdict = assess(document(processes={"health": {"state": "STOPPED"}}))
     assert verdict == {"status": "degraded", "reasons": ["health is STOPPED"]}
-    assert assess(document(processes={"sync": {"state": "FATAL", "heartbeat_age_ms": 100}}))["status"] == "critical"
+    fatal = document(processes={"sync": {"state": "FATAL", "heartbeat_age_ms": 100}})
+    assert assess(fatal)["status"] == "critical"
 
 
 def test_problems_come_before_warnings():

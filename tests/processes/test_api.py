@@ -76,7 +76,8 @@ class Follower(threading.Thread):
         else:
             headers["Last-Event-ID"] = str(self.last_id)
         connection.request("GET", path, headers=headers)
-        self.sock = connection.sock          # getresponse() lets go of it (the answer ends with the connection)
+        # getresponse() lets go of the socket (the answer ends with the connection): keep it
+        self.sock = connection.sock
         response = connection.getresponse()
         if response.status != 200:
             self.errors.append(f"status {response.status}: {response.read()[:200]!r}")
@@ -121,7 +122,8 @@ def assert_exactly_the_history(events, sim, first_id: int, last_id: int) -> None
         f"out of order or repeated at {[b for a, b in zip(ids, ids[1:]) if b != a + 1][:5]}")
     expected = verify.exchange_trades(sim.client, first_id, last_id)
     for event, trade in zip(events, expected):
-        assert (event["p"], event["q"], event["side"], event["ts"]) == (trade.p, trade.q, trade.side, trade.ts), event
+        assert (event["p"], event["q"], event["side"], event["ts"]) == (trade.p, trade.q, trade.side,
+                                                                        trade.ts), event
         assert isinstance(event["p"], str) and isinstance(event["id"], int) and event["rts"] > 0
 
 
@@ -129,7 +131,8 @@ def assert_exactly_the_history(events, sim, first_id: int, last_id: int) -> None
 
 def trade(trade_id: int) -> Trade:
     return Trade(trade_id, f"{60000 + trade_id % 89}.{trade_id % 100:02d}", "0.01000000",
-                 "buy" if trade_id % 3 else "sell", 1_700_000_000_000 + trade_id * 50, 1_700_000_000_005 + trade_id * 50)
+                 "buy" if trade_id % 3 else "sell",
+                 1_700_000_000_000 + trade_id * 50, 1_700_000_000_005 + trade_id * 50)
 
 
 @pytest.fixture
@@ -138,12 +141,14 @@ def served(redis_server, tmp_path):
     of 100), with its view built."""
     client = redis_server.client()
     for first in range(1, 5001, 100):
-        client.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch([trade(i) for i in range(first, first + 100)])))
+        batch = encode_batch([trade(i) for i in range(first, first + 100)])
+        client.xadd(keys.mirror(SOURCE), mirror_entry(batch))
     started = []
 
     def start(**env):
         cfg = config_module.load({"BTCFEED_LOCAL_URL": redis_server.url, "BTCFEED_STATE_DIR": str(tmp_path),
-                                  "BTCFEED_SOURCES": SOURCE, "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}", **env})
+                                  "BTCFEED_SOURCES": SOURCE, "BTCFEED_API_ADDR": f"127.0.0.1:{free_port()}",
+                                  **env})
         api = api_module.Api(cfg, EventLog("api", stream=io.StringIO(), capture=False))
         api.validate()
         api.initialize()
@@ -163,15 +168,16 @@ def test_trades_are_served_in_pages_by_trade_id(served):
     _, port = start()
     got, after = [], None
     while True:
-        status, page = get_json(port, f"/v1/trades?source={SOURCE}&limit=777" + (f"&after_id={after}" if after else ""))
+        position = f"&after_id={after}" if after else ""
+        status, page = get_json(port, f"/v1/trades?source={SOURCE}&limit=777{position}")
         assert status == 200 and page["newest_id"] == 5000
         if not page["trades"]:
             break
         got.extend(page["trades"])
         after = page["trades"][-1]["id"]
     assert [t["id"] for t in got] == list(range(1, 5001))
-    assert got[41] == {"id": 42, "p": trade(42).p, "q": "0.01000000", "side": trade(42).side, "ts": trade(42).ts,
-                       "rts": trade(42).rts}
+    t = trade(42)
+    assert got[41] == {"id": 42, "p": t.p, "q": "0.01000000", "side": t.side, "ts": t.ts, "rts": t.rts}
     status, page = get_json(port, f"/v1/trades?source={SOURCE}&after_id=4990")
     assert [t["id"] for t in page["trades"]] == list(range(4991, 5001))
     status, last = get_json(port, f"/v1/last?source={SOURCE}")
@@ -202,7 +208,8 @@ def test_the_price_is_served_when_there_is_one(served):
     client.hset(keys.PRICE, mapping={"source": SOURCE, "quote": "USDT", "p": "61234.50", "q": "0.1", "id": 9,
                                      "ts": 1700000000000, "rts": 1700000000001, "since": 1690000000000})
     status, document = get_json(port, "/v1/price")
-    assert status == 200 and document["p"] == "61234.50" and document["id"] == 9 and document["source"] == SOURCE
+    assert status == 200
+    assert (document["p"], document["id"], document["source"]) == ("61234.50", 9, SOURCE)
 
 
 @pytest.mark.parametrize("path, code, words", [
@@ -267,8 +274,9 @@ def test_a_stream_resumes_after_its_last_event_id_and_goes_live(served):
     finally:
         follower.stop()
     assert [e["id"] for e in follower.events] == list(range(4001, 5201))
-    assert follower.events[-1] == {"id": 5200, "p": trade(5200).p, "q": "0.01000000", "side": trade(5200).side,
-                                   "ts": trade(5200).ts, "rts": trade(5200).rts}
+    t = trade(5200)
+    assert follower.events[-1] == {"id": 5200, "p": t.p, "q": "0.01000000", "side": t.side, "ts": t.ts,
+                                   "rts": t.rts}
 
 
 def test_streams_beyond_the_cap_get_503(served, monkeypatch):
@@ -324,7 +332,8 @@ def test_a_stream_follows_every_trade_across_an_outage_a_kill_and_a_disconnect(p
     try:
         wait_for(lambda: len(follower.events) > RATE, 20, "the stream")
         follower.disconnect()                                    # the client drops and comes back
-        wait_for(lambda: follower.connects >= 2 and len(follower.events) > 2 * RATE, 20, "the stream after a reconnect")
+        wait_for(lambda: follower.connects >= 2 and len(follower.events) > 2 * RATE, 20,
+                 "the stream after a reconnect")
         primary.kill()                                           # the primary goes away
         wait_for(lambda: writer_state(stack) == "failover", 10, "the writer to fail over")
         during = len(follower.events)

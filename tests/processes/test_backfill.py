@@ -11,7 +11,8 @@ import redis
 from btcfeed import keys
 
 from tools import verify
-from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
+from harness import (SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived,
+                     verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
@@ -64,8 +65,11 @@ def test_server_shutdown_notice_opens_the_next_connection_before_the_close(prima
     try:
         wait_for(lambda: primary_last_id(client) > RATE, 20, "trades in the primary")
         sim.client.fault("shutdown", seconds=2)
-        log = wait_for(lambda: (lambda text: text if "event=connected source=binance:BTCUSDT connection=2" in text
-                                else None)(open(stack.log_path("ingest")).read()), 5, "the next connection")
+        def second_connection():
+            text = open(stack.log_path("ingest")).read()
+            return text if "event=connected source=binance:BTCUSDT connection=2" in text else None
+
+        log = wait_for(second_connection, 5, "the next connection")
         # Opened on the notice, not after the close: the old connection was let go by ingest once
         # the new one delivered, before the exchange closed it.
         assert log.index("event=server_shutdown_notice") < log.index("connection=2")
@@ -100,8 +104,8 @@ def test_never_more_than_five_messages_a_second_to_the_exchange(redis_server):
         def __getattr__(self, name):
             return lambda *args, **fields: None
 
-    feed = SourceFeed(Source("binance", "BTCUSDT"), load({}), Bus(redis_server.client(), 100, 10), SilentLog(),
-                      threading.Event())
+    feed = SourceFeed(Source("binance", "BTCUSDT"), load({}), Bus(redis_server.client(), 100, 10),
+                      SilentLog(), threading.Event())
     conn = Connection(feed, 1)
     conn.ws = FakeSocket()
     for index in range(12):                         # a burst of pings

@@ -8,8 +8,8 @@ import pytest
 
 from btcfeed import keys
 from btcfeed.events import recent_events
-from harness import (SOURCE, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for,
-                     wait_verified, drain, local_client, writer_state)
+from harness import (SOURCE, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary,
+                     wait_for, wait_verified, drain, local_client, writer_state)
 from tools import verify
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,8 @@ def test_pause_keeps_trades_locally_and_resume_lands_them_exactly_once(primary, 
     assert health.returncode == 1 and "resize the instance" in health.stdout, health.stdout
     resumed_at = time.monotonic()
     resumed = btcfeed(stack, "primary", "resume")
-    assert resumed.returncode == 0 and "back on the primary" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "back on the primary" in resumed.stdout, \
+        resumed.stdout + resumed.stderr
     print(f"resume -> hand-back {time.monotonic() - resumed_at:.3f}s")
     assert primary_last_id(client) > frozen
     last = drain(client, sim)

@@ -9,8 +9,8 @@ import redis
 from btcfeed import keys
 from tools.redis_process import RedisProcess
 from btcfeed.commands.stack import Stack
-from harness import (SOURCE, Simulator, drain, remove_stack, short_tmpdir, stack_env, verify_derived, verify_primary,
-                     wait_for)
+from harness import (SOURCE, Simulator, drain, remove_stack, short_tmpdir, stack_env, verify_derived,
+                     verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
@@ -32,7 +32,8 @@ def primary():
 
 
 def local(stack):
-    return redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5, decode_responses=True)
+    return redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5,
+                       decode_responses=True)
 
 
 def health(stack):
@@ -44,15 +45,25 @@ def health(stack):
         return exc.code, json.loads(exc.read())
 
 
+def health_when(stack, condition):
+    """For wait_for: the stack's (code, /health document) once condition holds for it, else None."""
+    def check():
+        answer = health(stack)
+        return answer if condition(answer) else None
+    return check
+
+
 def good_url(primary):
     return f"redis://:{PASSWORD}@127.0.0.1:{primary.port}/0"
 
 
 BAD_URLS = {
-    "wrong password": (lambda p: f"redis://:not-the-password@127.0.0.1:{p.port}/0", "check the user name and password"),
+    "wrong password": (lambda p: f"redis://:not-the-password@127.0.0.1:{p.port}/0",
+                       "check the user name and password"),
     "no password": (lambda p: f"redis://127.0.0.1:{p.port}/0", "check the user name and password"),
     "wrong database index": (lambda p: f"redis://:{PASSWORD}@127.0.0.1:{p.port}/99", "database index"),
-    "TLS to a plain port": (lambda p: f"rediss://:{PASSWORD}@127.0.0.1:{p.port}/0", "is that port serving TLS"),
+    "TLS to a plain port": (lambda p: f"rediss://:{PASSWORD}@127.0.0.1:{p.port}/0",
+                            "is that port serving TLS"),
 }
 
 
@@ -67,8 +78,8 @@ def test_misconfigured_primary_keeps_trades_locally_until_fixed(primary, sim, ca
     try:
         wait_for(lambda: local(stack).hget(keys.WRITER_STATE, "state") == "failover", 15, "failover")
         wait_for(lambda: local(stack).xlen(keys.BACKLOG) > 5, 15, "trades kept in the backlog")
-        code, document = wait_for(lambda: (lambda h: h if h[1]["status"] == "degraded" else None)(health(stack)),
-                                  10, "health to report the problem")
+        code, document = wait_for(health_when(stack, lambda answer: answer[1]["status"] == "degraded"), 10,
+                                  "health to report the problem")
         assert code == 200
         assert any(reason_part in r for r in document["reasons"]), document["reasons"]
         assert local(stack).xlen(keys.trades(SOURCE)) > 0          # the local copy has them
@@ -93,13 +104,15 @@ def test_misconfigured_primary_keeps_trades_locally_until_fixed(primary, sim, ca
 
 def test_primary_that_is_a_replica_from_the_start(sim):
     master = RedisProcess(short_tmpdir("bf-master-")).start()
-    replica = RedisProcess(short_tmpdir("bf-replica-"), extra_args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+    replica = RedisProcess(short_tmpdir("bf-replica-"),
+                           extra_args=["--replicaof", "127.0.0.1", str(master.port)]).start()
     stack = Stack(short_tmpdir("bf-stack-"), stack_env(replica, sim))
     stack.up()
     try:
-        wait_for(lambda: local(stack).hget(keys.WRITER_STATE, "state") == "failover", 15, "failover on READONLY")
-        code, document = wait_for(lambda: (lambda h: h if "replica" in json.dumps(h[1]) else None)(health(stack)),
-                                  10, "health to name the replica")
+        wait_for(lambda: local(stack).hget(keys.WRITER_STATE, "state") == "failover", 15,
+                 "failover on READONLY")
+        code, document = wait_for(health_when(stack, lambda answer: "replica" in json.dumps(answer[1])), 10,
+                                  "health to name the replica")
         assert code == 200 and document["status"] == "degraded"
         replica.client().replicaof("NO", "ONE")
         wait_for(lambda: local(stack).hget(keys.WRITER_STATE, "state") == "primary", 30, "hand-back")

@@ -16,8 +16,8 @@ from btcfeed import config as config_module
 from btcfeed import keys
 from btcfeed.events import recent_events
 from btcfeed.storage.bus import read_heartbeats
-from harness import (SOURCE, Cluster, drain, local_client, primary_last_id, remove_stack, short_tmpdir, start_stack,
-                     verify_derived, verify_primary, wait_for, wait_verified, writer_state)
+from harness import (SOURCE, Cluster, drain, local_client, primary_last_id, remove_stack, short_tmpdir,
+                     start_stack, verify_derived, verify_primary, wait_for, wait_verified, writer_state)
 from tools import verify
 from tools.redis_process import RedisProcess, free_port
 from tools.tlscerts import make_test_pki, tls_server_args
@@ -87,8 +87,9 @@ def test_move_to_a_new_primary_while_trades_flow(primary, sim, stack, target):
     with urllib.request.urlopen(f"http://{stack.env['BTCFEED_HEALTH_ADDR']}/status", timeout=10) as response:
         planned = json.loads(response.read())["planned"]
     assert planned["maintenance"] is None
-    assert planned["move"]["phase"] == "done" and planned["move"]["to"] == target.url
-    assert planned["move"]["trades_copied"] > RATE and planned["move"]["seconds"] > 0 and planned["move"]["by"]
+    move = planned["move"]
+    assert move["phase"] == "done" and move["to"] == target.url
+    assert move["trades_copied"] > RATE and move["seconds"] > 0 and move["by"]
 
 
 def test_a_killed_move_before_the_switch_is_abandoned_and_the_feed_stays(primary, sim, stack, target):
@@ -142,7 +143,8 @@ def test_a_move_survives_a_writer_and_sync_killed_while_it_copies(primary, sim, 
 def test_move_misuse_is_one_line_and_changes_nothing(primary, sim, stack):
     client = primary.client()
     wait_for(lambda: primary_last_id(client) > 0, 30, "trades in the primary")
-    replica = RedisProcess(short_tmpdir("bf-replica-"), extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    replica = RedisProcess(short_tmpdir("bf-replica-"),
+                           extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
     try:
         cases = [
             (("--to", f"redis://127.0.0.1:{free_port()}/0"), "does not take writes"),
@@ -156,10 +158,11 @@ def test_move_misuse_is_one_line_and_changes_nothing(primary, sim, stack):
             done = btcfeed(stack, "primary", "move", *args, timeout=60)
             assert done.returncode != 0, (args, done.stdout)
             lines = done.stderr.strip().splitlines()
-            assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, (args, done.stderr)
+            assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, \
+                (args, done.stderr)
         local = local_client(stack)
-        local.hset(keys.MOVE, mapping={"phase": "copying", "to": "redis://elsewhere:6379/0", "pid": os.getpid(),
-                                       "host": os.uname().nodename})
+        local.hset(keys.MOVE, mapping={"phase": "copying", "to": "redis://elsewhere:6379/0",
+                                       "pid": os.getpid(), "host": os.uname().nodename})
         busy = btcfeed(stack, "primary", "move", "--to", replica.url, timeout=60)
         assert busy.returncode != 0 and "under way" in busy.stderr, busy.stderr
         local.delete(keys.MOVE)

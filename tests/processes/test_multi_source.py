@@ -70,7 +70,8 @@ def coinbase_stats(stack) -> dict:
     return (ingest_stats(stack) or {}).get("coinbase:BTC-USD", {})
 
 
-def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing(primary, primary_client, sims):
+def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing(
+        primary, primary_client, sims):
     stack = start_sources_stack(primary, list(sims.values()))
     try:
         wait_all_flowing(primary_client, sims)
@@ -85,11 +86,12 @@ def test_one_exchange_black_holed_then_another_misbehaving_the_rest_keep_flowing
         control.fault("rest429", count=4)
         control.fault("drop")
         assert_others_flow(primary_client, sims, "coinbase", 1.5)
-        wait_for(lambda: coinbase_stats(stack).get("connected") and coinbase_stats(stack).get("reconnects"), 20,
-                 "coinbase to reconnect")
+        wait_for(lambda: coinbase_stats(stack).get("connected") and coinbase_stats(stack).get("reconnects"),
+                 20, "coinbase to reconnect")
         control.fault("garbage")
         assert_others_flow(primary_client, sims, "coinbase", 1.5)
-        wait_for(lambda: coinbase_stats(stack).get("deadlettered", 0) >= 5, 10, "the garbage to be dead-lettered")
+        wait_for(lambda: coinbase_stats(stack).get("deadlettered", 0) >= 5, 10,
+                 "the garbage to be dead-lettered")
         wait_all_flowing(primary_client, sims)
         for sim in sims.values():
             assert_exact(primary_client, sim)

@@ -34,7 +34,8 @@ def wait_trades(primary_client, count):
     start = primary_last_id(primary_client)
     if start < 0:
         start = wait_for(lambda: primary_last_id(primary_client) + 1, 20, "a first trade in the primary") - 1
-    wait_for(lambda: primary_last_id(primary_client) >= start + count, 20, f"{count} more trades in the primary")
+    wait_for(lambda: primary_last_id(primary_client) >= start + count, 20,
+             f"{count} more trades in the primary")
 
 
 def test_every_trade_lands_exactly_once(primary, primary_client, sim):
@@ -72,8 +73,12 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(primary, primary_client, s
     try:
         wait_trades(primary_client, RATE)
         old_pid = stack.kill(victim, signal.SIGKILL)
-        wait_for(lambda: stack.info(victim)["statename"] == "RUNNING" and stack.info(victim)["pid"] != old_pid,
-                 20, f"supervisord to restart {victim}")
+
+        def restarted():
+            info = stack.info(victim)
+            return info["statename"] == "RUNNING" and info["pid"] != old_pid
+
+        wait_for(restarted, 20, f"supervisord to restart {victim}")
         wait_trades(primary_client, 2 * RATE)
         run_and_verify(primary_client, sim)
     finally:
@@ -159,8 +164,9 @@ def test_two_stacks_side_by_side_into_one_primary(primary, primary_client, sim):
 
 def run_process_main(module, **env):
     full_env = {**os.environ, "BTCFEED_STATE_DIR": short_tmpdir(), **env}
-    return subprocess.run([sys.executable, "-m", module], env=full_env, capture_output=True, text=True, timeout=60,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-m", module], env=full_env, capture_output=True, text=True,
+                          timeout=60, cwd=root)
 
 
 @pytest.mark.parametrize("variable, value, needle", [
@@ -178,6 +184,7 @@ def test_bad_configuration_is_one_clear_line(variable, value, needle):
 
 
 def test_unreachable_local_redis_at_start_is_one_clear_line():
-    result = run_process_main("btcfeed.processes.writer", BTCFEED_LOCAL_URL="unix:///tmp/no-such-dir/redis.sock")
+    result = run_process_main("btcfeed.processes.writer",
+                              BTCFEED_LOCAL_URL="unix:///tmp/no-such-dir/redis.sock")
     assert result.returncode == 1
     assert "local_redis_unreachable" in result.stdout and "Traceback" not in result.stdout + result.stderr

@@ -17,7 +17,8 @@ STALE_MS = 1000
 
 @pytest.fixture
 def sims():
-    started = {"binance": Simulator(rate=300, mode="binance"), "coinbase": Simulator(rate=200, mode="coinbase")}
+    started = {"binance": Simulator(rate=300, mode="binance"),
+               "coinbase": Simulator(rate=200, mode="coinbase")}
     yield started
     for sim in started.values():
         if sim.process.poll() is None:
@@ -44,7 +45,8 @@ def switches(stack) -> list:
     return [e["fields"] for e in events if e["event"] == "price_source_switch"]
 
 
-def test_the_price_moves_to_the_next_source_while_the_preferred_one_stalls_and_back(primary_client, primary, sims):
+def test_the_price_moves_to_the_next_source_while_the_preferred_one_stalls_and_back(
+        primary_client, primary, sims):
     binance, coinbase = sims["binance"].source, sims["coinbase"].source
     stack = start_sources_stack(primary, sims.values(), BTCFEED_PRICE_STALE_MS=str(STALE_MS))
     try:

@@ -9,7 +9,8 @@ import pytest
 from btcfeed import keys
 
 from tools import verify
-from harness import SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived, verify_primary, wait_for
+from harness import (SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived,
+                     verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000

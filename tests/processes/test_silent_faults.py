@@ -9,8 +9,9 @@ from btcfeed import keys
 
 from tools import verify
 from btcfeed.events import recent_events
-from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, start_sources_stack, start_stack,
-                     verify_derived, verify_primary, wait_for, wait_verified, local_client, writer_state)
+from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, start_sources_stack,
+                     start_stack, verify_derived, verify_primary, wait_for, wait_verified, local_client,
+                     writer_state)
 
 pytestmark = pytest.mark.integration
 RATE = 2000
@@ -125,7 +126,7 @@ def test_a_wrong_type_key_refuses_one_source_and_the_others_go_on(primary):
     try:
         client = primary.client()
         victim, other = sims
-        wait_for(lambda: primary_last_id(client, victim.source) > 0 and primary_last_id(client, other.source) > 0,
+        wait_for(lambda: all(primary_last_id(client, sim.source) > 0 for sim in (victim, other)),
                  30, "both sources in the primary")
         firsts = {sim.source: verify.lowest_trade_id(client, sim.source) for sim in sims}
         next_minute = (int(time.time() * 1000) // 60000 + 1) * 60000

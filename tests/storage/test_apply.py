@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from btcfeed import keys
-from btcfeed.storage.apply import BatchApplier, expected_candles, is_epoch_error, iso_time, read_candles, read_trades
+from btcfeed.storage.apply import (BatchApplier, expected_candles, is_epoch_error, iso_time, read_candles,
+                                   read_trades)
 from btcfeed.trade import Trade, encode_batch
 from samples import make_trades, this_minute
 

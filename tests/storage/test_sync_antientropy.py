@@ -10,7 +10,8 @@ from btcfeed import config, keys
 
 from btcfeed.storage import epochs
 from btcfeed.storage.antientropy import HeldIndex, compare
-from btcfeed.storage.apply import BatchApplier, expected_candles, is_epoch_error, mirror_entry, read_candles, read_trades
+from btcfeed.storage.apply import (BatchApplier, expected_candles, is_epoch_error, mirror_entry, read_candles,
+                                   read_trades)
 from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
 from tools.redis_process import RedisProcess

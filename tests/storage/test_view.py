@@ -19,7 +19,8 @@ SOURCE = "binance:BTCUSDT"
 
 
 def trade(trade_id: int) -> Trade:
-    return Trade(trade_id, f"{60000 + trade_id % 97}.{trade_id % 100:02d}", "0.00100000", "buy" if trade_id % 2 else "sell",
+    return Trade(trade_id, f"{60000 + trade_id % 97}.{trade_id % 100:02d}", "0.00100000",
+                 "buy" if trade_id % 2 else "sell",
                  1_700_000_000_000 + trade_id, 1_700_000_000_050 + trade_id)
 
 
@@ -163,7 +164,8 @@ def test_a_given_up_id_is_skipped_only_after_the_writer_has_passed_the_bus(local
     wait_steps(builder, lambda: view_ids(local)[-1:] == [21])
     assert view_ids(local) == list(range(1, 11)) + list(range(14, 22))
     skipped = [e for e in recent_events(local, 50) if e["event"] == "view_ids_skipped"]
-    assert len(skipped) == 1 and skipped[0]["fields"] == {"source": SOURCE, "first": 11, "last": 13, "count": 3}
+    assert len(skipped) == 1
+    assert skipped[0]["fields"] == {"source": SOURCE, "first": 11, "last": 13, "count": 3}
     assert builder.stats()["skipped"] == 3
 
 
@@ -238,6 +240,7 @@ def test_the_view_is_trimmed_to_what_the_local_copy_still_holds(local, log, monk
     steps(builder, 2)
     assert view_ids(local) == list(range(1, 51))
     mirror(local, range(51, 61))
-    local.xtrim(keys.mirror(SOURCE), maxlen=1, approximate=False)           # the local copy dropped its oldest batch
+    # the local copy dropped its oldest batch
+    local.xtrim(keys.mirror(SOURCE), maxlen=1, approximate=False)
     steps(builder, 2)
     assert view_ids(local)[0] == 51 and view_ids(local)[-1] == 60

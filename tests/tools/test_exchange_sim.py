@@ -731,7 +731,8 @@ def test_kraken_mode_rest_since_last_and_rate_limit_error(make_sim):
     assert sim.get("/0/public/Trades?pair=ETHUSD")[2]["error"] == ["EQuery:Unknown asset pair"]
 
 
-@pytest.mark.parametrize("mode, symbol", [("coinbase", "BTCUSD"), ("kraken", "BTC-USD"), ("binance", "BTC/USD")])
+@pytest.mark.parametrize("mode, symbol", [("coinbase", "BTCUSD"), ("kraken", "BTC-USD"),
+                                          ("binance", "BTC/USD")])
 def test_mode_rejects_another_exchanges_symbol(mode, symbol):
     result = subprocess.run([sys.executable, "-m", "tools.simulator", "--mode", mode, "--symbol", symbol],
                             cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=30)

@@ -17,7 +17,8 @@ import redis
 
 from btcfeed import keys
 from tools.bench.throughput import exactness
-from btcfeed.exchanges.binance import REST_ENDPOINTS, REST_PAGE_LIMIT, WEIGHT_LIMIT_PER_MINUTE, WEIGHT_SAFE_FRACTION
+from btcfeed.exchanges.binance import (REST_ENDPOINTS, REST_PAGE_LIMIT, WEIGHT_LIMIT_PER_MINUTE,
+                                       WEIGHT_SAFE_FRACTION)
 from btcfeed.commands.stack import StackError
 from tools.rig import SimulatedStack
 from tools.simulator import SimulatorError
@@ -100,13 +101,15 @@ def run_backfill_bench(echo=print) -> int:
     path, weight = REST_ENDPOINTS["trade"]
     ceiling = REST_PAGE_LIMIT * WEIGHT_LIMIT_PER_MINUTE * WEIGHT_SAFE_FRACTION / weight / 60
     echo("")
-    echo(f"long outage ({OUTAGE_S:g} s at {RATE:,}/s): live trades in the primary {outage['live_after_s']:.2f} s "
-         f"after the restart (process start included); the {outage['missing']:,} trades printed meanwhile filled "
-         f"{outage['filled_after_s']:.1f} s after it ({outage['rate']:,.0f} trades/s over REST, beside the live feed)")
+    echo(f"long outage ({OUTAGE_S:g} s at {RATE:,}/s): live trades in the primary "
+         f"{outage['live_after_s']:.2f} s after the restart (process start included); the "
+         f"{outage['missing']:,} trades printed meanwhile filled {outage['filled_after_s']:.1f} s after it "
+         f"({outage['rate']:,.0f} trades/s over REST, beside the live feed)")
     echo(f"  the weight limit allows at most {ceiling:,.0f} trades/s from {path} "
-         f"({REST_PAGE_LIMIT} per call, weight {weight}, {WEIGHT_SAFE_FRACTION:.0%} of {WEIGHT_LIMIT_PER_MINUTE}/min)")
-    echo(f"dropped connection -> every trade up to the drop in the primary: median {statistics.median(drops):.2f} s, "
-         f"max {max(drops):.2f} s over {DROPS} drops")
+         f"({REST_PAGE_LIMIT} per call, weight {weight}, {WEIGHT_SAFE_FRACTION:.0%} of "
+         f"{WEIGHT_LIMIT_PER_MINUTE}/min)")
+    echo(f"dropped connection -> every trade up to the drop in the primary: "
+         f"median {statistics.median(drops):.2f} s, max {max(drops):.2f} s over {DROPS} drops")
     echo(f"exactness over the run: {exact.get('entries', 0):,} trades, missing {exact.get('missing')}, "
          f"duplicated {exact.get('duplicated')}")
     return 0

@@ -101,7 +101,8 @@ def check_exact(rig, echo) -> bool:
 
 def print_table(rows, echo) -> None:
     names = rows[0]["stack_names"] + ["primary", "simulator"]
-    echo(f"{'% of one core':<16}" + "".join(f"{str(row['rate']) + '/s':>10}" for row in rows) + f"{'RSS MiB':>10}")
+    echo(f"{'% of one core':<16}" + "".join(f"{str(row['rate']) + '/s':>10}" for row in rows)
+         + f"{'RSS MiB':>10}")
     for name in names:
         echo(f"{name:<16}" + "".join(f"{row['cpu'].get(name, 0.0):>10.2f}" for row in rows)
              + f"{rows[-1]['rss'].get(name, 0) / MB:>10.1f}")
@@ -111,4 +112,5 @@ def print_table(rows, echo) -> None:
         target = TARGETS.get(row["rate"])
         if target is not None:
             verdict = "met" if row["stack"] <= target else "NOT met"
-            echo(f"target at {row['rate']}/s: stack under {target:g}% of one core: {verdict} ({row['stack']:.2f}%)")
+            echo(f"target at {row['rate']}/s: stack under {target:g}% of one core: {verdict} "
+                 f"({row['stack']:.2f}%)")

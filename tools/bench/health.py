@@ -80,8 +80,9 @@ def measure_round(rig, health_url: str, loaded: bool, health_proc: psutil.Proces
     return {"loaded": loaded, "landed": landed, "latency": percentiles(latencies),
             "status_ms": percentiles(load.times_ms) if load else None,
             "requests": len(load.times_ms) if load else 0, "failures": load.failures if load else 0,
-            "health_cpu_pct": 100 * ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system))
-            / elapsed, "health_rss_mb": peak_rss}
+            "health_cpu_pct": 100 * ((cpu_after.user + cpu_after.system)
+                                     - (cpu_before.user + cpu_before.system)) / elapsed,
+            "health_rss_mb": peak_rss}
 
 
 def _ts(payload: bytes) -> float:

@@ -61,8 +61,8 @@ def measure(rig, target, trades: int, echo) -> bool:
         return True
     moved = [e for e in recent_events(rig.local, 200) if e["event"] == "primary_moved"][0]["fields"]
     copied = moved["trades_copied"]
-    echo(f"  move: {seconds:.1f} s for {copied:,} trades ({copied / max(seconds, 1e-3):,.0f} trades/s), the writer "
-         f"on the local copy for {moved['paused_s']} s; the live feed went on throughout")
+    echo(f"  move: {seconds:.1f} s for {copied:,} trades ({copied / max(seconds, 1e-3):,.0f} trades/s), "
+         f"the writer on the local copy for {moved['paused_s']} s; the live feed went on throughout")
     old = rig.primary
     frozen = (old.xlen(keys.trades(SOURCE)), old.hget(keys.last(SOURCE), "id"))
     new = target.client()
@@ -73,7 +73,8 @@ def measure(rig, target, trades: int, echo) -> bool:
     stored = [trade for chunk in read_trades_since(new, SOURCE, 50_000) for trade in chunk]
     old_ids = collections.Counter(trade.id for trade in stored if trade.id < LIVE_START_ID)
     old_exact = len(old_ids) == trades and set(old_ids.values()) == {1}
-    live = compare_with_exchange([t for t in stored if t.id >= LIVE_START_ID], rig.sim, LIVE_START_ID, last_id)
+    live = compare_with_exchange([t for t in stored if t.id >= LIVE_START_ID], rig.sim, LIVE_START_ID,
+                                 last_id)
     untouched = (old.xlen(keys.trades(SOURCE)), old.hget(keys.last(SOURCE), "id")) == frozen
     exact = old_exact and live.exact() and untouched
     echo(f"  exact: window {len(old_ids):,} distinct of {trades:,} (each once: {old_exact}); live {live}; "

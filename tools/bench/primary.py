@@ -138,8 +138,9 @@ def cluster_spread_versus_one(root: str) -> dict:
     try:
         for index in range(3):
             directory = os.path.join(root, f"c{index}")
-            nodes.append(RedisProcess(directory, port=_cluster_port(), extra_args=[
-                "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(directory, "nodes.conf")]).start())
+            cluster_args = ["--cluster-enabled", "yes",
+                            "--cluster-config-file", os.path.join(directory, "nodes.conf")]
+            nodes.append(RedisProcess(directory, port=_cluster_port(), extra_args=cluster_args).start())
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
         _wait_cluster_ok(nodes)
@@ -187,7 +188,8 @@ def run_primary_bench(echo=print) -> int:
              f"median of {RUNS} runs of {RUN_S:g} s")
         echo("bench-primary: plain TCP and TLS into the same redis-server ...")
         tls = tls_versus_plain(root)
-        echo("bench-primary: a three-master Redis Cluster, three sources spread over the masters or on one ...")
+        echo("bench-primary: a three-master Redis Cluster, three sources spread over the masters "
+             "or on one ...")
         cluster = cluster_spread_versus_one(root)
     except (redis.RedisError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
         echo(f"bench-primary: could not run: {type(exc).__name__}: {exc}")

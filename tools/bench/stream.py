@@ -122,7 +122,8 @@ def run_stream_bench(echo=print) -> int:
         rig.sim.set_rate(LIVE_RATE)
         time.sleep(3)
         quiet_live = landed(rig, ROUND_S)
-        echo(f"bench-stream: {CLIENTS} clients follow the live stream at {LIVE_RATE:,} trades/s for {ROUND_S:g} s ...")
+        echo(f"bench-stream: {CLIENTS} clients follow the live stream at {LIVE_RATE:,} trades/s "
+             f"for {ROUND_S:g} s ...")
         _, newest = view_ends(port)
         clients = [StreamClient(port, newest, seconds=ROUND_S) for _ in range(CLIENTS)]
         for client in clients:
@@ -139,17 +140,19 @@ def run_stream_bench(echo=print) -> int:
     rates = [c.count / (c.finished - c.started) for c in clients]
     delays = sorted(d for c in clients for d in c.delays_ms)
     echo("")
-    echo(f"One client, flat out: {one.count:,} trades in {one.finished - one.started:.2f} s = {one_rate:,.0f} trades/s "
-         f"(target >= {TARGET_ONE_CLIENT:,}): {'met' if one_rate >= TARGET_ONE_CLIENT else 'MISSED'}; "
+    echo(f"One client, flat out: {one.count:,} trades in {one.finished - one.started:.2f} s "
+         f"= {one_rate:,.0f} trades/s (target >= {TARGET_ONE_CLIENT:,}): "
+         f"{'met' if one_rate >= TARGET_ONE_CLIENT else 'MISSED'}; "
          f"ids consecutive: {'yes' if not one.broken and not one.error else 'NO'}")
-    echo(f"  feed landed in the primary at {FAST_RATE:,}/s offered: {quiet_fast:,.0f} trades/s without the client, "
-         f"{loaded_fast:,.0f} with it ({100 * (loaded_fast - quiet_fast) / quiet_fast:+.1f}%)")
+    echo(f"  feed landed in the primary at {FAST_RATE:,}/s offered: {quiet_fast:,.0f} trades/s "
+         f"without the client, {loaded_fast:,.0f} with it "
+         f"({100 * (loaded_fast - quiet_fast) / quiet_fast:+.1f}%)")
     echo(f"{CLIENTS} clients on the live stream at {LIVE_RATE:,} trades/s: each received "
          f"{min(rates):,.0f}..{max(rates):,.0f} trades/s (median {statistics.median(rates):,.0f}); "
          f"ids consecutive in all: {'yes' if not any(c.broken or c.error for c in clients) else 'NO'}")
     if delays:
         echo(f"  delivery delay (ingest receive -> client): p50 {delays[len(delays) // 2]:.1f} ms, "
              f"p99 {delays[int(len(delays) * 0.99)]:.1f} ms")
-    echo(f"  feed landed in the primary: {quiet_live:,.0f} trades/s without the clients, {loaded_live:,.0f} with them "
-         f"({100 * (loaded_live - quiet_live) / quiet_live:+.1f}%)")
+    echo(f"  feed landed in the primary: {quiet_live:,.0f} trades/s without the clients, "
+         f"{loaded_live:,.0f} with them ({100 * (loaded_live - quiet_live) / quiet_live:+.1f}%)")
     return 0

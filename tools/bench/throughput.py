@@ -81,7 +81,8 @@ class ProcessWatch:
         self.threads = {}        # phase -> name -> [% of one core per thread, busiest first]
         self._phase = None
 
-    def add(self, name: str, pid: int, stack: bool = False, threads: bool = False, forks: bool = False) -> None:
+    def add(self, name: str, pid: int, stack: bool = False, threads: bool = False,
+            forks: bool = False) -> None:
         try:
             self.procs[name] = psutil.Process(pid)
         except psutil.Error:
@@ -105,7 +106,8 @@ class ProcessWatch:
                 self.peak_rss[name], self.peak_phase[name] = rss, phase
 
     def begin(self, phase: str) -> None:
-        threads = {name: _thread_seconds(self.procs[name]) for name in self.thread_names if name in self.procs}
+        threads = {name: _thread_seconds(self.procs[name])
+                   for name in self.thread_names if name in self.procs}
         self._phase = (phase, time.monotonic(), self._cpu_seconds(), _all_cpu_seconds(), threads)
         self.sample()
 
@@ -182,7 +184,8 @@ def _all_cpu_seconds() -> dict:
         if info["cpu_times"] is None:
             continue
         command = " ".join(" ".join(info["cmdline"] or [info["name"] or "?"]).split())
-        seconds[(proc.pid, info["create_time"], command[:60])] = info["cpu_times"].user + info["cpu_times"].system
+        cpu = info["cpu_times"]
+        seconds[(proc.pid, info["create_time"], command[:60])] = cpu.user + cpu.system
     return seconds
 
 
@@ -236,7 +239,8 @@ def _parse_benchmark_csv(stdout: str, stderr: str) -> float:
             except ValueError:
                 break
     detail = (stderr or stdout).strip().splitlines()
-    raise BenchError(f"could not read redis-benchmark's result: {detail[-1][:200] if detail else 'no output'}")
+    last = detail[-1][:200] if detail else "no output"
+    raise BenchError(f"could not read redis-benchmark's result: {last}")
 
 
 # --- 2. sustained throughput, drain and exactness -----------------------------------------------
@@ -506,10 +510,13 @@ def run_bench(seconds: float = 15, rate: float = 100_000, echo=print) -> int:
         latency = latency_phase(rig, watch)
         echo(f"bench: throughput: simulator at {rate:,.0f} trades/s for {seconds:g} s ...")
         throughput = throughput_phase(rig, watch, seconds, rate)
-        echo(f"bench: pausing the simulator; draining (up to {DRAIN_TIMEOUT_S:.0f} s) and checking every id ...")
+        echo(f"bench: pausing the simulator; draining (up to {DRAIN_TIMEOUT_S:.0f} s) "
+             "and checking every id ...")
         exact = drain(rig, watch)
-        redis_memory = {"redis-local": _used_memory_peak(rig.local), "primary": _used_memory_peak(rig.primary)}
-        local_keys = {"bus": _key_mb(rig.local, keys.BUS), "local trade copy": _key_mb(rig.local, keys.trades(SOURCE))}
+        redis_memory = {"redis-local": _used_memory_peak(rig.local),
+                        "primary": _used_memory_peak(rig.primary)}
+        local_keys = {"bus": _key_mb(rig.local, keys.BUS),
+                      "local trade copy": _key_mb(rig.local, keys.trades(SOURCE))}
         exact.update(exactness(rig.primary, keys.trades(SOURCE), exact["sim_last_id"]))
         feed_counts = _ingest_counts(rig)
         restarts = _restarted(rig, pids)
@@ -618,8 +625,8 @@ def _report_throughput(echo, rate, ref, throughput, exact, feed):
     not_on_bus = max(0, throughput["sim_last_id_at_end"] - b["cursor"])
     kept_up = average >= 0.95 * generated and behind <= max(1.0, 0.5 * average)
     echo("2. sustained end-to-end throughput: simulator -> ingest -> bus -> writer -> primary trade stream")
-    echo(f"   simulator asked {rate:,.0f}/s for {throughput['seconds']:g} s; first {throughput['warmup']:.1f} s "
-         f"left out as warm-up; steady window {throughput['window']:.1f} s")
+    echo(f"   simulator asked {rate:,.0f}/s for {throughput['seconds']:g} s; first "
+         f"{throughput['warmup']:.1f} s left out as warm-up; steady window {throughput['window']:.1f} s")
     echo(f"   simulator generated                            {generated:>10,.0f} trades/s")
     echo(f"   landed, median of per-second rates             {median_rate:>10,.0f} trades/s   "
          f"= {median_rate / ref:.3f} x reference   target >= {TARGET_THROUGHPUT:,}/s  "
@@ -628,17 +635,18 @@ def _report_throughput(echo, rate, ref, throughput, exact, feed):
          f"= {average / ref:.3f} x reference")
     if per_second:
         echo("   per second (k/s): " + " ".join(f"{v / 1000:.1f}" for v in per_second))
-    echo(f"   kept up: {'yes' if kept_up else 'no'}; at the end {behind:,} trades generated but not in the primary "
-         f"({behind / max(average, 1):.1f} s of landing): {not_on_bus:,} not yet on the bus (simulator send "
-         f"buffer, socket, ingest), {b['on_bus_not_landed']:,} on the bus")
+    echo(f"   kept up: {'yes' if kept_up else 'no'}; at the end {behind:,} trades generated but not in the "
+         f"primary ({behind / max(average, 1):.1f} s of landing): {not_on_bus:,} not yet on the bus "
+         f"(simulator send buffer, socket, ingest), {b['on_bus_not_landed']:,} on the bus")
     unread = "n/a" if b["bus_unread"] is None else f"{b['bus_unread']:,}"
     echo(f"   bus backlog at the end: XLEN {b['bus_entries']:,} entries, {unread} not yet read by the writer")
     if not kept_up and generated > average:
         excess = (generated - average) * _wire_bytes_per_trade()
-        echo(f"   note: the simulator's slow-client limit was raised to {SIM_SEND_BUFFER // MB:,} MB for this run; "
-             f"with the default {DEFAULT_MAX_SEND_BUFFER // MB} MB")
-        echo(f"   (Binance-like) it would have dropped ingest after about {DEFAULT_MAX_SEND_BUFFER / excess:.0f} s, "
-             f"and REST backfill recovers at most ~{_rest_backfill_rate():,.0f} trades/s")
+        echo(f"   note: the simulator's slow-client limit was raised to {SIM_SEND_BUFFER // MB:,} MB "
+             f"for this run; with the default {DEFAULT_MAX_SEND_BUFFER // MB} MB")
+        echo(f"   (Binance-like) it would have dropped ingest after about "
+             f"{DEFAULT_MAX_SEND_BUFFER / excess:.0f} s, and REST backfill recovers at most "
+             f"~{_rest_backfill_rate():,.0f} trades/s")
     echo(f"   ingest counters: gaps {feed.get('gaps', 'n/a')}, backfilled {feed.get('backfilled', 'n/a')}, "
          f"reconnects {feed.get('reconnects', 'n/a')}, duplicates dropped {feed.get('duplicates', 'n/a')}, "
          f"dead-lettered {feed.get('deadlettered', 'n/a')}")
@@ -649,43 +657,45 @@ def _report_throughput(echo, rate, ref, throughput, exact, feed):
         rest = exact["remaining"] / max(exact["drain_rate"], 1.0)
         why = (f"stopped waiting after {exact['drain_seconds']:.0f} s" if exact["outcome"] == "hopeless"
                else f"NOT complete {exact['drain_seconds']:.0f} s after the simulator paused")
-        echo(f"   drain: {why}: {exact['drain_rate']:,.0f} trades/s while draining, {exact['remaining']:,} trades "
-             f"still to land (~{rest:.0f} s more);")
+        echo(f"   drain: {why}: {exact['drain_rate']:,.0f} trades/s while draining, "
+             f"{exact['remaining']:,} trades still to land (~{rest:.0f} s more);")
         echo("   the writer was stopped so that the check below reads one fixed state")
     if exact["first_id"] is None:
         echo("   exactness: the primary's trade stream is empty  FAIL")
         return median_rate, False
     exact_ok = exact["holes"] == 0 and exact["duplicated"] == 0 and exact["outside"] == 0
-    echo(f"   exactness over ids {exact['first_id']:,}..{exact['sim_last_id']:,} ({exact['expected']:,} trades, "
-         f"both phases; simulator's first id {DEFAULT_START_ID:,}):")
-    echo(f"     {exact['entries']:,} stream entries; {exact['duplicated']:,} duplicated; {exact['holes']:,} missing "
-         f"below the highest landed id; {exact['not_landed']:,} not landed yet (above it); "
-         f"{exact['outside']:,} outside the range   {'OK' if exact_ok else 'FAIL'}")
+    echo(f"   exactness over ids {exact['first_id']:,}..{exact['sim_last_id']:,} "
+         f"({exact['expected']:,} trades, both phases; simulator's first id {DEFAULT_START_ID:,}):")
+    echo(f"     {exact['entries']:,} stream entries; {exact['duplicated']:,} duplicated; "
+         f"{exact['holes']:,} missing below the highest landed id; "
+         f"{exact['not_landed']:,} not landed yet (above it); {exact['outside']:,} outside the range   "
+         f"{'OK' if exact_ok else 'FAIL'}")
     return median_rate, exact_ok
 
 
 def _report_latency(echo, latency):
     lat = latency["total"]
-    echo(f"3. latency at {LATENCY_RATE:,} trades/s (measured before the throughput run): {latency['count']:,} trades "
-         f"in {LATENCY_SECONDS:g} s on the live channel")
+    echo(f"3. latency at {LATENCY_RATE:,} trades/s (measured before the throughput run): "
+         f"{latency['count']:,} trades in {LATENCY_SECONDS:g} s on the live channel")
     rows = (("exchange ts -> subscriber", lat), ("  ts -> ingest receive (rts)", latency["to_ingest"]),
             ("  rts -> subscriber", latency["after_ingest"]))
     for label, part in rows:
-        verdict = (f"   target p99 < {TARGET_P99_MS:g} ms  "
-                   f"{_verdict(lat['p99'] is not None and lat['p99'] < TARGET_P99_MS)}") if part is lat else ""
+        met = lat["p99"] is not None and lat["p99"] < TARGET_P99_MS
+        verdict = f"   target p99 < {TARGET_P99_MS:g} ms  {_verdict(met)}" if part is lat else ""
         echo(f"   {label:<30} p50 {_ms(part['p50']):>8}   p99 {_ms(part['p99']):>8}   "
              f"max {_ms(part['max']):>8}{verdict}")
-    echo("   the figure is arrival in this process minus `ts`, on one host clock. It includes websocket send, ingest")
-    echo("   parse and batching, the bus XADD, the writer's XREADGROUP, the apply script and its PUBLISH, and delivery")
-    echo("   here. `ts` and `rts` are whole ms (truncated), so a figure can read up to 1 ms high; `ts` is the emit")
-    echo("   time of the simulator's 5 ms generation tick, so tick batching itself is not included.")
+    echo("   the figure is arrival in this process minus `ts`, on one host clock. It includes websocket")
+    echo("   send, ingest parse and batching, the bus XADD, the writer's XREADGROUP, the apply script and")
+    echo("   its PUBLISH, and delivery here. `ts` and `rts` are whole ms (truncated), so a figure can read")
+    echo("   up to 1 ms high; `ts` is the emit time of the simulator's 5 ms generation tick, so tick")
+    echo("   batching itself is not included.")
     return lat["p99"]
 
 
 def _report_processes(echo, watch, restarts, redis_memory, local_keys, cores) -> float:
     """The per-process table; returns the largest peak RSS of a stack process, in MB."""
-    echo(f"4. processes: peak RSS sampled every {SAMPLE_INTERVAL_S:g} s during latency, throughput and drain; "
-         f"CPU = average % of one core per phase ({cores} cores = {100 * cores}%);")
+    echo(f"4. processes: peak RSS sampled every {SAMPLE_INTERVAL_S:g} s during latency, throughput and "
+         f"drain; CPU = average % of one core per phase ({cores} cores = {100 * cores}%);")
     echo("   a Redis's CPU includes its fork children (AOF rewrite)")
     echo(f"   {'process':<14} {'pid':>7} {'peak RSS':>10} {'(when)':<12} {'CPU lat':>8} {'CPU thru':>9} "
          f"{'CPU drain':>10}  note")
@@ -710,7 +720,8 @@ def _report_processes(echo, watch, restarts, redis_memory, local_keys, cores) ->
     echo(f"   {'not ours':<14} {blank} {cpu_cells('other')}  other processes, interrupts")
     if any(phase.get("steal", 0) >= 1 for phase in (thru, lat_cpu, drain_cpu)):
         echo(f"   {'steal':<14} {blank} {cpu_cells('steal')}  taken by the hypervisor")
-    echo("   redis-local holds at the end: " + ", ".join(f"{name} {size:.1f} MB" for name, size in local_keys.items()))
+    echo("   redis-local holds at the end: "
+         + ", ".join(f"{name} {size:.1f} MB" for name, size in local_keys.items()))
     largest = max((watch.peak_rss.get(name, 0) / MB for name in watch.stack_names), default=0.0)
     echo(f"   target: no stack process over {TARGET_RSS_MB:g} MB RSS (max {largest:.1f} MB)  "
          f"{_verdict(largest <= TARGET_RSS_MB)}")
@@ -720,8 +731,10 @@ def _report_processes(echo, watch, restarts, redis_memory, local_keys, cores) ->
                  + ", ".join(f"{v:.0f}%" for v in shares) + f"  (sum {sum(shares):.0f}%; one GIL)")
     ranked = sorted(((v, n) for n, v in thru.items() if n not in ("machine", "other", "steal")), reverse=True)
     if ranked:
+        machine = (f"; the machine was {thru['machine']:.0f}% of {100 * cores}% busy"
+                   if "machine" in thru else "")
         echo("   busiest during the throughput run: " + ", ".join(f"{n} {v:.0f}%" for v, n in ranked[:3])
-             + (f"; the machine was {thru['machine']:.0f}% of {100 * cores}% busy" if "machine" in thru else ""))
+             + machine)
     others = watch.others.get("throughput") or []
     if others:
         echo("   busiest processes not ours during the throughput run: "
@@ -737,14 +750,15 @@ def _report_processes(echo, watch, restarts, redis_memory, local_keys, cores) ->
 
 def _wire_bytes_per_trade() -> int:
     """Bytes one trade takes on the simulator's combined stream (frame header included)."""
-    payloads = trade_payloads("BTCUSDT", DEFAULT_START_ID, array.array("i", [4_300_000]), array.array("H", [0]),
-                              bytearray(1), int(time.time() * 1000), ("0.05000000",))
+    payloads = trade_payloads("BTCUSDT", DEFAULT_START_ID, array.array("i", [4_300_000]),
+                              array.array("H", [0]), bytearray(1), int(time.time() * 1000), ("0.05000000",))
     return len(TickFeed(payloads, "btcusdt@trade").joined(True, False))
 
 
 def _rest_backfill_rate() -> float:
     """Trades per second the REST backfill can fetch within ingest's share of the weight budget."""
-    pages_per_minute = WEIGHT_LIMIT_PER_MINUTE * WEIGHT_SAFE_FRACTION / REST_WEIGHTS["/api/v3/historicalTrades"]
+    weight = REST_WEIGHTS["/api/v3/historicalTrades"]
+    pages_per_minute = WEIGHT_LIMIT_PER_MINUTE * WEIGHT_SAFE_FRACTION / weight
     return pages_per_minute * REST_PAGE_LIMIT / 60.0
 
 
