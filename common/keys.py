@@ -144,6 +144,10 @@ BACKLOG = f"{PREFIX}:backlog"
 WRITER_STATE = f"{PREFIX}:writer:state"
 # Hash kept by sync: what it knows of the primary (run_id, last probe), for re-seed decisions.
 SYNC_PRIMARY = f"{PREFIX}:sync:primary"
+# List: a token pushed with every change of the writer state (writerstate.set_state); sync waits on it
+# between rounds while the writer uses the primary, so it starts probing the moment the writer fails
+# over instead of polling the state several times a second.
+SYNC_WAKE = f"{PREFIX}:sync:wake"
 
 # Hash source -> the epoch the primary holds for it, as sync last verified (and re-seeded against);
 # the writer's apply script refuses a primary that holds another one.

@@ -55,7 +55,7 @@ SEND_BUFFER_BYTES = 256 * 1024     # the kernel's share of a stream's buffer
 STREAM_READ_ENTRIES = 16           # view entries per read for a stream (up to RUN_MAX trades each)
 CANDLE_MAX_SPAN_MS = 24 * 3600 * 1000
 CANDLE_MAX_TRADES = 2_000_000
-BUILD_BLOCK_MS = 200
+BUILD_BLOCK_MS = 1000           # an idle view builder wakes once a second; a mirrored batch at once
 BUILD_ERROR_PAUSE_S = 0.5
 
 
@@ -94,7 +94,7 @@ class Api(Process):
         except OSError as exc:
             self.log.error("cannot_listen", addr=f"{host}:{port}", error=exc.strerror or str(exc))
             raise SystemExit(1)
-        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(1.0,), name="http", daemon=True).start()
         self.log.info("listening", addr=f"{host}:{self.server.server_address[1]}",
                       auth="bearer token" if cfg.api_token else "none (loopback only)")
 

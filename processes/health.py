@@ -29,7 +29,7 @@ from btcfeed.observability.metrics import CONTENT_TYPE, render_metrics
 from btcfeed.observability.status import StatusCollector
 
 STATUS_REFRESH_S = 0.5
-IDLE_REFRESH_S = 5.0
+IDLE_REFRESH_S = 15.0          # a Prometheus scrape (15 s) or any read wakes it sooner
 WATCHED_FOR_S = 2.0
 STALE_AFTER_S = 1.0
 FRESH_WAIT_S = 1.5
@@ -57,7 +57,7 @@ class Health(Process):
         self.eviction_said = None          # the primary's eviction risk as last logged
         self.refresh_status()
         self.server = self._listen(host, port, token)
-        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(1.0,), name="http", daemon=True).start()
         threading.Thread(target=self._sample_forever, name="sampler", daemon=True).start()
         self.log.info("listening", addr=f"{host}:{self.server.server_address[1]}",
                       auth="bearer token" if token else "none (loopback only)")
@@ -103,7 +103,11 @@ class Health(Process):
 
     def _sample_forever(self) -> None:
         while not self.stopping.is_set():
-            woken = self.wake.wait(STATUS_REFRESH_S)
+            # Unwatched, the thread sleeps until the idle refresh is due (a read wakes it).
+            now = time.monotonic()
+            watched = now - self.read_at <= WATCHED_FOR_S
+            woken = self.wake.wait(STATUS_REFRESH_S if watched
+                                   else max(STATUS_REFRESH_S, self.refreshed_at + IDLE_REFRESH_S - now))
             self.wake.clear()
             now = time.monotonic()
             if not woken and now - self.read_at > WATCHED_FOR_S and now - self.refreshed_at < IDLE_REFRESH_S:

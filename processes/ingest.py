@@ -38,6 +38,7 @@ RECV_BYTES = 1 << 18            # one socket read; its trades are handed over to
 BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 BUS_FULL_ALARM_EVERY_S = 10.0
+IDLE_WAIT_S = 1.0               # the feed thread with nothing pending and no timed duty
 # REST may lag the stream by seconds or minutes: a gap REST has nothing for yet is asked about
 # again with a growing pause (up to the cap) and kept until REST has its ids or it is older than
 # the retention window (then no consumer could read the trades anyway). Once it has waited a while,
@@ -585,7 +586,8 @@ class SourceFeed(threading.Thread):
             self._next_quarantine_check = now + 0.5
             self._expire_quarantine()
         try:
-            kind, conn, data = self.inbox.get(timeout=max(0.0, self._linger_left(now)) if self.pending else 0.2)
+            kind, conn, data = self.inbox.get(timeout=max(0.0, self._linger_left(now)) if self.pending
+                                              else self._idle_wait(now))
         except queue.Empty:
             self.flush()
             return
@@ -595,6 +597,16 @@ class SourceFeed(threading.Thread):
             self.pending_since = now
         if self.inbox.empty() and self._linger_left(time.monotonic()) <= 0:
             self.flush()
+
+    def _idle_wait(self, now: float) -> float:
+        """Nothing pending: how long to wait for a message, until the next timed duty at the latest
+        (a reconnect due, the quarantine's check); an idle feed thread wakes once a second."""
+        due = [IDLE_WAIT_S]
+        if self.current is None and self.replacement is None:
+            due.append(self.next_connect_at - now)
+        if self.quarantine.held:
+            due.append(self._next_quarantine_check - now)
+        return max(0.0, min(due))
 
     def _linger_left(self, now: float) -> float:
         """How much longer the pending trades may wait for more (BTCFEED_LINGER_MS from the first):
@@ -955,7 +967,7 @@ class Ingest(Process):
         self.exit_code = 0
 
     def loop_once(self, now: float) -> None:
-        self.stopping.wait(0.5)
+        self.stopping.wait(1.0)
         for feed in self.feeds:
             if feed.crashed is not None:
                 self.exit_code = EXIT_FAILURE

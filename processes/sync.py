@@ -25,8 +25,10 @@ from btcfeed.config import redact_url
 from btcfeed.events import record_event
 from btcfeed.lifecycle import Process, run_process
 from btcfeed.storage.primary import NotWritable, connect_primary, is_cluster, probe
-from btcfeed.storage.writerstate import DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state
+from btcfeed.storage.writerstate import (DRAINING, FAILOVER, PRIMARY, describe_error, read_state, set_state,
+                                         wait_for_change)
 
+PRIMARY_ROUND_S = 1.0           # a round while the writer uses the primary (follow, watch, compare)
 WATCH_INTERVAL_S = 1.0          # identity and epoch check of a healthy primary
 REPLAY_ENTRIES = 16             # backlog entries per pipelined round trip (up to 32,000 trades)
 REPLAY_TIMEOUT_MS = 5000        # replays send big pipelines; the probe keeps the short timeout
@@ -95,7 +97,8 @@ class Sync(Process):
             self.watch_primary(now)
             if self.anti_entropy(now):
                 return          # more of a sweep to do: no pause
-            self.stopping.wait(0.2)
+            # Every check here runs once a second; a failover or a pause ends the wait at once.
+            wait_for_change(self.local, PRIMARY_ROUND_S)
         elif state == FAILOVER:
             self.drain = None
             self.await_recovery()

@@ -27,7 +27,9 @@ from btcfeed.storage.writerstate import FAILOVER, PRIMARY, describe_error, read_
 
 CONSUMER = "writer"
 READ_COUNT = 64                 # bus entries per read (each holds up to 2,000 trades)
-READ_BLOCK_MS = 200             # well below supervisord's stopwaitsecs
+# An idle writer wakes once a second (the state it reads then only shows in its heartbeat; a batch
+# learns the state from the ACK script); well below supervisord's stopwaitsecs.
+READ_BLOCK_MS = 1000
 LOCAL_RETRY_PAUSE_S = 0.5
 BACKLOG_FULL_ALARM_EVERY_S = 10.0
 # At the local Redis's memory limit the oldest tenth of each mirror goes (the primary confirmed every

@@ -22,12 +22,15 @@ from btcfeed.storage.apply import is_epoch_error
 PRIMARY, FAILOVER, DRAINING, MAINTENANCE = "primary", "failover", "draining", "maintenance"
 
 # Pause and resume change the state in one step, whatever the writer and sync do meanwhile.
-# KEYS[1] the writer state hash; ARGV: now ms, reason, who. Returns the state it found.
+# KEYS[1] the writer state hash, KEYS[2] sync's wake list; ARGV: now ms, reason, who. Returns the state
+# it found.
 PAUSE_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state') or 'primary'
 if state ~= 'maintenance' then
   redis.call('HSET', KEYS[1], 'state', 'maintenance', 'since', ARGV[1], 'reason', ARGV[2], 'by', ARGV[3],
              'paused_ms', ARGV[1])
+  redis.call('LPUSH', KEYS[2], 'maintenance')
+  redis.call('LTRIM', KEYS[2], 0, 0)
 end
 return state
 """
@@ -89,7 +92,8 @@ def read_state(client) -> str:
 
 def pause(client, reason: str, who: str) -> str:
     """Put the writer in maintenance (idempotent); returns the state it was in."""
-    found = client.eval(PAUSE_SCRIPT, 1, keys.WRITER_STATE, int(time.time() * 1000), reason, who)
+    found = client.eval(PAUSE_SCRIPT, 2, keys.WRITER_STATE, keys.SYNC_WAKE, int(time.time() * 1000),
+                        reason, who)
     return found.decode() if isinstance(found, bytes) else found
 
 
@@ -101,5 +105,15 @@ def resume(client) -> str:
 
 
 def set_state(client, state: str, reason: str) -> None:
-    client.hset(keys.WRITER_STATE,
-                mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
+    """Change the state and wake sync (wait_for_change) in the same transaction."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.WRITER_STATE,
+                  mapping={"state": state, "since": int(time.time() * 1000), "reason": reason})
+        pipe.lpush(keys.SYNC_WAKE, state)
+        pipe.ltrim(keys.SYNC_WAKE, 0, 0)
+        pipe.execute()
+
+
+def wait_for_change(client, timeout_s: float) -> None:
+    """Block until set_state or pause changes the state, or for timeout_s."""
+    client.blpop([keys.SYNC_WAKE], timeout=timeout_s)
