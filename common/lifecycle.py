@@ -227,7 +227,8 @@ class Process:
         try:
             wait_for_local(self.local, LOCAL_WAIT_AT_START_S)
         except redis.RedisError as exc:
-            self.log.error("local_redis_unreachable", url=config_module.redact_url(self.config.local_url), error=str(exc))
+            self.log.error("local_redis_unreachable", url=config_module.redact_url(self.config.local_url),
+                           error=str(exc))
             if self.needs_local:
                 return EXIT_FAILURE
         self.initialize()

@@ -3,7 +3,8 @@
 It keeps each source's read view (btcfeed.storage.view.ViewBuilder, one thread per source) and serves
 it, so it answers whatever the primary does (DESIGN.md section 6b):
 
-GET /v1/sources                          each source: newest and oldest trade in the view, view lag, writer state
+GET /v1/sources                          each source: newest and oldest trade in the view, view lag,
+                                         writer state
 GET /v1/last?source=                     the newest trade
 GET /v1/price                            the price view (btcfeed:price), 404 while there is none
 GET /v1/trades?source=&after_id=&limit=  trades above after_id in id order (limit 1..10000, default 1000)
@@ -40,8 +41,8 @@ from btcfeed.lifecycle import Process, run_process
 from btcfeed.httpserver import BoundedHTTPServer, DeadlineHandler
 from btcfeed.storage.apply import expected_candles
 from btcfeed.storage.bus import connect_local
-from btcfeed.storage.view import (SSE_EVENT, ViewBuilder, entry_rows, first_id_from_time, start_entry, trades_after,
-                                  view_ends)
+from btcfeed.storage.view import (SSE_EVENT, ViewBuilder, entry_rows, first_id_from_time, start_entry,
+                                  trades_after, view_ends)
 from btcfeed.trade import MAX_EXACT_INT, Trade
 
 PATHS = ("/v1/sources", "/v1/last", "/v1/price", "/v1/trades", "/v1/candles", "/v1/stream")
@@ -86,7 +87,8 @@ class Api(Process):
                            bad_requests=0)
         self.stream_slots = threading.BoundedSemaphore(MAX_STREAMS)
         for source in self.sources:
-            threading.Thread(target=self._build_forever, args=(source,), name=f"view-{source}", daemon=True).start()
+            threading.Thread(target=self._build_forever, args=(source,), name=f"view-{source}",
+                             daemon=True).start()
         host, port = cfg.api_host, cfg.api_port
         try:
             self.server = BoundedHTTPServer((host, port), _handler_for(self, cfg.api_token), self.log,
@@ -112,7 +114,8 @@ class Api(Process):
                 builder = None
                 if time.monotonic() - said > 10:
                     said = time.monotonic()
-                    self.log.warning("view_build_error", source=source, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                    self.log.warning("view_build_error", source=source,
+                                     error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.stopping.wait(BUILD_ERROR_PAUSE_S)
 
     def loop_once(self, now: float) -> None:
@@ -181,7 +184,8 @@ class Api(Process):
     def check_held(self, source: str, after_id: int, ends) -> None:
         """410 when trades right after after_id are no longer in the view (it was trimmed past them)."""
         if ends and after_id + 1 < ends[0].id:
-            raise BadRequest(410, f"trades after {after_id} are no longer held here; the oldest is {ends[0].id}",
+            raise BadRequest(410, f"trades after {after_id} are no longer held here; "
+                                  f"the oldest is {ends[0].id}",
                              oldest_id=ends[0].id)
 
     def trades_document(self, query: dict) -> dict:
@@ -191,7 +195,8 @@ class Api(Process):
             raise BadRequest(400, f"limit must be between 1 and {LIMIT_MAX}")
         ends = view_ends(self.local, source)
         if not ends:
-            return {"source": source, "trades": [], "after_id": int_param(query, "after_id", None), "newest_id": None}
+            return {"source": source, "trades": [], "after_id": int_param(query, "after_id", None),
+                    "newest_id": None}
         after_id = int_param(query, "after_id", ends[0].id - 1)
         self.check_held(source, after_id, ends)
         trades = trades_after(self.local, source, after_id, limit)
@@ -204,7 +209,8 @@ class Api(Process):
         if start is None or end is None:
             raise BadRequest(400, "from and to (exchange time, ms) are required")
         if not start < end or end - start > CANDLE_MAX_SPAN_MS:
-            raise BadRequest(400, f"from must be below to, at most {CANDLE_MAX_SPAN_MS // 3600000} hours apart")
+            raise BadRequest(400, f"from must be below to, "
+                                  f"at most {CANDLE_MAX_SPAN_MS // 3600000} hours apart")
         ends = view_ends(self.local, source)
         document = {"source": source, "from": start, "to": end, "candles": [],
                     "oldest_ts": ends[0].ts if ends else None}
@@ -220,7 +226,8 @@ class Api(Process):
                 break
             scanned += len(trades)
             if scanned > CANDLE_MAX_TRADES:
-                raise BadRequest(400, f"the range holds more than {CANDLE_MAX_TRADES} trades; ask for a shorter one")
+                raise BadRequest(400, f"the range holds more than {CANDLE_MAX_TRADES} trades; "
+                                      f"ask for a shorter one")
             chosen.extend(t for t in trades if start <= t.ts < end)
             if trades[-1].ts >= end:
                 break
@@ -276,7 +283,8 @@ class Api(Process):
             for entry_id, fields in reply[0][1]:
                 rows = entry_rows(fields)
                 if expected is not None and rows[0][0] > expected:
-                    return self._cut(handler, source, f"trades {expected}-{rows[0][0] - 1} are no longer held here")
+                    return self._cut(handler, source,
+                                     f"trades {expected}-{rows[0][0] - 1} are no longer held here")
                 for row in rows:
                     if row[0] > after_id:
                         parts.append(SSE_EVENT % (row[0], row[0], row[1], row[2], row[3], row[4], row[5]))
@@ -358,7 +366,8 @@ def _handler_for(api: Api, token: str):
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass
             except Exception as exc:
-                api.log.error("request_failed", path=self.path[:200], error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                api.log.error("request_failed", path=self.path[:200],
+                              error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 self._send(500, {"error": "internal error"})
 
         def _answer(self):

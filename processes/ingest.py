@@ -3,7 +3,8 @@
 Each source runs in its own SourceFeed thread with its own connections, cursor, gap detection and
 REST backfill, so one exchange that refuses, stalls, rate-limits or sends garbage never holds up
 another. Everything exchange-specific (URLs, subscription, parsing, REST paging, rate limits) is in
-that exchange's adapter: common/exchanges/binance.py, common/exchanges/coinbase.py, common/exchanges/kraken.py.
+that exchange's adapter: common/exchanges/binance.py, common/exchanges/coinbase.py,
+common/exchanges/kraken.py.
 """
 
 import queue
@@ -69,8 +70,8 @@ QUARANTINE_RETRY_CAP_S = 5.0
 def adapter_for(source, cfg):
     """The exchange adapter for one configured source."""
     if source.exchange == "binance":
-        return BinanceAdapter(source.symbol, cfg.binance_ws_url, cfg.binance_rest_url, cfg.binance_stream_form,
-                              cfg.binance_trade_kind)
+        return BinanceAdapter(source.symbol, cfg.binance_ws_url, cfg.binance_rest_url,
+                              cfg.binance_stream_form, cfg.binance_trade_kind)
     if source.exchange == "coinbase":
         return CoinbaseAdapter(source.symbol, cfg.coinbase_ws_url, cfg.coinbase_rest_url)
     if source.exchange == "kraken":
@@ -149,7 +150,8 @@ class Connection(threading.Thread):
             if not data:
                 raise ConnectionError("closed by the exchange")
             try:
-                results, rejects, controls = parse_socket_read(reassembler, data, parse, int(time.time() * 1000))
+                results, rejects, controls = parse_socket_read(reassembler, data, parse,
+                                                               int(time.time() * 1000))
             except FrameError as exc:
                 if not self.closing:
                     feed.reject(f"websocket: {exc}", reassembler.frames.dangling[:4096])
@@ -305,7 +307,8 @@ class Backfiller(threading.Thread):
                 self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
                 self.stopping.wait(0.5)
             except Exception as exc:  # never let the backfill die quietly: say so and try again
-                self.log.error("backfill_error", source=self.source, error=f"{type(exc).__name__}: {exc}"[:300])
+                self.log.error("backfill_error", source=self.source,
+                               error=f"{type(exc).__name__}: {exc}"[:300])
                 self.stopping.wait(1.0)
 
     def _idle(self) -> None:
@@ -477,7 +480,8 @@ class Backfiller(threading.Thread):
                 elif not isinstance(exc, RestError):
                     exc = RestError(f"{type(exc).__name__}: {exc}")
                 delay = self.rest_backoff.next_delay()
-                self.log.warning("rest_failed", source=self.source, error=str(exc)[:200], retry_in_s=round(delay, 2))
+                self.log.warning("rest_failed", source=self.source, error=str(exc)[:200],
+                                 retry_in_s=round(delay, 2))
                 self.stopping.wait(delay)
         return None
 
@@ -621,7 +625,8 @@ class SourceFeed(threading.Thread):
         elif (self.current is not None and self.replacement is None and self.current.opened_at is not None
               and now - self.current.opened_at >= self.max_conn_s):
             # Before the exchange's 24 h cut: open the new connection first, close the old one after.
-            self.log.info("proactive_reconnect", source=self.source, age_s=round(now - self.current.opened_at))
+            self.log.info("proactive_reconnect", source=self.source,
+                          age_s=round(now - self.current.opened_at))
             self.replacement = self._open()
             self.replacement_started = now
         if self.replacement is not None and (self.replacement.delivered
@@ -732,7 +737,8 @@ class SourceFeed(threading.Thread):
         self.next_connect_at = now + delay
         self.counts["reconnects"] += 1
         self.log.warning("connection_lost" if kind == "disconnected" else "connect_failed",
-                         source=self.source, connection=conn.number, reason=reason, retry_in_s=round(delay, 2))
+                         source=self.source, connection=conn.number, reason=reason,
+                         retry_in_s=round(delay, 2))
 
     def parse_document(self, data: bytes, rts: int):
         """Called on connection threads, one JSON document at a time: a Trade, a list of Trades, a
@@ -937,7 +943,8 @@ class SourceFeed(threading.Thread):
                 cursor = self.bus.cursor(self.source)
             except redis.RedisError:
                 continue
-            self.log.info("local_redis_back", source=self.source, cursor=cursor, dropped_pending=len(self.pending))
+            self.log.info("local_redis_back", source=self.source, cursor=cursor,
+                          dropped_pending=len(self.pending))
             self.resets += 1
             self.pending, self.pending_since = [], None
             self.last_id = cursor

@@ -229,15 +229,18 @@ class Sync(Process):
         self.applier.compat_source = price.compat_source_now(self.local, self.config)
         applying = self.replay_pool.submit(self.applier.apply_many, batches)
         try:
-            following = self.local.xrange(keys.BACKLOG, min="(" + entries[-1][0].decode(), count=REPLAY_ENTRIES)
+            following = self.local.xrange(keys.BACKLOG, min="(" + entries[-1][0].decode(),
+                                          count=REPLAY_ENTRIES)
         finally:
             try:
                 results = applying.result()
             except redis.RedisError as exc:
                 results = None
-                set_state(self.local, FAILOVER, f"replay failed: {describe_error(exc, self.config.primary_url)}")
+                set_state(self.local, FAILOVER,
+                          f"replay failed: {describe_error(exc, self.config.primary_url)}")
                 record_event(self.local, self.log, self.name, "drain_failed", level="error",
-                             reason=describe_error(exc, self.config.primary_url), replayed=self.drain["trades"])
+                             reason=describe_error(exc, self.config.primary_url),
+                             replayed=self.drain["trades"])
                 self.drain = None
         if results is None:
             return
@@ -258,7 +261,8 @@ class Sync(Process):
         self.counts["hand_backs"] += 1
         self.counts["replay_rate"] = round(rate)
         record_event(self.local, self.log, self.name, "hand_back", replayed_trades=self.drain["trades"],
-                     replayed_entries=self.drain["entries"], drain_s=round(seconds, 3), replay_rate=round(rate))
+                     replayed_entries=self.drain["entries"], drain_s=round(seconds, 3),
+                     replay_rate=round(rate))
         self.drain = None
 
     # --- anti-entropy ---------------------------------------------------------------------------
@@ -269,7 +273,8 @@ class Sync(Process):
         for source, index in self.indexes.items():
             mirror_confirmed = confirmed.get(source.encode())
             try:
-                touched = index.follow(mirror_confirmed.decode() if mirror_confirmed else None, FOLLOW_ENTRIES)
+                touched = index.follow(mirror_confirmed.decode() if mirror_confirmed else None,
+                                       FOLLOW_ENTRIES)
             except redis.exceptions.OutOfMemoryError:
                 # The writer makes room (local memory pressure is its state); the index waits.
                 index.caught_up = False
@@ -325,7 +330,8 @@ class Sync(Process):
 
     def sweep_step(self) -> bool:
         sweep = self.sweep
-        step, sweep["queue"] = sweep["queue"][:SWEEP_SEGMENTS_PER_STEP], sweep["queue"][SWEEP_SEGMENTS_PER_STEP:]
+        step, sweep["queue"] = (sweep["queue"][:SWEEP_SEGMENTS_PER_STEP],
+                                sweep["queue"][SWEEP_SEGMENTS_PER_STEP:])
         for source in {source for source, _ in step}:
             sweep["checked"] += self.repair(source, [n for s, n in step if s == source], "sweep")
         if sweep["queue"]:
@@ -343,8 +349,9 @@ class Sync(Process):
         if sweep["loss"]:
             self.local.hdel(keys.SYNC_PRIMARY, "sweep")
             self.counts["reseeded"] += sweep["added"]
-            record_event(self.local, self.log, self.name, "reseed_done", level="warning", reason=sweep["reason"],
-                         segments=sweep["checked"], trades_added=sweep["added"], seconds=seconds)
+            record_event(self.local, self.log, self.name, "reseed_done", level="warning",
+                         reason=sweep["reason"], segments=sweep["checked"], trades_added=sweep["added"],
+                         seconds=seconds)
         else:
             self.log.info("sweep_done", reason=sweep["reason"], segments=sweep["checked"],
                           trades_added=sweep["added"], seconds=seconds)

@@ -104,7 +104,8 @@ class Writer(Process):
         self.epochs = {}
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len,
                                        epochs=self.epochs)
-        self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len, publish=False)
+        self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len,
+                                     publish=False)
         self.price = self._price_selector()
         self.ack_script = self.local.register_script(ACK_SCRIPT)
         self._ensure_group()
@@ -149,7 +150,8 @@ class Writer(Process):
         """Carry on with the source the view had before a restart (its newest id, so it never goes back)."""
         stored = price.read_view(self.local)
         selector = price.PriceSelector([source.name for source in self.config.price_sources],
-                                       self.config.price_stale_ms, stored.get("source"), int(stored.get("id", -1)))
+                                       self.config.price_stale_ms, stored.get("source"),
+                                       int(stored.get("id", -1)))
         selector.since_ms = int(stored.get("since", 0))
         self._follow_price_source(selector.current)
         return selector
@@ -312,7 +314,8 @@ class Writer(Process):
             streams.append(keys.mirror(source))
             args += [source, name, value]
         args += [part for item in (view or {}).items() for part in item]
-        state = self.ack_script(keys=[keys.BUS, keys.MIRROR_CONFIRMED, keys.WRITER_STATE, keys.PRICE, *streams],
+        state = self.ack_script(keys=[keys.BUS, keys.MIRROR_CONFIRMED, keys.WRITER_STATE, keys.PRICE,
+                                      *streams],
                                 args=[keys.BUS_GROUP, _next_id(ids[-1]), minid, len(ids), *ids, *args])
         self._observe_state(state.decode() if state else PRIMARY)
 
@@ -375,7 +378,8 @@ class Writer(Process):
         ingest holds (never a silent loop)."""
         trimmed, now_ms = 0, int(time.time() * 1000)
         for source in self.config.sources:
-            trimmed += self.local.xtrim(keys.trades(source.name), minid=max(0, now_ms - self.config.retention_ms))
+            trimmed += self.local.xtrim(keys.trades(source.name),
+                                        minid=max(0, now_ms - self.config.retention_ms))
         for _ in range(MIRROR_TRIM_ROUNDS):
             used, limit = self._memory()
             if not limit or used < limit * (1 - MEMORY_HEADROOM):

@@ -190,8 +190,8 @@ class ViewBuilder:
         else:
             for _, f in entries:
                 try:
-                    trades.append(Trade(int(f[b"id"]), f[b"p"].decode(), f[b"q"].decode(), f[b"side"].decode(),
-                                        int(f[b"ts"]), int(f[b"rts"])))
+                    trades.append(Trade(int(f[b"id"]), f[b"p"].decode(), f[b"q"].decode(),
+                                        f[b"side"].decode(), int(f[b"ts"]), int(f[b"rts"])))
                 except (KeyError, ValueError):
                     continue
         return trades
@@ -400,7 +400,8 @@ def trade_at(client: redis.Redis, source: str, trade_id: int) -> Optional[Trade]
     return trades[offset] if 0 <= offset < len(trades) else None
 
 
-def first_id_from_time(client: redis.Redis, source: str, ts: int, oldest: Trade, newest: Trade) -> Optional[int]:
+def first_id_from_time(client: redis.Redis, source: str, ts: int, oldest: Trade,
+                       newest: Trade) -> Optional[int]:
     """The lowest trade id whose exchange time is ts or later (exchange times never go back as ids
     go up within one source); None when every trade in the view is older."""
     if newest.ts < ts:
@@ -419,7 +420,8 @@ def first_id_from_time(client: redis.Redis, source: str, ts: int, oldest: Trade,
 def sse_events(rows, after_id: int) -> Tuple[str, int, int]:
     """Decoded bus rows ([id, p, q, side, ts, rts, units]) as Server-Sent Events, those above after_id:
     (text, events, last id)."""
-    parts = [SSE_EVENT % (row[0], row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows if row[0] > after_id]
+    parts = [SSE_EVENT % (row[0], row[0], row[1], row[2], row[3], row[4], row[5])
+             for row in rows if row[0] > after_id]
     return "".join(parts), len(parts), rows[-1][0] if rows else after_id
 
 

@@ -80,9 +80,11 @@ AFTER_KILL_S = 15.0
 def schedule(scale: float, hosts: int = 1) -> List[tuple]:
     """[(phase, seconds, action)] in order; action names what happens at the phase's start."""
     steps = [("calm", CALM_S, None),
-             ("primary SIGKILL", 60.0, "primary_kill"), ("calm after primary restart", CALM_S, "primary_restart"),
+             ("primary SIGKILL", 60.0, "primary_kill"),
+             ("calm after primary restart", CALM_S, "primary_restart"),
              ("primary SIGSTOP", 30.0, "primary_stop"), ("calm after SIGCONT", CALM_S, "primary_cont"),
-             ("binance paused", 60.0, "binance_pause"), ("calm after binance resumed", CALM_S, "binance_resume")]
+             ("binance paused", 60.0, "binance_pause"),
+             ("calm after binance resumed", CALM_S, "binance_resume")]
     where = " on host A" if hosts > 1 else ""
     for name in FEED_PROCESSES:
         steps.append((f"{name} SIGKILL{where}", AFTER_KILL_S, f"kill:{name}"))
@@ -363,7 +365,8 @@ class Rig(SimulatedStack):
             stack.up()
             self.stacks.append(stack)
         self.stack = self.stacks[0]
-        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"), socket_timeout=30)
+        self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"),
+                                 socket_timeout=30)
         deadline = time.monotonic() + connect_timeout_s
         while (self.sim.status()["connections"] < self.hosts
                or self.coinbase.status()["connections"] < self.hosts):
@@ -440,7 +443,8 @@ def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = N
     rig = Rig(price_stale_ms, hosts)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    shared = {kind: (context.Value("q", -1, lock=False), context.Value("q", 0, lock=False)) for kind in CONSUMERS}
+    shared = {kind: (context.Value("q", -1, lock=False), context.Value("q", 0, lock=False))
+              for kind in CONSUMERS}
     processes = {}
     ok = False
     try:
@@ -454,13 +458,14 @@ def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = N
                       os.path.join(rig.root, f"ids-{kind}")))
             processes[kind].start()
         wait_until(lambda: all(shared[k][0].value > 0 for k in CONSUMERS)
-                   and all(shared[k][1].value > 0 for k in ("client", "naive")), 60, "every consumer's first trade")
+                   and all(shared[k][1].value > 0 for k in ("client", "naive")),
+                   60, "every consumer's first trade")
         first_id = rig.sim.status()["last_id"] + 1
         first_cb = rig.coinbase.status()["last_id"]
         samples, labels = sample_schedule(rig, steps, shared, echo)
         last_id = rig.sim.status()["last_id"]
-        echo(f"bench-availability: schedule done; binance ids {first_id:,}..{last_id:,}; letting the consumers "
-             f"catch up ...")
+        echo(f"bench-availability: schedule done; binance ids {first_id:,}..{last_id:,}; "
+             f"letting the consumers catch up ...")
         try:
             wait_until(lambda: all(shared[k][0].value >= last_id for k in CONSUMERS), 60, "every consumer")
         except StackError as exc:
@@ -485,7 +490,8 @@ def run_availability_bench(scale: float = 1.0, price_stale_ms: Optional[int] = N
             if kind != "naive":
                 for line in trades.stretch_lines():
                     echo(f"{'':>15}{line}")
-            echo(f"{'':>6}         ids {first_id:,}..{last_id:,}: {missing:,} missing, {duplicated:,} duplicated")
+            echo(f"{'':>6}         ids {first_id:,}..{last_id:,}: "
+                 f"{missing:,} missing, {duplicated:,} duplicated")
             if kind != "sse":
                 prices = freshness(price_lags(sample_ms, [s[2 + 2 * column] for s in samples],
                                               [binance_times, coinbase_times]), labels)
