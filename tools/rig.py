@@ -61,9 +61,11 @@ class SimulatedStack:
                                                  log_path=os.path.join(self.root, "simulator.log"))
         self.sim = SimulatorClient(f"http://127.0.0.1:{port}")
 
-    def start_stack(self, connect_timeout_s: float) -> None:
-        """Bring the stack up and wait until ingest is connected to the simulator."""
-        self.stack = Stack(self.state_dir, isolated_env(self.primary_server.url, self.sim.base_url))
+    def start_stack(self, connect_timeout_s: float, **extra_env) -> None:
+        """Bring the stack up (extra_env: settings other than the defaults) and wait until ingest is
+        connected to the simulator."""
+        env = isolated_env(self.primary_server.url, self.sim.base_url, **extra_env)
+        self.stack = Stack(self.state_dir, env)
         self.stack.up()
         self.local = redis.Redis(unix_socket_path=os.path.join(self.state_dir, "redis.sock"),
                                  socket_timeout=30)

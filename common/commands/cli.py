@@ -433,10 +433,13 @@ def bench_reseed(trades, rate):
               help="Trades per second, one phase each.")
 @click.option("--window", default=30.0, show_default=True,
               help="Seconds measured per phase (after a warm-up).")
-def bench_cost(rates, window):
+@click.option("--linger-ms", type=click.IntRange(0, 1000), default=None,
+              help="BTCFEED_LINGER_MS for the stack (default: the product's default).")
+def bench_cost(rates, window, linger_ms):
     """CPU of every process and both Redis servers at idle and at real rates, and RSS."""
     run_cost_bench = tool("tools.bench.cost", "run_cost_bench")
-    sys.exit(run_cost_bench(rates=[float(r) for r in rates.split(",")], window_s=window, echo=click.echo))
+    sys.exit(run_cost_bench(rates=[float(r) for r in rates.split(",")], window_s=window, linger_ms=linger_ms,
+                            echo=click.echo))
 
 
 @cli.command("bench-move")

@@ -27,13 +27,16 @@ TARGETS = {0: 1.0, 300: 5.0}
 MB = 1024 * 1024
 
 
-def run_cost_bench(rates=RATES, window_s: float = WINDOW_S, echo=print) -> int:
+def run_cost_bench(rates=RATES, window_s: float = WINDOW_S, linger_ms=None, echo=print) -> int:
     rig = SimulatedStack("bf-cost-")
     keep = True
     try:
         rig.start_primary()
         rig.start_simulator(rate=max(rates) or 1, max_send_buffer=SEND_BUFFER)
-        rig.start_stack(connect_timeout_s=20)
+        if linger_ms is not None:
+            echo(f"bench-cost: BTCFEED_LINGER_MS={linger_ms} (not the default)")
+        rig.start_stack(connect_timeout_s=20,
+                        **({} if linger_ms is None else {"BTCFEED_LINGER_MS": str(linger_ms)}))
         watch = _watch(rig)
         rows = [measure(rig, watch, rate, window_s) for rate in rates]
         exact = check_exact(rig, echo)
