@@ -39,6 +39,7 @@ RECV_BYTES = 1 << 18            # one socket read; its trades are handed over to
 BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 BUS_FULL_ALARM_EVERY_S = 10.0
+HELD_ALARM_EVERY_S = 10.0       # the local Redis refusing ingest's writes (down, or at its memory limit)
 IDLE_WAIT_S = 1.0               # the feed thread with nothing pending and no timed duty
 # REST may lag the stream by seconds or minutes: a gap REST has nothing for yet is asked about
 # again with a growing pause (up to the cap) and kept until REST has its ids or it is older than
@@ -290,6 +291,7 @@ class Backfiller(threading.Thread):
         self.asked = {}           # quarantined id -> (tries, when to ask again)
         self.rows_deadlettered = set()
         self.progress = {"gaps_open": 0, "missing": 0, "catching_up": False, "gaps_waiting": 0}
+        self._said_waiting = 0.0
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -304,7 +306,11 @@ class Backfiller(threading.Thread):
                     continue
                 self.fill_one_page(gap)
             except redis.RedisError as exc:
-                self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
+                # Said once per HELD_ALARM_EVERY_S: a local Redis at its limit through a long outage
+                # refuses every try for as long as the outage lasts.
+                if time.monotonic() - self._said_waiting >= HELD_ALARM_EVERY_S:
+                    self._said_waiting = time.monotonic()
+                    self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
                 self.stopping.wait(0.5)
             except Exception as exc:  # never let the backfill die quietly: say so and try again
                 self.log.error("backfill_error", source=self.source,
@@ -541,6 +547,7 @@ class SourceFeed(threading.Thread):
         self.resets = 0               # times ingest restarted from the local cursor
         self.crashed = None
         self._last_full_alarm = 0.0
+        self._last_held_alarm = 0.0
         # cut_messages: connections that ended inside a message; cut_ids_recovered: of which the
         # received part named the trade's id (and the backfill fetched up to it).
         # quarantined: implausible forward ids held; quarantine_confirmed / quarantine_dropped: of
@@ -935,26 +942,41 @@ class SourceFeed(threading.Thread):
         self.stopping.wait(0.2)
 
     def _local_redis_failed(self, exc: Exception) -> None:
-        """Hold until the local Redis is back, then restart from its cursor: backfill covers the rest."""
-        self.log.error("local_redis_unavailable", source=self.source, error=_reason(exc))
+        """Hold until the local Redis takes writes again (it is back, or has room again after being
+        at its memory limit), then restart from its cursor: backfill covers the rest."""
+        self._say_held(exc)
+        dropped = 0
         while not self.stopping.is_set():
             self.stopping.wait(0.5)
             try:
                 cursor = self.bus.cursor(self.source)
-            except redis.RedisError:
+            except redis.RedisError as again:
+                self._say_held(again)
                 continue
-            self.log.info("local_redis_back", source=self.source, cursor=cursor,
-                          dropped_pending=len(self.pending))
+            dropped += len(self.pending)
             self.resets += 1
             self.pending, self.pending_since = [], None
             self.last_id = cursor
             self.last_id_ms = int(time.time() * 1000)
             try:
                 self.bus.open_gap(self.source)      # what the lost trades were, REST brings back
-            except redis.RedisError:
+            except redis.RedisError as again:
+                self._say_held(again)               # reads work at the memory limit, writes do not
                 continue
+            self.log.info("local_redis_back", source=self.source, cursor=cursor, dropped_pending=dropped)
             self.backfiller.wake.set()
             return
+
+    def _say_held(self, exc: Exception) -> None:
+        """One line per HELD_ALARM_EVERY_S while the local Redis refuses ingest's writes: a long outage
+        at its memory limit would otherwise log twice a second for hours."""
+        now = time.monotonic()
+        if now - self._last_held_alarm < HELD_ALARM_EVERY_S:
+            return
+        self._last_held_alarm = now
+        event = ("local_redis_full_ingest_held" if isinstance(exc, redis.exceptions.OutOfMemoryError)
+                 else "local_redis_unavailable")
+        self.log.error(event, source=self.source, error=_reason(exc))
 
     def stats(self) -> dict:
         return {**self.counts, **self.backfiller.progress, "source": self.source,

@@ -117,6 +117,39 @@ def test_local_redis_at_its_memory_limit_never_wedges_the_writer(primary, sim, s
     assert "local_memory_full" in names and "local_memory_ok" in names
 
 
+def test_local_redis_full_during_a_primary_outage_then_every_trade_lands_once(primary, sim, stack):
+    """The primary is away long enough for the failover copy and the backlog to fill the local Redis
+    up to its limit (kept the whole time): ingest has to hold, the exchange goes on printing. Once the
+    primary is back, the backlog drains, the room comes back, the backfill brings what ingest could not
+    take, and the primary ends with every trade once: no wedge, no loss, no duplicate. Ingest says it
+    is held in a line every 10 s, not twice a second."""
+    local = local_client(stack)
+    client = primary.client()
+    wait_trades(client, 2 * RATE)
+    first = verify.lowest_trade_id(client, SOURCE)
+    used = int(local.info("memory")["used_memory"])
+    local.config_set("maxmemory", str(used + 6 * 1024 * 1024))
+    try:
+        primary.kill()
+        wait_for(lambda: any(e["event"] == "local_memory_full" for e in recent_events(local, 200)), 60,
+                 "the local Redis to reach its limit during the outage")
+        held_from = time.monotonic()
+        wait_for(lambda: "local_redis_full_ingest_held" in open(stack.log_path("ingest")).read(), 30,
+                 "ingest to be held by the full local Redis")
+        time.sleep(12)                         # held at the limit while the exchange prints on
+        held_s = time.monotonic() - held_from
+        primary.start()
+        wait_for(lambda: writer_state(stack) == "primary", 120, "the hand-back")
+        wait_trades(primary.client(), 2 * RATE, timeout=60)
+        assert_exact_since(primary, sim, stack, first)
+    finally:
+        local.config_set("maxmemory", "0")
+    ingest_log = open(stack.log_path("ingest")).read()
+    held_lines = ingest_log.count("event=local_redis_full_ingest_held")
+    assert 1 <= held_lines <= held_s / 10 + 2, f"{held_lines} held lines in {held_s:.0f} s"
+    assert "event=backfilled" in ingest_log            # what ingest could not take came over REST
+
+
 def test_a_wrong_type_key_refuses_one_source_and_the_others_go_on(primary):
     """Somebody else's string where one source's next candle goes: that source's batches are refused
     whole (never half applied) and left to sync, the other source keeps landing, the writer stays on
