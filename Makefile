@@ -36,7 +36,7 @@ soak: setup
 bench: setup
 	bin/btcfeed bench
 
-# Every benchmark, one after the other (about 10 minutes): the figures in the README.
+# Every benchmark, one after the other (about 30 minutes): the figures in the README.
 benches: setup
 	bin/btcfeed bench
 	bin/btcfeed bench-failover
@@ -44,6 +44,11 @@ benches: setup
 	bin/btcfeed bench-parse
 	bin/btcfeed bench-health
 	bin/btcfeed bench-primary
+	bin/btcfeed bench-cost
+	bin/btcfeed bench-move
+	bin/btcfeed bench-reseed
+	bin/btcfeed bench-stream
+	bin/btcfeed bench-availability --hosts 2
 
 up: setup
 	bin/btcfeed up
