@@ -25,6 +25,17 @@ def stack(primary, sim):
     remove_stack(running)
 
 
+# A source's candle key turned into a string at once (the hash kept under another name), and back.
+SWAP_CANDLE_FOR_STRING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end
+redis.call('SET', KEYS[1], 'not a candle')
+"""
+PUT_CANDLE_BACK = """
+redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[1]) end
+"""
+
+
 def wait_trades(client, count, timeout=30):
     start = primary_last_id(client)
     wait_for(lambda: primary_last_id(client) >= start + count, timeout, f"{count} more trades")
@@ -162,18 +173,23 @@ def test_a_wrong_type_key_refuses_one_source_and_the_others_go_on(primary):
         wait_for(lambda: all(primary_last_id(client, sim.source) > 0 for sim in (victim, other)),
                  30, "both sources in the primary")
         firsts = {sim.source: verify.lowest_trade_id(client, sim.source) for sim in sims}
-        next_minute = (int(time.time() * 1000) // 60000 + 1) * 60000
-        client.set(keys.candle(victim.source, next_minute), "not a candle")
+        # The current minute's candle becomes somebody else's string, in one step; its contents wait
+        # aside (the trades already in it are not sent again) and come back with the key at the end.
+        if time.time() % 60 > 50:
+            time.sleep(60.2 - time.time() % 60)    # so that the minute's batches go on for a while
+        minute = (int(time.time() * 1000) // 60000) * 60000
+        candle, aside = keys.candle(victim.source, minute), keys.candle(victim.source, minute) + ":aside"
+        client.eval(SWAP_CANDLE_FOR_STRING, 2, candle, aside)
         local = local_client(stack)
-        wait_for(lambda: any(e["event"] == "batch_refused" for e in recent_events(local, 50)), 70,
-                 "the next minute's batches to be refused")
+        wait_for(lambda: any(e["event"] == "batch_refused" for e in recent_events(local, 50)), 20,
+                 "the batches of that minute to be refused")
         stuck = primary_last_id(client, victim.source)
         flowing = primary_last_id(client, other.source)
         time.sleep(3)
         assert writer_state(stack) == "primary"
         assert primary_last_id(client, victim.source) == stuck          # refused whole, nothing half done
         assert primary_last_id(client, other.source) >= flowing + 500   # the other source goes on
-        client.delete(keys.candle(victim.source, next_minute))
+        client.eval(PUT_CANDLE_BACK, 2, candle, aside)
         for sim in sims:
             last = drain(client, sim)
             wait_verified(stack)
