@@ -180,7 +180,8 @@ class Process:
         self.config = config
         self.log = log
         self.stopping = threading.Event()
-        self.local = connect_local(config.local_url)
+        self.client_name = f"btcfeed-{self.name}"
+        self.local = connect_local(config.local_url, name=self.client_name)
         self._next_heartbeat = 0.0
         self._override = config_module.primary_override_path(config.state_dir)
         self._override_stamp = config_module.primary_override_stamp(self._override)
@@ -216,6 +217,25 @@ class Process:
         except redis.RedisError as exc:
             self.log.warning("heartbeat_failed", error=type(exc).__name__)
 
+    def _unblock_when_stopping(self) -> None:
+        """A stop ends this process's blocking reads of the local Redis at once (CLIENT UNBLOCK on its
+        own connections, found by name), so that idle reads may block for a second without making a
+        stop, a restart or `btcfeed down` wait for them. It looks again every 50 ms until the process
+        has exited (it is a daemon thread), for a read that starts after the stop was asked."""
+        self.stopping.wait()
+        try:
+            client = connect_local(self.config.local_url, timeout_s=1.0)
+            try:
+                while True:
+                    for entry in client.client_list():
+                        if entry.get("name") == self.client_name and "b" in entry.get("flags", ""):
+                            client.client_unblock(entry["id"])
+                    time.sleep(0.05)
+            finally:
+                client.close()
+        except redis.RedisError:
+            pass            # the local Redis is gone: nothing is blocked on it
+
     def request_stop(self, signum=None, frame=None) -> None:
         # Only set a flag here: logging from a signal handler can deadlock on the stream lock.
         self.stopping.set()
@@ -232,6 +252,7 @@ class Process:
             if self.needs_local:
                 return EXIT_FAILURE
         self.initialize()
+        threading.Thread(target=self._unblock_when_stopping, name="stop-unblock", daemon=True).start()
         self.log.info("started", **({"primary_from": self.config.primary_override}
                                     if self.uses_primary and self.config.primary_override else {}))
         try:

@@ -80,7 +80,8 @@ class Api(Process):
         cfg = self.config
         self.sources = [source.name for source in cfg.sources]
         # Streams block in XREAD for up to IDLE_CHECK_MS: their client's socket timeout is longer.
-        self.stream_redis = connect_local(cfg.local_url, timeout_s=IDLE_CHECK_MS / 1000 + 10)
+        self.stream_redis = connect_local(cfg.local_url, timeout_s=IDLE_CHECK_MS / 1000 + 10,
+                                          name=self.client_name)
         self.builders = {}
         self.lock = threading.Lock()
         self.counts = dict(streams_open=0, streams_total=0, streams_refused=0, clients_cut=0, requests=0,
@@ -96,12 +97,13 @@ class Api(Process):
         except OSError as exc:
             self.log.error("cannot_listen", addr=f"{host}:{port}", error=exc.strerror or str(exc))
             raise SystemExit(1)
-        threading.Thread(target=self.server.serve_forever, args=(1.0,), name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         self.log.info("listening", addr=f"{host}:{self.server.server_address[1]}",
                       auth="bearer token" if cfg.api_token else "none (loopback only)")
 
     def _build_forever(self, source: str) -> None:
-        client = connect_local(self.config.local_url, timeout_s=BUILD_BLOCK_MS / 1000 + 10)
+        client = connect_local(self.config.local_url, timeout_s=BUILD_BLOCK_MS / 1000 + 10,
+                               name=self.client_name)
         builder, said = None, 0.0
         while not self.stopping.is_set():
             try:

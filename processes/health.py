@@ -57,7 +57,7 @@ class Health(Process):
         self.eviction_said = None          # the primary's eviction risk as last logged
         self.refresh_status()
         self.server = self._listen(host, port, token)
-        threading.Thread(target=self.server.serve_forever, args=(1.0,), name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         threading.Thread(target=self._sample_forever, name="sampler", daemon=True).start()
         self.log.info("listening", addr=f"{host}:{self.server.server_address[1]}",
                       auth="bearer token" if token else "none (loopback only)")

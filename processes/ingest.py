@@ -1005,6 +1005,11 @@ class Ingest(Process):
     def shutdown(self) -> None:
         self.stopping.set()
         for feed in getattr(self, "feeds", []):
+            try:
+                feed.inbox.put_nowait(("stop", None, None))    # wakes an idle feed thread at once
+            except queue.Full:
+                pass                                            # a busy one sees the stop anyway
+        for feed in getattr(self, "feeds", []):
             feed.join(timeout=5)
 
     def stats(self) -> dict:

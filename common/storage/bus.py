@@ -141,10 +141,12 @@ PUBLISHED, PUBLISHED_AFTER_GAP, ALREADY_DURABLE, BUS_FULL = 1, 2, 0, -1
 RAW_KEEP_BYTES = 4096
 
 
-def connect_local(url: str, timeout_s: float = 5.0) -> redis.Redis:
-    """A client for the local Redis; the bus is on the same host, so timeouts can be generous."""
+def connect_local(url: str, timeout_s: float = 5.0, name: str = None) -> redis.Redis:
+    """A client for the local Redis; the bus is on the same host, so timeouts can be generous. name
+    (CLIENT SETNAME) says whose connections they are in CLIENT LIST (a process finds its own to
+    unblock them when it stops)."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=0)
+                                health_check_interval=0, client_name=name)
 
 
 def wait_for_local(client: redis.Redis, wait_s: float) -> None:
