@@ -3,6 +3,7 @@ and the id-by-id comparison of the primary against the simulator's history."""
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -243,3 +244,23 @@ class Cluster:
         for node in self.nodes:
             node.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def kill_host(stack) -> list:
+    """SIGKILL supervisord and every process it runs at once (a host crash), and wait until all are gone.
+    supervisord goes first: killed after a child, it could start that child again before it dies,
+    leaving a process that outlives the 'crash' (and holds its port)."""
+    pids = [stack.supervisord_pid()] + [info["pid"] for info in stack.processes() if info["pid"]]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _running(pid) for pid in pids), 10,
+             "every process of the stack to be gone")
+    return pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

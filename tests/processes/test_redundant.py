@@ -1,28 +1,17 @@
 """Two complete stacks (separate state dirs, as on two hosts) feed one primary from one exchange:
 every trade still lands exactly once, and killing one stack entirely leaves no gap."""
 
-import os
-import signal
-
 import pytest
 
 from btcfeed import keys
 
 from tools import verify
-from harness import (SOURCE, drain, primary_last_id, remove_stack, start_stack, verify_derived,
+from harness import (SOURCE, drain, kill_host, primary_last_id, remove_stack, start_stack, verify_derived,
                      verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
 SEED = 17
-
-
-def kill_entire_stack(stack) -> list:
-    """SIGKILL supervisord and every process it runs at once, as when a host loses power."""
-    pids = [info["pid"] for info in stack.processes() if info["pid"]] + [stack.supervisord_pid()]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return pids
 
 
 def writer_counts(stack) -> dict:
@@ -43,7 +32,7 @@ def test_two_stacks_one_primary_exactly_once_and_no_gap_when_one_dies(primary, s
         wait_for(lambda: writer_counts(first_stack).get("skipped", 0) > 0
                  or writer_counts(second_stack).get("skipped", 0) > 0, 20, "a trade offered twice")
         before = primary_last_id(client)
-        kill_entire_stack(first_stack)
+        kill_host(first_stack)
         wait_for(lambda: primary_last_id(client) > before + 2 * RATE, 20, "trades after the loss of a stack")
         last_id = drain(client, sim)
         first = verify.lowest_trade_id(client, SOURCE)

@@ -8,7 +8,6 @@ no-go on a local Redis written by a newer data format, a configuration error in 
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -16,7 +15,8 @@ import pytest
 
 from btcfeed import keys
 from btcfeed.storage import schema
-from harness import (SOURCE, drain, gap_records, local_client, primary_last_id, remove_stack, start_stack,
+from harness import (SOURCE, drain, gap_records, kill_host, local_client, primary_last_id, remove_stack,
+                     start_stack,
                      verify_derived, verify_primary, wait_for, wait_verified)
 from tools import verify
 
@@ -51,24 +51,6 @@ def assert_exact_from(client, sim, first: int) -> None:
     assert verdict.exact(), str(verdict)
     assert verdict.present == verdict.expected == last - first + 1
     verify_derived(client, sim, first, last)
-
-
-def kill_host(stack) -> list:
-    """SIGKILL supervisord and every process it runs at once (a host crash), and wait until all are gone."""
-    pids = [info["pid"] for info in stack.processes() if info["pid"]] + [stack.supervisord_pid()]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _running(pid) for pid in pids), 10,
-             "every process of the stack to be gone")
-    return pids
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # --- one host: down, the exchange goes on, up ---------------------------------------------------------
