@@ -253,12 +253,12 @@ def kill_host(stack) -> list:
     pids = [stack.supervisord_pid()] + [info["pid"] for info in stack.processes() if info["pid"]]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _running(pid) for pid in pids), 10,
-             "every process of the stack to be gone")
+    wait_for(lambda: not any(running(pid) for pid in pids), 10, "every process of the stack to be gone")
     return pids
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().split(")")[-1].split()[0] != "Z"

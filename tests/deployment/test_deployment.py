@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from btcfeed import config
 from tools.redis_process import RedisProcess, free_port
 from btcfeed.commands.stack import PROGRAMS, Stack
+from harness import running
 
 try:
     import tomllib
@@ -165,23 +166,16 @@ def test_systemd_commands_run_and_stop_in_time():
         took = time.monotonic() - started
         assert took < int(service["TimeoutStopSec"]) / 2, f"stopping took {took:.1f}s"
         for pid in children:
-            assert not _alive(pid), f"process {pid} outlived supervisord"
+            assert not running(pid), f"process {pid} outlived supervisord"
         with open(os.path.join(state_dir, "logs", "supervisord.log")) as handle:
             log = handle.read()
         assert "SIGKILL" not in log, "a process had to be killed: it did not stop within its stopwaitsecs"
         assert "stopped: redis-local" in log
         assert os.listdir(os.path.join(state_dir, "redis")), "the local Redis wrote no AOF"
     finally:
-        if supervisord is not None and supervisord.poll() is None:
-            # supervisord stops its children (each in a process group of its own) only on SIGTERM.
-            supervisord.send_signal(signal.SIGTERM)
-            try:
-                supervisord.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(supervisord.pid, signal.SIGKILL)
-                supervisord.wait(10)
+        _stop_supervisord(supervisord)
         for pid in children:
-            if _alive(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
         sim.stop()
         primary.stop()
@@ -189,12 +183,17 @@ def test_systemd_commands_run_and_stop_in_time():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def _stop_supervisord(supervisord) -> None:
+    """What a test started under supervisord stops with it (or by force), whatever the test left."""
+    if supervisord is None or supervisord.poll() is not None:
+        return
+    # supervisord stops its children (each in a process group of its own) only on SIGTERM.
+    supervisord.send_signal(signal.SIGTERM)
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+        supervisord.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(supervisord.pid, signal.SIGKILL)
+        supervisord.wait(10)
 
 
 # --- Docker --------------------------------------------------------------------------------------
@@ -352,16 +351,9 @@ def test_container_start_sends_program_logs_to_stdout():
         supervisord.send_signal(signal.SIGTERM)
         assert supervisord.wait(60) == 0
         for pid in children:
-            assert not _alive(pid), f"process {pid} outlived supervisord"
+            assert not running(pid), f"process {pid} outlived supervisord"
     finally:
-        if supervisord is not None and supervisord.poll() is None:
-            # supervisord stops its children (each in a process group of its own) only on SIGTERM.
-            supervisord.send_signal(signal.SIGTERM)
-            try:
-                supervisord.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(supervisord.pid, signal.SIGKILL)
-                supervisord.wait(10)
+        _stop_supervisord(supervisord)
         sim.stop()
         primary.stop()
         shutil.rmtree(primary.directory, ignore_errors=True)
