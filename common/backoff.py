@@ -1,6 +1,8 @@
-"""Capped exponential backoff with full jitter, reset after a healthy spell."""
+"""Capped exponential backoff with full jitter, reset after a healthy spell; and a gate for saying
+something at most once in a while."""
 
 import random
+import time
 
 
 class Backoff:
@@ -18,3 +20,21 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class Throttle:
+    """due() is true at most once per every_s (for each key): an alarm about a condition that may last
+    for hours (a full bus, a local Redis at its limit) is said once in a while, not each time it is met."""
+
+    def __init__(self, every_s: float, clock=time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self.last = {}
+
+    def due(self, key=None) -> bool:
+        now = self.clock()
+        last = self.last.get(key)
+        if last is not None and now - last < self.every_s:
+            return False
+        self.last[key] = now
+        return True

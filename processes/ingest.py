@@ -17,7 +17,7 @@ import orjson
 import redis
 import websocket
 
-from btcfeed.backoff import Backoff
+from btcfeed.backoff import Backoff, Throttle
 from btcfeed.exchanges.binance import BinanceAdapter
 from btcfeed.storage.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
 from btcfeed.exchanges.coinbase import CoinbaseAdapter
@@ -291,7 +291,7 @@ class Backfiller(threading.Thread):
         self.asked = {}           # quarantined id -> (tries, when to ask again)
         self.rows_deadlettered = set()
         self.progress = {"gaps_open": 0, "missing": 0, "catching_up": False, "gaps_waiting": 0}
-        self._said_waiting = 0.0
+        self.say_waiting = Throttle(HELD_ALARM_EVERY_S)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -306,10 +306,8 @@ class Backfiller(threading.Thread):
                     continue
                 self.fill_one_page(gap)
             except redis.RedisError as exc:
-                # Said once per HELD_ALARM_EVERY_S: a local Redis at its limit through a long outage
-                # refuses every try for as long as the outage lasts.
-                if time.monotonic() - self._said_waiting >= HELD_ALARM_EVERY_S:
-                    self._said_waiting = time.monotonic()
+                # A local Redis at its limit through a long outage refuses every try while it lasts.
+                if self.say_waiting.due():
                     self.log.warning("backfill_waits_for_local_redis", source=self.source, error=_reason(exc))
                 self.stopping.wait(0.5)
             except Exception as exc:  # never let the backfill die quietly: say so and try again
@@ -546,8 +544,8 @@ class SourceFeed(threading.Thread):
         self.pending = []
         self.resets = 0               # times ingest restarted from the local cursor
         self.crashed = None
-        self._last_full_alarm = 0.0
-        self._last_held_alarm = 0.0
+        self.say_full = Throttle(BUS_FULL_ALARM_EVERY_S)
+        self.say_held = Throttle(HELD_ALARM_EVERY_S)
         # cut_messages: connections that ended inside a message; cut_ids_recovered: of which the
         # received part named the trade's id (and the backfill fetched up to it).
         # quarantined: implausible forward ids held; quarantine_confirmed / quarantine_dropped: of
@@ -935,9 +933,7 @@ class SourceFeed(threading.Thread):
 
     def _bus_full(self) -> None:
         # Never drop: hold ingest (the inbox fills, then TCP pushes back) and say so loudly.
-        now = time.monotonic()
-        if now - self._last_full_alarm >= BUS_FULL_ALARM_EVERY_S:
-            self._last_full_alarm = now
+        if self.say_full.due():
             self.log.error("bus_full_ingest_held", source=self.source, max_entries=self.bus.max_entries)
         self.stopping.wait(0.2)
 
@@ -970,10 +966,8 @@ class SourceFeed(threading.Thread):
     def _say_held(self, exc: Exception) -> None:
         """One line per HELD_ALARM_EVERY_S while the local Redis refuses ingest's writes: a long outage
         at its memory limit would otherwise log twice a second for hours."""
-        now = time.monotonic()
-        if now - self._last_held_alarm < HELD_ALARM_EVERY_S:
+        if not self.say_held.due():
             return
-        self._last_held_alarm = now
         event = ("local_redis_full_ingest_held" if isinstance(exc, redis.exceptions.OutOfMemoryError)
                  else "local_redis_unavailable")
         self.log.error(event, source=self.source, error=_reason(exc))

@@ -16,6 +16,7 @@ from btcfeed.storage import epochs, schema
 from btcfeed import keys, price
 from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
 from btcfeed.config import ConfigError, redact_url
+from btcfeed.backoff import Throttle
 from btcfeed.events import record_event
 from btcfeed.latency import LatencyHistogram, newest_trade_ts
 from btcfeed.lifecycle import Process, run_process
@@ -114,10 +115,10 @@ class Writer(Process):
         self._first_contact()
         self.state = None
         self._observe_state(read_state(self.local))
-        self._last_backlog_alarm = 0.0
-        self._last_memory_alarm = 0.0
+        self.say_backlog_full = Throttle(BACKLOG_FULL_ALARM_EVERY_S)
+        self.say_memory_full = Throttle(BACKLOG_FULL_ALARM_EVERY_S)
+        self.say_refused = Throttle(BACKLOG_FULL_ALARM_EVERY_S)          # per source
         self._last_memory_check = 0.0
-        self._last_refusal_event = {}
         self.memory_full = False
         self.counts = dict(applied=0, skipped=0, batches=0, primary_errors=0, to_backlog=0,
                            last_apply_ms=0, last_trade_ts=0)
@@ -289,9 +290,7 @@ class Writer(Process):
 
     def _refused(self, source: str, error: Exception) -> None:
         self.counts["refused_batches"] = self.counts.get("refused_batches", 0) + 1
-        now = time.monotonic()
-        if now - self._last_refusal_event.get(source, 0.0) >= BACKLOG_FULL_ALARM_EVERY_S:
-            self._last_refusal_event[source] = now
+        if self.say_refused.due(source):
             record_event(self.local, self.log, self.name, "batch_refused", level="error", source=source,
                          reason=describe_error(error, self.config.primary_url),
                          refused_batches=self.counts["refused_batches"])
@@ -364,9 +363,7 @@ class Writer(Process):
 
     def _backlog_full(self) -> None:
         # Never drop: stop consuming the bus; it fills and ingest holds, with an alarm.
-        now = time.monotonic()
-        if now - self._last_backlog_alarm >= BACKLOG_FULL_ALARM_EVERY_S:
-            self._last_backlog_alarm = now
+        if self.say_backlog_full.due():
             record_event(self.local, self.log, self.name, "backlog_full", level="error",
                          max_entries=self.config.backlog_max_entries)
         self.stopping.wait(0.5)
@@ -393,8 +390,7 @@ class Writer(Process):
             self.memory_full = True
             self._try_local(self.local.hset, keys.LOCAL_PRESSURE,
                             mapping={"since": now_ms, "reason": reason, "trimmed": trimmed})
-        if time.monotonic() - self._last_memory_alarm >= BACKLOG_FULL_ALARM_EVERY_S:
-            self._last_memory_alarm = time.monotonic()
+        if self.say_memory_full.due():
             self._try_local(record_event, self.local, self.log, self.name, "local_memory_full", level="error",
                             trimmed=trimmed, state=self.state)
         if not trimmed:

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from btcfeed.backoff import Backoff
+from btcfeed.backoff import Backoff, Throttle
 from btcfeed.processes.writer import _next_id
 
 
@@ -122,3 +122,14 @@ def test_next_id_is_the_smallest_id_after_the_given_one():
         following = _next_id(f"{ms}-{seq}".encode())
         assert stream_order(following) == (ms, seq + 1)
         assert stream_order(following) > (ms, seq)
+
+
+def test_a_throttle_says_yes_once_per_interval_for_each_key():
+    now = [100.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    assert throttle.due() and not throttle.due()
+    assert throttle.due("coinbase") and not throttle.due("coinbase")
+    now[0] = 109.9
+    assert not throttle.due()
+    now[0] = 110.0
+    assert throttle.due() and not throttle.due()
