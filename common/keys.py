@@ -93,6 +93,12 @@ def view_state(source: str) -> str:
     return f"{PREFIX}:{source_tag(source)}:viewstate"
 
 
+def view_wake(source: str) -> str:
+    """List holding at most one token: pushed when a batch reached the mirror or the failover copy
+    without the writer appending it to the view itself, so the view builder wakes and does it."""
+    return f"{PREFIX}:{source_tag(source)}:viewwake"
+
+
 # Hash: the price view, in the primary and in the local Redis: source, quote, p, q, id, ts, rts,
 # since (ms, when this source became the price source). It follows BTCFEED_PRICE_SOURCES in order.
 PRICE = f"{PREFIX}:price"

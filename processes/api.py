@@ -56,7 +56,7 @@ SEND_BUFFER_BYTES = 256 * 1024     # the kernel's share of a stream's buffer
 STREAM_READ_ENTRIES = 16           # view entries per read for a stream (up to RUN_MAX trades each)
 CANDLE_MAX_SPAN_MS = 24 * 3600 * 1000
 CANDLE_MAX_TRADES = 2_000_000
-BUILD_BLOCK_MS = 1000           # an idle view builder wakes once a second; a mirrored batch at once
+BUILD_BLOCK_MS = 1000           # an idle view builder wakes once a second; woken at once by the writer
 BUILD_ERROR_PAUSE_S = 0.5
 
 
@@ -157,8 +157,11 @@ class Api(Process):
         for source in self.sources:
             ends = view_ends(local, source)
             stats = self.builders[source].stats() if source in self.builders else {}
+            # The view's next from view_state: the writer moves it too, without the builder.
+            stored_next = local.hget(keys.view_state(source), "next")
             item = {"source": source, "newest_id": None, "newest_ts": None, "oldest_id": None, "lag_ms": None,
-                    "next_id": stats.get("next"), "held_back": stats.get("held_back"),
+                    "next_id": None if stored_next is None else int(stored_next),
+                    "held_back": stats.get("held_back"),
                     "waiting_on_gap": stats.get("waiting_on_gap")}
             if ends:
                 oldest, newest = ends

@@ -21,6 +21,7 @@ from btcfeed.events import record_event
 from btcfeed.latency import LatencyHistogram, newest_trade_ts
 from btcfeed.lifecycle import Process, run_process
 from btcfeed.storage.primary import connect_primary
+from btcfeed.storage.view import APPEND_TO_VIEW_LUA, wake_builder, writer_view_part
 # The state names and describe_error live in a library module (tools must not import a process);
 # they stay importable from here, DRAINING too, which the writer itself does not use.
 from btcfeed.storage.writerstate import DRAINING  # noqa: F401
@@ -59,21 +60,27 @@ end
 TRIM_BUS_SCRIPT = TRIM_BUS_LUA + "return trim_bus(KEYS[1], ARGV[1], ARGV[2])"
 
 # The batches the primary confirmed: kept in the mirror (compressed payloads, trimmed to the retention
-# window), their bus entries ACKed and the bus trimmed as above, the newest mirror entry of each source
-# recorded for sync's held index, the price view stored; returns the writer state (sync may have asked
-# for failover). A crash before it leaves the entries pending: they are applied again (a no-op in the
+# window) and, when they can be, appended to the read view (storage/view.py APPEND_TO_VIEW_LUA), their
+# bus entries ACKed and the bus trimmed as above, the newest mirror entry of each source recorded for
+# sync's held index, the price view stored; returns the writer state (sync may have asked for
+# failover). A crash before it leaves the entries pending: they are applied again (a no-op in the
 # primary) and mirrored then.
-# KEYS bus, mirror-confirmed hash, writer state, price view, then one mirror stream per batch
+# KEYS bus, mirror-confirmed hash, writer state, price view, then per batch its source's mirror stream,
+# view, view state and view wake list
 # ARGV group, bus trim floor, mirror MINID, number of bus ids, the ids, then per batch: source, payload
-# field name, payload; then the price view's field/value pairs
-ACK_SCRIPT = TRIM_BUS_LUA + """
+# field name, payload, and its view part (first id, id after the last, view entry id); then the price
+# view's field/value pairs
+ACK_SCRIPT = TRIM_BUS_LUA + APPEND_TO_VIEW_LUA + """
 local group, floor, minid, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local at = 5 + n
-for i = 1, #KEYS - 4 do
+for k = 5, #KEYS, 4 do
   local source, name, payload = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  local entry = redis.call('XADD', KEYS[4 + i], 'MINID', '~', minid, '*', name, payload)
+  local tip = redis.call('HGET', KEYS[2], source)
+  local entry = redis.call('XADD', KEYS[k], 'MINID', '~', minid, '*', name, payload)
   redis.call('HSET', KEYS[2], source, entry)
-  at = at + 3
+  append_to_view(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], tip, entry, ARGV[at + 3], ARGV[at + 4],
+                 ARGV[at + 5], name, payload)
+  at = at + 6
 end
 if at <= #ARGV then redis.call('HSET', KEYS[4], unpack(ARGV, at, #ARGV)) end
 redis.call('XACK', KEYS[1], group, unpack(ARGV, 5, 4 + n))
@@ -304,18 +311,10 @@ class Writer(Process):
     def _mirror_and_ack(self, ids, batches, view) -> None:
         """The primary holds the batches (a refused one too, once sync re-sends it): keep each in the
         local mirror as it is (one stream entry, not one per trade) for the retention window, which
-        is what a re-seed or sync-check reads back, ACK the bus entries, and store the price view for
-        the read API; one script, one round trip. The state it returns may be sync's failover."""
-        minid = max(0, int(time.time() * 1000) - self.config.retention_ms)
-        streams, args = [], []
-        for source, payload in batches:
-            (name, value), = mirror_entry(payload).items()
-            streams.append(keys.mirror(source))
-            args += [source, name, value]
-        args += [part for item in (view or {}).items() for part in item]
-        state = self.ack_script(keys=[keys.BUS, keys.MIRROR_CONFIRMED, keys.WRITER_STATE, keys.PRICE,
-                                      *streams],
-                                args=[keys.BUS_GROUP, _next_id(ids[-1]), minid, len(ids), *ids, *args])
+        is what a re-seed or sync-check reads back, append it to the read view when it can, ACK the bus
+        entries, and store the price view for the read API; one script, one round trip. The state it
+        returns may be sync's failover."""
+        state = self.ack_script(*ack_script_input(ids, batches, view, self.config.retention_ms))
         self._observe_state(state.decode() if state else PRIMARY)
 
     def _commit_to_backlog(self, ids, batches, view) -> bool:
@@ -338,6 +337,7 @@ class Writer(Process):
             for source, payload in batches:
                 self.to_local.queue_in_transaction(pipe, source, payload)
                 pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
+                wake_builder(pipe, source)
             if view:
                 pipe.hset(keys.PRICE, mapping=view)
             pipe.xack(keys.BUS, keys.BUS_GROUP, *ids)
@@ -445,6 +445,20 @@ class Writer(Process):
                 "price_source": getattr(getattr(self, "price", None), "current", None),
                 "latency": latency.snapshot() if latency else None,
                 "primary_ok": getattr(self, "state", PRIMARY) == PRIMARY}
+
+
+def ack_script_input(ids, batches, price_view, retention_ms: int):
+    """ACK_SCRIPT's keys and args for these bus entry ids, their (source, payload) batches and the
+    price view (None when it has not moved)."""
+    minid = max(0, int(time.time() * 1000) - retention_ms)
+    streams, args = [], []
+    for source, payload in batches:
+        (name, value), = mirror_entry(payload).items()
+        streams += [keys.mirror(source), keys.view(source), keys.view_state(source), keys.view_wake(source)]
+        args += [source, name, value, *writer_view_part(payload)]
+    args += [part for item in (price_view or {}).items() for part in item]
+    return ([keys.BUS, keys.MIRROR_CONFIRMED, keys.WRITER_STATE, keys.PRICE, *streams],
+            [keys.BUS_GROUP, _next_id(ids[-1]), minid, len(ids), *ids, *args])
 
 
 def _next_id(entry_id: bytes) -> str:

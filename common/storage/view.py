@@ -19,9 +19,17 @@ Every run that starts at next is appended. When trades above a missing next wait
     are read to their ends again, and if next is still missing it was given up: the view skips to
     the lowest buffered id and says so (event view_ids_skipped). A mechanism, not a time window.
 
-Every append is one MULTI with the view_state hash: next, and the mirror / failover-copy positions
+Every append is one script with the view_state hash: next, and the mirror / failover-copy positions
 of the last moment the buffer was empty. A restarted builder (SIGKILL at any moment) reads again from
 there: whatever it reads twice is below next and dropped; nothing it had buffered is lost.
+
+The writer appends too, in the script that mirrors and ACKs a batch (APPEND_TO_VIEW_LUA): a batch of
+consecutive ids that starts at next, while view_state's mirror position is the mirror's newest entry
+(the builder has taken in everything mirrored before it), goes into the view as its own entry and
+moves next and the mirror position past it. At a real rate that is every batch, and the builder, which
+waits on a wake token the writer pushes only for the batches it did not append, does not run at all.
+The two never append the same trade: each append checks next first (the builder's is a
+compare-and-set; when it fails the builder reads view_state again, as after a restart).
 
 Memory stays bounded: reads are chunked, and a buffer above MAX_BUFFERED stops taking trades above
 its highest id; once the buffer empties the builder reads again from the saved positions.
@@ -46,6 +54,56 @@ MAX_BUFFERED = 1_000_000        # trades held above a missing id before the buil
 STUCK_CHECK_EVERY_S = 0.2       # how often a missing id is looked into
 TRIM_EVERY_S = 10.0
 START = "0-0"
+
+
+# The writer's append, a Lua function for its mirror-and-ACK script (see the module's docstring).
+# tip: the mirror's newest entry before this batch (false when unknown); entry: this batch's mirror
+# entry; first, after: the batch's first id and the id after its last ('' when its ids are not one
+# run of at most RUN_MAX consecutive ids); view_id, name, payload: the view entry (the mirror's own).
+APPEND_TO_VIEW_LUA = """
+local function append_to_view(view, state, wake, tip, entry, first, after, view_id, name, payload)
+  if first ~= '' and tip then
+    local held = redis.call('HMGET', state, 'next', 'm')
+    if held[1] == first and held[2] == tip then
+      redis.call('XADD', view, view_id, name, payload)
+      redis.call('HSET', state, 'next', after, 'm', entry)
+      return
+    end
+  end
+  redis.call('LPUSH', wake, '1')
+  redis.call('LTRIM', wake, 0, 0)
+end
+"""
+
+# The builder's append: only while view_state still holds the next it appended from (the writer may
+# have moved it meanwhile). KEYS view, view_state; ARGV expected next ('' for none yet), new next,
+# mirror position, copy position, then (entry id, field, value) per view entry. Returns 1, or 0 when
+# next has moved.
+COMMIT_LUA = """
+if (redis.call('HGET', KEYS[2], 'next') or '') ~= ARGV[1] then return 0 end
+for at = 5, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], ARGV[at], ARGV[at + 1], ARGV[at + 2])
+end
+redis.call('HSET', KEYS[2], 'next', ARGV[2], 'm', ARGV[3], 't', ARGV[4])
+return 1
+"""
+
+
+def writer_view_part(payload: bytes) -> Tuple[str, str, str]:
+    """For APPEND_TO_VIEW_LUA: (first id, id after the last, view entry id) of a bus batch whose ids
+    are one run of at most RUN_MAX consecutive ids, else ('', '', '')."""
+    if payload.count(b"[") - 1 > RUN_MAX:
+        return "", "", ""
+    ids = [row[0] for row in orjson.loads(payload)]
+    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        return "", "", ""
+    return str(ids[0]), str(ids[-1] + 1), entry_id_for(ids[0])
+
+
+def wake_builder(pipe, source: str) -> None:
+    """Queue the builder's wake token (for a write to the failover copy)."""
+    pipe.lpush(keys.view_wake(source), 1)
+    pipe.ltrim(keys.view_wake(source), 0, 0)
 
 
 def entry_id_for(first_id: int) -> str:
@@ -78,6 +136,8 @@ class ViewBuilder:
         self.state_key = keys.view_state(source)
         self.mirror_key = keys.mirror(source)
         self.copy_key = keys.trades(source)
+        self.wake_key = keys.view_wake(source)
+        self.commit_script = client.register_script(COMMIT_LUA)
         self.counts = dict(appended=0, skipped=0, skip_events=0, rereads=0)
         self._last_trim = 0.0
         self.load()
@@ -98,6 +158,7 @@ class ViewBuilder:
         else:
             self.next = None
             self.saved = (START, START)
+        self.stored_next = self.next             # what view_state holds (the writer may move it)
         self.mirror_pos, self.copy_pos = self.saved
 
     def initialize(self) -> None:
@@ -115,6 +176,7 @@ class ViewBuilder:
             self.next = lowest
             pipe.hset(self.state_key, mapping={"next": lowest, "m": START, "t": START})
         pipe.execute()
+        self.stored_next = self.next
 
     def _scan(self, *streams) -> Iterator[List[Trade]]:
         for stream in streams:
@@ -129,10 +191,11 @@ class ViewBuilder:
 
     # --- one round ----------------------------------------------------------------------------------
     def step(self, block_ms: int = 200) -> int:
-        """Read what is new (waiting up to block_ms), append what can be appended; the trades appended."""
+        """Wait for the writer's wake token (up to block_ms), read what is new, append what can be
+        appended; the trades appended."""
         if self.next is None:
             self.initialize()
-        full = self._read(block_ms)
+        full = self._wait_and_read(block_ms)
         appended = self._append_runs()
         if self.buffer and not full:
             appended += self._look_into_missing()
@@ -140,14 +203,31 @@ class ViewBuilder:
         self._trim()
         return appended
 
-    def _read(self, block_ms: Optional[int]) -> bool:
-        """Read what is new in both streams; True when a read returned a full chunk (more is waiting).
+    def _wait_and_read(self, block_ms: Optional[int]) -> bool:
+        """The wait, view_state's next and the read, in one round trip. When next has moved (the
+        writer appended meanwhile), go on from view_state as after a restart."""
+        pipe = self.client.pipeline(transaction=False)
+        if block_ms:
+            pipe.blpop([self.wake_key], timeout=block_ms / 1000)
+        pipe.hget(self.state_key, "next")
+        pipe.xread({self.mirror_key: self.mirror_pos, self.copy_key: self.copy_pos}, count=MIRROR_COUNT)
+        *_, stored_next, reply = pipe.execute()
+        if (None if stored_next is None else int(stored_next)) != self.stored_next:
+            self.load()
+            if self.next is None:
+                return False        # view_state is gone: the next step builds the view again
+            return self._read()
+        return self._take_reply(reply)
 
-        At a real rate a batch comes at a time, so one XREAD of both streams (blocking when block_ms)
-        is all a round costs; only a full reply (a backlog, a failover copy at a high rate) is
-        followed by reads of each stream with its own COUNT."""
+    def _read(self) -> bool:
+        """Read what is new in both streams; True when a read returned a full chunk (more is waiting)."""
         streams = {self.mirror_key: self.mirror_pos, self.copy_key: self.copy_pos}
-        reply = self.client.xread(streams, count=MIRROR_COUNT, block=block_ms or None)
+        return self._take_reply(self.client.xread(streams, count=MIRROR_COUNT))
+
+    def _take_reply(self, reply) -> bool:
+        """At a real rate a batch comes at a time, so one XREAD of both streams is all a round reads;
+        only a full reply (a backlog, a failover copy at a high rate) is followed by reads of each
+        stream with its own COUNT."""
         more = False
         for stream, entries in reply or []:
             more |= self._take(_text(stream), entries, MIRROR_COUNT)
@@ -218,34 +298,46 @@ class ViewBuilder:
         while trade_id in buffer:
             run.append(buffer.pop(trade_id))
             trade_id += 1
-        self._commit(run, trade_id)
-        return len(run)
+        return len(run) if self._commit(run, trade_id) else 0
 
-    def _commit(self, run: List[Trade], next_id: int) -> None:
-        """Append the run (RUN_MAX trades per entry) and the new state in one MULTI."""
+    def _commit(self, run: List[Trade], next_id: int) -> bool:
+        """Append the run (RUN_MAX trades per entry) and the new state in one script; False when
+        the writer moved next meanwhile (the builder then went on from view_state)."""
         if not self.buffer and self.cap is None:
             self.saved = (self.mirror_pos, self.copy_pos)
-        pipe = self.client.pipeline(transaction=True)
+        entries = []
         for offset in range(0, len(run), RUN_MAX):
             part = run[offset:offset + RUN_MAX]
-            pipe.xadd(self.view_key, mirror_entry(encode_batch(part)), id=entry_id_for(part[0].id))
-        pipe.hset(self.state_key, mapping={"next": next_id, "m": self.saved[0], "t": self.saved[1]})
-        pipe.execute()
+            (name, value), = mirror_entry(encode_batch(part)).items()
+            entries += [entry_id_for(part[0].id), name, value]
+        if not self._compare_and_set(next_id, entries):
+            return False
         self.next = next_id
         self.counts["appended"] += len(run)
         self.wait_target = None
         self.waiting_on_gap = False
+        return True
 
     def _skip_to(self, lowest: int) -> None:
         skipped_from = self.next
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.state_key, mapping={"next": lowest, "m": self.saved[0], "t": self.saved[1]})
-        pipe.execute()
+        if not self._compare_and_set(lowest, []):
+            return
         self.next = lowest
         self.counts["skipped"] += lowest - skipped_from
         self.counts["skip_events"] += 1
         record_event(self.client, self.log, self.process, "view_ids_skipped", level="warning",
                      source=self.source, first=skipped_from, last=lowest - 1, count=lowest - skipped_from)
+
+    def _compare_and_set(self, next_id: int, entries: list) -> bool:
+        """Append the view entries and store next_id with the saved positions, unless next has moved
+        since this builder read it (the writer appended): then go on from view_state (False)."""
+        expected = "" if self.stored_next is None else self.stored_next
+        if self.commit_script(keys=[self.view_key, self.state_key],
+                              args=[expected, next_id, self.saved[0], self.saved[1], *entries]):
+            self.stored_next = next_id
+            return True
+        self.load()
+        return False
 
     # --- a missing id ---------------------------------------------------------------------------------
     def _look_into_missing(self) -> int:
@@ -265,7 +357,7 @@ class ViewBuilder:
             return 0
         # Everything on the bus up to the target is in the mirror or the failover copy: read to the ends.
         appended = 0
-        while self._read(None):
+        while self._read():
             appended += self._append_runs()
         appended += self._append_runs()
         if self.buffer and self.next == self.wait_next:

@@ -10,9 +10,11 @@ import pytest
 from btcfeed import keys
 from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
+from btcfeed.processes.writer import ACK_SCRIPT, ack_script_input
 from btcfeed.storage import view as view_module
 from btcfeed.storage.apply import mirror_entry
-from btcfeed.storage.view import ViewBuilder, entry_trades, first_id_of, in_gap, trades_after, view_ends
+from btcfeed.storage.view import (ViewBuilder, entry_trades, first_id_of, in_gap, trades_after, view_ends,
+                                  wake_builder)
 from btcfeed.trade import Trade, decode_batch, encode_batch
 
 SOURCE = "binance:BTCUSDT"
@@ -244,3 +246,119 @@ def test_the_view_is_trimmed_to_what_the_local_copy_still_holds(local, log, monk
     local.xtrim(keys.mirror(SOURCE), maxlen=1, approximate=False)
     steps(builder, 2)
     assert view_ids(local)[0] == 51 and view_ids(local)[-1] == 60
+
+
+# --- the writer's own appends (ACK_SCRIPT with APPEND_TO_VIEW_LUA) ---------------------------------
+def writer_mirrors(client, ids) -> None:
+    """A batch put on the bus and taken at once by the writer (the primary confirmed it)."""
+    on_bus(client, ids)
+    writer_takes(client, None)
+
+
+def writer_takes(client, failover_copy) -> None:
+    """The writer takes the bus's next batch: with the primary, its real mirror-and-ACK script
+    (mirror, view when it can, ACK); in failover (failover_copy), the copy and the ACK."""
+    reply = client.xreadgroup(keys.BUS_GROUP, "writer", {keys.BUS: ">"}, count=1)
+    entry_id, fields = reply[0][1][0]
+    if failover_copy:
+        failover_copy(client, [t.id for t in decode_batch(fields[b"t"])])
+        client.xack(keys.BUS, keys.BUS_GROUP, entry_id)
+        return
+    batch = [(SOURCE, fields[b"t"])]
+    client.register_script(ACK_SCRIPT)(*ack_script_input([entry_id], batch, None, 3_600_000))
+
+
+def writer_copies(client, ids) -> None:
+    """The writer in failover: the failover copy, with the builder's wake token."""
+    pipe = client.pipeline(transaction=True)
+    for i in ids:
+        pipe.xadd(keys.trades(SOURCE), trade(i).fields())
+    wake_builder(pipe, SOURCE)
+    pipe.execute()
+
+
+def test_at_a_real_rate_the_writer_builds_the_view_and_the_builder_is_never_woken(local, log):
+    writer_mirrors(local, range(1, 4))
+    builder = ViewBuilder(local, SOURCE, log)
+    steps(builder, 2)                                      # the builder starts the view
+    assert view_ids(local) == [1, 2, 3] and local.llen(keys.view_wake(SOURCE)) == 0
+    for first in range(4, 200, 3):                         # batches of 3 consecutive ids
+        writer_mirrors(local, range(first, first + 3))
+    assert view_ids(local) == list(range(1, 202))          # no builder step since
+    assert local.llen(keys.view_wake(SOURCE)) == 0
+    assert local.hget(keys.view_state(SOURCE), "m") == local.hget(keys.MIRROR_CONFIRMED, SOURCE)
+    steps(builder, 2)                                      # a builder woken by its timeout: nothing to do
+    assert view_ids(local) == list(range(1, 202)) and builder.counts["appended"] == 3
+
+
+@pytest.mark.parametrize("batch", [[10, 12, 11], [9, 10], [12, 13], list(range(10, 20))])
+def test_a_batch_the_writer_cannot_append_wakes_the_builder_which_does(local, log, monkeypatch, batch):
+    """Out of order, below next, above next, longer than a view entry: never appended by the writer."""
+    monkeypatch.setattr(view_module, "RUN_MAX", 5)
+    writer_mirrors(local, range(1, 10))
+    builder = ViewBuilder(local, SOURCE, log)
+    steps(builder, 1)
+    assert view_ids(local) == list(range(1, 10))
+    writer_mirrors(local, batch)
+    assert view_ids(local) == list(range(1, 10))
+    assert local.llen(keys.view_wake(SOURCE)) == 1
+    writer_mirrors(local, [b for b in range(10, 20) if b not in batch])
+    assert builder.step(block_ms=5000) > 0                 # woken at once by the token
+    steps(builder, 2)
+    assert view_ids(local) == list(range(1, 20))
+    local.delete(keys.view_wake(SOURCE))
+    for first in range(20, 40, 4):                         # the writer appends again after
+        writer_mirrors(local, range(first, first + 4))
+    assert view_ids(local) == list(range(1, 40)) and local.llen(keys.view_wake(SOURCE)) == 0
+
+
+def test_the_writer_appending_between_the_builders_read_and_its_append_duplicates_nothing(local, log):
+    writer_mirrors(local, range(1, 5))
+    builder = ViewBuilder(local, SOURCE, log)
+    steps(builder, 1)
+    writer_copies(local, range(5, 10))                     # failover: the builder's to append
+    real_append = builder._append_runs
+
+    def writer_appends_first():
+        writer_mirrors(local, range(5, 8))                 # handed back: the writer's own append
+        return real_append()
+
+    builder._append_runs = writer_appends_first
+    builder.step(block_ms=0)
+    builder._append_runs = real_append
+    steps(builder, 2)
+    assert view_ids(local) == list(range(1, 10))
+
+
+def test_writer_and_builder_killed_at_any_point_lose_and_duplicate_nothing(local, log, monkeypatch):
+    """Batches of every kind (in order, out of order, long, re-sent) on the bus, taken one at a time by
+    the real mirror-and-ACK script or written to the failover copy, builder steps in between and
+    builders dropped as a SIGKILL leaves them."""
+    import random
+    monkeypatch.setattr(view_module, "RUN_MAX", 40)
+    rng = random.Random(11)
+    ids = list(range(5000, 9000))
+    chunks, start = [], 0
+    while start < len(ids):
+        size = rng.choice([1, 2, 3, 5, 60])
+        chunks.append(ids[start:start + size])
+        start += size
+    for number in range(1, len(chunks) - 1, 9):            # some pairs arrive swapped
+        chunks[number], chunks[number + 1] = chunks[number + 1], chunks[number]
+    writer_mirrors(local, chunks[0])                       # where the view starts
+    for number, chunk in enumerate(chunks[1:], 1):
+        on_bus(local, chunk if number % 11 else list(reversed(chunk)))
+    builder = ViewBuilder(local, SOURCE, log)
+    for number in range(1, len(chunks)):
+        if number % 7 == 3:
+            writer_takes(local, writer_copies)
+        else:
+            writer_takes(local, None)
+        if number % 13 == 0:
+            writer_copies(local, rng.sample(ids, 3))       # re-sent trades, old and new
+        if rng.random() < 0.4:
+            builder.step(block_ms=0)
+        if rng.random() < 0.1:
+            builder = ViewBuilder(local, SOURCE, log)
+    wait_steps(builder, lambda: builder.next == 9000)
+    assert view_ids(local) == ids
