@@ -7,7 +7,6 @@ from typing import NamedTuple, Optional
 import redis
 
 from btcfeed import keys
-from btcfeed.storage.wire import command_packer
 from btcfeed.trade import encode_batch
 
 # The durable state of a source on the local bus, kept by these scripts only:
@@ -147,7 +146,7 @@ def connect_local(url: str, timeout_s: float = 5.0, name: str = None) -> redis.R
     (CLIENT SETNAME) says whose connections they are in CLIENT LIST (a process finds its own to
     unblock them when it stops)."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=0, client_name=name, command_packer=command_packer())
+                                health_check_interval=0, client_name=name)
 
 
 def wait_for_local(client: redis.Redis, wait_s: float) -> None:

@@ -13,7 +13,6 @@ from redis.sentinel import Sentinel
 
 from btcfeed import keys
 from btcfeed.config import CLUSTER_SCHEME, SENTINEL_SCHEME, parse_cluster_url, parse_sentinel_url
-from btcfeed.storage.wire import command_packer
 
 
 def connect_primary(config, timeout_ms: int) -> redis.Redis:
@@ -33,7 +32,7 @@ def connect_primary(config, timeout_ms: int) -> redis.Redis:
     if scheme == CLUSTER_SCHEME:
         return _cluster(config, options)
     options.update(tls_options(config))
-    return redis.Redis.from_url(config.primary_url, command_packer=command_packer(), **options)
+    return redis.Redis.from_url(config.primary_url, **options)
 
 
 def _sentinel_master(config, options: dict) -> redis.Redis:
