@@ -19,7 +19,7 @@ import websocket
 
 from btcfeed.backoff import Backoff, Throttle
 from btcfeed.exchanges.binance import BinanceAdapter
-from btcfeed.storage.bus import ALREADY_DURABLE, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
+from btcfeed.storage.bus import ALREADY_DURABLE, BUS_BATCH_MAX, BUS_FULL, PUBLISHED, PUBLISHED_AFTER_GAP, Bus
 from btcfeed.exchanges.coinbase import CoinbaseAdapter
 from btcfeed.events import record_event
 from btcfeed.exchanges.base import RateLimited, RestError
@@ -36,7 +36,6 @@ OVERLAP_MAX_S = 10.0
 MAX_FRAME_BYTES = 1 << 20
 OUTGOING_PER_S = 5               # Binance disconnects a connection that sends it more than 5 messages/s
 RECV_BYTES = 1 << 18            # one socket read; its trades are handed over together
-BUS_BATCH_MAX = 2000            # trades per bus entry
 INBOX_MAX_BATCHES = 64          # bursts of one socket read each; then the reader blocks and TCP pushes back
 BUS_FULL_ALARM_EVERY_S = 10.0
 HELD_ALARM_EVERY_S = 10.0       # the local Redis refusing ingest's writes (down, or at its memory limit)

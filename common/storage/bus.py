@@ -9,6 +9,8 @@ import redis
 from btcfeed import keys
 from btcfeed.trade import encode_batch
 
+BUS_BATCH_MAX = 2000            # trades per bus entry (ingest's batches, the writer's view entries)
+
 # The durable state of a source on the local bus, kept by these scripts only:
 #   cursor   the highest trade id whose place is settled: every id up to it is on the bus, or
 #            inside one of the source's gap records;

@@ -45,11 +45,14 @@ import redis
 from btcfeed import keys
 from btcfeed.events import record_event
 from btcfeed.storage.apply import mirror_entry
+from btcfeed.storage.bus import BUS_BATCH_MAX
 from btcfeed.trade import Trade, decode_batch, encode_batch
 
 MIRROR_COUNT = 32               # mirror entries per read (each a batch of up to a few thousand trades)
 COPY_COUNT = 4000               # failover-copy entries per read (one trade each)
-RUN_MAX = 500                   # trades per view entry: a reader decodes one entry to find an id
+# Trades per view entry the builder writes: a reader decodes one entry to find an id. The writer's
+# own entries are whole bus batches (up to BUS_BATCH_MAX): only a flat-out rate makes them longer.
+RUN_MAX = 500
 MAX_BUFFERED = 1_000_000        # trades held above a missing id before the builder stops taking more
 STUCK_CHECK_EVERY_S = 0.2       # how often a missing id is looked into
 TRIM_EVERY_S = 10.0
@@ -59,7 +62,7 @@ START = "0-0"
 # The writer's append, a Lua function for its mirror-and-ACK script (see the module's docstring).
 # tip: the mirror's newest entry before this batch (false when unknown); entry: this batch's mirror
 # entry; first, after: the batch's first id and the id after its last ('' when its ids are not one
-# run of at most RUN_MAX consecutive ids); view_id, name, payload: the view entry (the mirror's own).
+# run of consecutive ids); view_id, name, payload: the view entry (the mirror's own).
 APPEND_TO_VIEW_LUA = """
 local function append_to_view(view, state, wake, tip, entry, first, after, view_id, name, payload)
   if first ~= '' and tip then
@@ -91,8 +94,8 @@ return 1
 
 def writer_view_part(payload: bytes) -> Tuple[str, str, str]:
     """For APPEND_TO_VIEW_LUA: (first id, id after the last, view entry id) of a bus batch whose ids
-    are one run of at most RUN_MAX consecutive ids, else ('', '', '')."""
-    if payload.count(b"[") - 1 > RUN_MAX:
+    are one run of consecutive ids, else ('', '', '')."""
+    if payload.count(b"[") - 1 > BUS_BATCH_MAX:
         return "", "", ""
     ids = [row[0] for row in orjson.loads(payload)]
     if not ids or ids != list(range(ids[0], ids[0] + len(ids))):

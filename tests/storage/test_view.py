@@ -293,8 +293,8 @@ def test_at_a_real_rate_the_writer_builds_the_view_and_the_builder_is_never_woke
 
 @pytest.mark.parametrize("batch", [[10, 12, 11], [9, 10], [12, 13], list(range(10, 20))])
 def test_a_batch_the_writer_cannot_append_wakes_the_builder_which_does(local, log, monkeypatch, batch):
-    """Out of order, below next, above next, longer than a view entry: never appended by the writer."""
-    monkeypatch.setattr(view_module, "RUN_MAX", 5)
+    """Out of order, below next, above next, longer than a bus batch: never appended by the writer."""
+    monkeypatch.setattr(view_module, "BUS_BATCH_MAX", 5)
     writer_mirrors(local, range(1, 10))
     builder = ViewBuilder(local, SOURCE, log)
     steps(builder, 1)
