@@ -202,6 +202,8 @@ class ViewBuilder:
         appended = self._append_runs()
         if self.buffer and not full:
             appended += self._look_into_missing()
+        if not appended:
+            self._save_positions()
         self._rewind_after_overflow()
         self._trim()
         return appended
@@ -330,6 +332,16 @@ class ViewBuilder:
         self.counts["skip_events"] += 1
         record_event(self.client, self.log, self.process, "view_ids_skipped", level="warning",
                      source=self.source, first=skipped_from, last=lowest - 1, count=lowest - skipped_from)
+
+    def _save_positions(self) -> None:
+        """What was read held nothing to append (trades already in the view, e.g. a batch the writer
+        mirrored twice after a lost reply): with nothing buffered, store how far it read, so the
+        writer, which appends only while the builder is level with the mirror, appends again."""
+        if self.next is None or self.buffer or self.cap is not None:
+            return
+        if (self.mirror_pos, self.copy_pos) != self.saved:
+            self.saved = (self.mirror_pos, self.copy_pos)
+            self._compare_and_set(self.next, [])
 
     def _compare_and_set(self, next_id: int, entries: list) -> bool:
         """Append the view entries and store next_id with the saved positions, unless next has moved

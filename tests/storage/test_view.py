@@ -362,3 +362,42 @@ def test_writer_and_builder_killed_at_any_point_lose_and_duplicate_nothing(local
             builder = ViewBuilder(local, SOURCE, log)
     wait_steps(builder, lambda: builder.next == 9000)
     assert view_ids(local) == ids
+
+
+def test_a_lost_reply_runs_the_writers_script_twice_and_the_view_holds_each_trade_once(local, log):
+    """The writer's mirror-and-ACK script ran, but its reply was lost: the writer sends it again for
+    the same bus entry (the entry is still pending to the writer)."""
+    writer_mirrors(local, range(1, 4))
+    builder = ViewBuilder(local, SOURCE, log)
+    steps(builder, 1)
+    entry_id = on_bus(local, range(4, 8))
+    local.xreadgroup(keys.BUS_GROUP, "writer", {keys.BUS: ">"}, count=1)
+    script = local.register_script(ACK_SCRIPT)
+    script_input = ack_script_input([entry_id], [(SOURCE, encode_batch([trade(i) for i in range(4, 8)]))],
+                                    None, 3_600_000)
+    script(*script_input)
+    script(*script_input)                                  # the same call again
+    assert local.llen(keys.view_wake(SOURCE)) == 1         # the repeat was not appended: the builder's
+    steps(builder, 2)                                      # reads it, drops it, and says how far it read
+    for first in range(8, 20, 4):
+        writer_mirrors(local, range(first, first + 4))     # so the writer appends again at once
+    assert view_ids(local) == list(range(1, 20)) and local.llen(keys.view_wake(SOURCE)) == 0
+    assert local.xlen(keys.mirror(SOURCE)) == 6            # the repeat is a second mirror entry, harmless
+
+
+def test_a_forgotten_view_state_stops_the_writers_appends_and_the_view_is_built_again(local, log):
+    """view_state is gone without an error (a key lost with the server's last second, an operator's
+    DEL): the writer cannot know where the view ends, so it appends nothing, and the builder builds the
+    view again from the local copy."""
+    writer_mirrors(local, range(1, 4))
+    builder = ViewBuilder(local, SOURCE, log)
+    steps(builder, 1)
+    writer_mirrors(local, range(4, 8))
+    local.delete(keys.view_state(SOURCE))
+    writer_mirrors(local, range(8, 12))
+    assert view_ids(local) == list(range(1, 8))            # not appended after the state was lost
+    assert local.llen(keys.view_wake(SOURCE)) == 1
+    wait_steps(builder, lambda: builder.next == 12)
+    assert view_ids(local) == list(range(1, 12))
+    writer_mirrors(local, range(12, 16))                   # and the writer appends again after
+    assert view_ids(local) == list(range(1, 16))
