@@ -15,6 +15,7 @@ from btcfeed.storage import epochs, schema
 
 from btcfeed import keys, price
 from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
+from btcfeed.storage.dedicated import DedicatedConnection
 from btcfeed.config import ConfigError, redact_url
 from btcfeed.backoff import Throttle
 from btcfeed.events import record_event
@@ -112,10 +113,14 @@ class Writer(Process):
         self.epochs = {}
         self.to_primary = BatchApplier(self.primary, cfg.retention_ms, compat, cfg.compat_history_len,
                                        epochs=self.epochs)
+        if not isinstance(self.primary, redis.RedisCluster):
+            self.to_primary.round_trips = DedicatedConnection(self.primary)
         self.to_local = BatchApplier(self.local, cfg.retention_ms, compat, cfg.compat_history_len,
                                      publish=False)
         self.price = self._price_selector()
         self.ack_script = self.local.register_script(ACK_SCRIPT)
+        # The bus read and the mirror-and-ACK of every round, on one connection of their own.
+        self.round_trips = DedicatedConnection(self.local)
         self._ensure_group()
         # Entries delivered before a crash and never ACKed come first; then new ones.
         self.read_from = "0"
@@ -215,9 +220,9 @@ class Writer(Process):
             self._memory_relieved(force=True)
 
     def _read(self):
-        block = None if self.read_from == "0" else READ_BLOCK_MS
-        reply = self.local.xreadgroup(keys.BUS_GROUP, CONSUMER, {keys.BUS: self.read_from},
-                                      count=READ_COUNT, block=block)
+        block = () if self.read_from == "0" else ("BLOCK", READ_BLOCK_MS)
+        reply = self.round_trips.call("XREADGROUP", "GROUP", keys.BUS_GROUP, CONSUMER, "COUNT", READ_COUNT,
+                                      *block, "STREAMS", keys.BUS, self.read_from)
         entries = reply[0][1] if reply else []
         if self.read_from == "0" and not entries:
             self.read_from = ">"
@@ -314,7 +319,8 @@ class Writer(Process):
         is what a re-seed or sync-check reads back, append it to the read view when it can, ACK the bus
         entries, and store the price view for the read API; one script, one round trip. The state it
         returns may be sync's failover."""
-        state = self.ack_script(*ack_script_input(ids, batches, view, self.config.retention_ms))
+        state = self.round_trips.run_script(self.ack_script,
+                                            *ack_script_input(ids, batches, view, self.config.retention_ms))
         self._observe_state(state.decode() if state else PRIMARY)
 
     def _commit_to_backlog(self, ids, batches, view) -> bool:

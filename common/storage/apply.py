@@ -60,6 +60,8 @@ class BatchApplier:
         self.publish = publish
         # source -> the epoch the primary must hold (kept up to date by the owner); None: no check.
         self.epochs = epochs
+        # A DedicatedConnection of `client` for apply_many, set by the writer (None: a pipeline).
+        self.round_trips = None
 
     def apply(self, source: str, payload: str, client=None):
         """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped,
@@ -80,16 +82,13 @@ class BatchApplier:
         """
         client = client or self.client
         for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
+            commands = []
             for source, payload in batches:
                 script_keys, args = self.script_arguments(source, payload)
-                # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
-                # but routes the former by its first key (a source's keys share one slot).
-                pipe.execute_command("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args)
-            for command in then:
-                pipe.execute_command(*command)
+                commands.append(("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args))
+            commands += then
             try:
-                results = pipe.execute(raise_on_error=raise_on_error)[:len(batches)]
+                results = self._send(client, commands, raise_on_error)[:len(batches)]
             except NoScriptError:
                 results = [NoScriptError()]
             if not any(isinstance(result, NoScriptError) for result in results):
@@ -97,6 +96,23 @@ class BatchApplier:
             if attempt == 2:
                 raise NoScriptError("the server lost the apply script twice")
             client.script_load(self.script.script)
+
+    def _send(self, client, commands, raise_on_error: bool) -> list:
+        """The commands in one round trip: on the dedicated connection when the applier has one and
+        the client is its own (storage/dedicated.py), else in a redis-py pipeline."""
+        if self.round_trips is None or client is not self.client:
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                # execute_command, not pipe.evalsha: a Redis Cluster pipeline refuses the latter
+                # but routes the former by its first key (a source's keys share one slot).
+                pipe.execute_command(*command)
+            return pipe.execute(raise_on_error=raise_on_error)
+        replies = self.round_trips.call_many(commands)
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
 
     def queue_in_transaction(self, pipe, source: str, payload) -> None:
         """Queue one apply inside MULTI: EVAL (not EVALSHA), so a lost script cache cannot fail half a

@@ -1,12 +1,14 @@
 """The local bus: batches of trades from ingest to writer, with each source's cursor beside them."""
 
 import json
+import threading
 import time
 from typing import NamedTuple, Optional
 
 import redis
 
 from btcfeed import keys
+from btcfeed.storage.dedicated import DedicatedConnection
 from btcfeed.trade import encode_batch
 
 BUS_BATCH_MAX = 2000            # trades per bus entry (ingest's batches, the writer's view entries)
@@ -188,6 +190,8 @@ class Bus:
         self.max_entries = max_entries
         self.deadletter_max = deadletter_max
         self._publish = client.register_script(PUBLISH_SCRIPT)
+        # Each feed thread publishes its live batches on a connection of its own (storage/dedicated.py).
+        self._per_thread = threading.local()
         self._note_gap = client.register_script(NOTE_GAP_SCRIPT)
         self._open_gap = client.register_script(OPEN_GAP_SCRIPT)
         self._backfill = client.register_script(BACKFILL_SCRIPT)
@@ -202,9 +206,16 @@ class Bus:
     def publish(self, source: str, trades) -> int:
         """Append one live batch (ids contiguous, ascending); ids skipped since the cursor become a
         gap. PUBLISHED, ALREADY_DURABLE or BUS_FULL."""
-        return self._publish(keys=self._keys(source),
-                             args=[self.max_entries, source, len(trades), trades[0].id, trades[-1].id,
-                                   encode_batch(trades), trades[-1].ts])
+        return self._round_trips().run_script(
+            self._publish, self._keys(source),
+            [self.max_entries, source, len(trades), trades[0].id, trades[-1].id, encode_batch(trades),
+             trades[-1].ts])
+
+    def _round_trips(self) -> DedicatedConnection:
+        connection = getattr(self._per_thread, "connection", None)
+        if connection is None:
+            connection = self._per_thread.connection = DedicatedConnection(self.client)
+        return connection
 
     def publish_backfill(self, source: str, gap: str, trades) -> int:
         """Append a batch fetched for the gap recorded at `gap` (its first id, or "open"); the gap

@@ -170,7 +170,10 @@ def test_stack_runs_under_the_recipe_user(acl_primary):
         assert report["status"] == "ok" and report["sources"][0]["missing"] == 0
 
         # bin/sync-check --repair under the same user: a trade removed from the primary (entry and
-        # seen bit, by the administrator) is put back through the apply script.
+        # seen bit, by the administrator) is put back through the apply script. sync is stopped
+        # meanwhile: its anti-entropy would refill the hole too, and on a slow machine before the
+        # command had started.
+        stack.stop("sync")
         entry_id, fields = admin.xrange(keys.trades(SOURCE), count=1)[0]
         hole = int(fields[b"id"])
         admin.xdel(keys.trades(SOURCE), entry_id)
@@ -180,6 +183,7 @@ def test_stack_runs_under_the_recipe_user(acl_primary):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-1000:]
         assert json.loads(done.stdout)["repair"]["added"] == 1
         assert verify_primary(admin, sim).exact()
+        stack.start("sync")
 
         # The fault really took the failover path: failover, re-seed (new run_id), drain and hand-back,
         # all under the ACL user.
