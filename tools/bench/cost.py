@@ -7,14 +7,21 @@ in the middle of the run (not start-up), with each process's RSS at the end. The
 supervised process and the local Redis: not the primary (the user's) and not the simulator (the
 exchange's). Targets (issue "Cost per trade"): idle under 1% of one core, 300 trades/s at or under 5%.
 Every phase ends exact (0 missing, 0 duplicated) or the bench says so.
+
+This machine's speed varies (a 2-core virtual machine: the same commit measured 11% and 25% at
+300/s hours apart), so the run first measures a reference on the same machine (tools/bench/
+wake_reference.py: one Python process woken by Redis 300 times a second) and prints the stack's
+CPU as a multiple of it too.
 """
 
+import os
 import time
 
 import psutil
 
 from btcfeed import keys
 from tools.bench.failover import FailoverBenchError, wait_until
+from tools.bench import wake_reference
 from tools.bench.throughput import ProcessWatch
 from tools.rig import SimulatedStack
 from tools.verify import SOURCE, verify_primary
@@ -24,6 +31,8 @@ WARM_UP_S = 10.0
 WINDOW_S = 30.0
 SEND_BUFFER = 1 << 20
 TARGETS = {0: 1.0, 300: 5.0}
+REFERENCE_RATE = 300
+REFERENCE_S = 10.0
 MB = 1024 * 1024
 
 
@@ -31,6 +40,8 @@ def run_cost_bench(rates=RATES, window_s: float = WINDOW_S, linger_ms=None, echo
     rig = SimulatedStack("bf-cost-")
     keep = True
     try:
+        reference = wake_reference.measure(os.path.join(rig.root, "wake-reference"), REFERENCE_RATE,
+                                           REFERENCE_S)
         rig.start_primary()
         rig.start_simulator(rate=max(rates) or 1, max_send_buffer=SEND_BUFFER)
         if linger_ms is not None:
@@ -41,6 +52,7 @@ def run_cost_bench(rates=RATES, window_s: float = WINDOW_S, linger_ms=None, echo
         rows = [measure(rig, watch, rate, window_s) for rate in rates]
         exact = check_exact(rig, echo)
         print_table(rows, echo)
+        print_reference(reference, rows, echo)
         keep = not exact
         return 0 if exact else 1
     except (FailoverBenchError, OSError) as exc:
@@ -117,3 +129,13 @@ def print_table(rows, echo) -> None:
             verdict = "met" if row["stack"] <= target else "NOT met"
             echo(f"target at {row['rate']}/s: stack under {target:g}% of one core: {verdict} "
                  f"({row['stack']:.2f}%)")
+
+
+def print_reference(reference: dict, rows, echo) -> None:
+    """The machine's floor measured in this run, and the stack's CPU as a multiple of it."""
+    echo(f"reference (same machine, same run): one Python process woken by Redis {REFERENCE_RATE} times a "
+         f"second: {reference['waiter_pct']:.2f}% of one core ({reference['us_per_wake']:.0f} us a wake), "
+         f"the redis-server {reference['server_pct']:.2f}%")
+    for row in rows:
+        if row["rate"]:
+            echo(f"stack at {row['rate']:g}/s: {row['stack'] / reference['waiter_pct']:.1f}x the reference")

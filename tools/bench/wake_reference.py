@@ -1,0 +1,75 @@
+"""The cost floor of this machine for a process that waits on Redis: a Python process blocked in
+BLPOP on a redis-server's unix socket, woken `rate` times a second by a push, on one connection of
+redis-py's (as the writer and ingest send their per-round commands). Every btcfeed process on the
+write path pays at least this per wake-up, so bench-cost prints the stack's CPU as a multiple of it:
+that ratio stays comparable when the machine itself is faster or slower from one run to the next.
+
+Run as a module it is the waiting side; measure() starts it and pushes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import redis
+
+from tools.redis_process import RedisProcess
+
+QUEUE = "wake-reference"
+END = b"end"
+
+
+def measure(directory: str, rate: float, seconds: float) -> dict:
+    """Percent of one core used by the waiting process and by the server, and CPU µs per wake."""
+    socket_path = os.path.join(directory, "redis.sock")
+    server = RedisProcess(directory, appendonly=False, extra_args=["--unixsocket", socket_path]).start()
+    try:
+        return _push_and_measure(server, f"unix://{socket_path}", rate, seconds)
+    finally:
+        server.stop()
+
+
+def _push_and_measure(server, url: str, rate: float, seconds: float) -> dict:
+    pusher = redis.Redis.from_url(url)
+    waiter = subprocess.Popen([sys.executable, "-m", "tools.bench.wake_reference", url],
+                              stdout=subprocess.PIPE, text=True)
+    server_cpu = psutil.Process(server.process.pid)
+    time.sleep(1.0)                                    # the waiter has started and blocks
+    before = server_cpu.cpu_times()
+    started = time.monotonic()
+    for number in range(int(rate * seconds)):
+        pusher.rpush(QUEUE, number)
+        delay = started + (number + 1) / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    elapsed = time.monotonic() - started
+    after = server_cpu.cpu_times()
+    pusher.rpush(QUEUE, END)
+    result = json.loads(waiter.communicate(timeout=30)[0])
+    server_s = (after.user + after.system) - (before.user + before.system)
+    return {"waiter_pct": 100 * result["cpu_s"] / elapsed,
+            "us_per_wake": 1e6 * result["cpu_s"] / result["wakes"],
+            "server_pct": 100 * server_s / elapsed}
+
+
+def wait_for_pushes(url: str) -> dict:
+    client = redis.Redis.from_url(url)
+    connection = client.connection_pool.get_connection()
+    wakes, cpu_started = 0, None
+    while True:
+        connection.send_command("BLPOP", QUEUE, 30)
+        reply = connection.read_response()
+        if reply is None or reply[1] == END:
+            break
+        if cpu_started is None:
+            cpu_started = time.process_time()        # from the first wake: not the start-up
+        else:
+            wakes += 1
+    return {"wakes": wakes, "cpu_s": time.process_time() - (cpu_started or time.process_time())}
+
+
+if __name__ == "__main__":
+    print(json.dumps(wait_for_pushes(sys.argv[1])))
