@@ -52,7 +52,7 @@ def _push_and_measure(server, url: str, rate: float, seconds: float) -> dict:
     server_s = (after.user + after.system) - (before.user + before.system)
     return {"waiter_pct": 100 * result["cpu_s"] / elapsed,
             "us_per_wake": 1e6 * result["cpu_s"] / result["wakes"],
-            "server_pct": 100 * server_s / elapsed}
+            "server_pct": 100 * server_s / elapsed, "wakes": result["wakes"]}
 
 
 def wait_for_pushes(url: str) -> dict:
