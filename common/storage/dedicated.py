@@ -65,9 +65,3 @@ class DedicatedConnection:
         except NoScriptError:
             self.client.script_load(script.script)
             return self.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.disconnect()
-            self.client.connection_pool.release(self.connection)
-            self.connection = None
