@@ -99,7 +99,7 @@ SETTINGS = {
     "price_stale_ms": (800, _int),
     "retention_hours": (24.0, _float),
     "bus_max_entries": (200_000, _int),
-    "backlog_max_entries": (500_000, _int),
+    "backlog_max_trades": (6_000_000, _int),
     "probe_interval_ms": (200, _int),
     "healthy_probes": (3, _int),
     "deadletter_max": (10_000, _int),
@@ -143,7 +143,7 @@ class Config:
     price_stale_ms: int
     retention_hours: float
     bus_max_entries: int
-    backlog_max_entries: int
+    backlog_max_trades: int
     probe_interval_ms: int
     healthy_probes: int
     deadletter_max: int
@@ -171,6 +171,10 @@ class Config:
         return os.path.join(self.state_dir, *parts)
 
 
+# Settings no longer read, and what replaces them: naming one is an error, never silently ignored.
+REPLACED = {"backlog_max_entries": "the backlog is bounded in trades: set BTCFEED_BACKLOG_MAX_TRADES"}
+
+
 def load(environ: Mapping[str, str] = None, primary_override: bool = True) -> Config:
     """Build the configuration; raise ConfigError with a one-line reason when it is wrong. The
     primary is the one `btcfeed primary move` recorded in the state dir, if any (unless
@@ -178,6 +182,9 @@ def load(environ: Mapping[str, str] = None, primary_override: bool = True) -> Co
     environ = os.environ if environ is None else environ
     raw = {name: default for name, (default, _) in SETTINGS.items()}
     raw.update(_read_file(environ.get("BTCFEED_CONFIG", "")))
+    for name, instead in REPLACED.items():
+        if "BTCFEED_" + name.upper() in environ:
+            raise ConfigError(f"BTCFEED_{name.upper()}: no longer read; {instead}")
     for name in SETTINGS:
         env_name = "BTCFEED_" + name.upper()
         if env_name in environ:
@@ -263,6 +270,9 @@ def _read_file(path: str) -> dict:
         raise ConfigError(f"BTCFEED_CONFIG: file not found: {path}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"BTCFEED_CONFIG: {path} is not valid TOML: {exc}")
+    for name, instead in REPLACED.items():
+        if name in data:
+            raise ConfigError(f"BTCFEED_CONFIG: {name} in {path} is no longer read; {instead}")
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"BTCFEED_CONFIG: unknown setting(s) {', '.join(unknown)} in {path}")
@@ -302,7 +312,7 @@ def _validate(values: dict) -> Config:
     api_host, api_port = parse_addr("BTCFEED_API_ADDR", values.pop("api_addr"))
     sources = parse_sources(values["sources"])
     values["price_sources"] = _price_sources(values["price_sources"], sources)
-    for name in ("price_stale_ms", "bus_max_entries", "backlog_max_entries", "probe_interval_ms",
+    for name in ("price_stale_ms", "bus_max_entries", "backlog_max_trades", "probe_interval_ms",
                  "healthy_probes", "deadletter_max", "primary_timeout_ms", "writer_max_batch",
                  "compat_history_len"):
         if values[name] <= 0:

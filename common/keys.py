@@ -145,6 +145,8 @@ def primary_keys(source: str) -> list:
 
 # --- local Redis only: failover ------------------------------------------------------------------
 BACKLOG = f"{PREFIX}:backlog"
+# String: the trades the backlog's entries hold (storage/backlog.py keeps it with the entries).
+BACKLOG_TRADES = f"{PREFIX}:backlog:trades"
 # Hash: state (primary | failover | draining), since (ms), reason. The writer moves it to
 # failover; sync moves it to draining and, atomically with an empty backlog, back to primary.
 WRITER_STATE = f"{PREFIX}:writer:state"

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from btcfeed.storage import epochs, move
+from btcfeed.storage import backlog, epochs, move
 
 from btcfeed import keys, price
 from btcfeed.storage.antientropy import HeldIndex, compare, resend
@@ -40,10 +40,12 @@ FOLLOW_ENTRIES = 512            # mirrored batches taken into the held index per
 REFUSAL_EVENT_EVERY_S = 10.0    # a source whose keys the primary refuses: one event this often
 
 # Hand back only if the backlog is empty and nobody changed the state meanwhile: from here on the
-# writer's WATCHed backlog transaction fails and it writes to the primary instead.
+# writer's WATCHed backlog transaction fails and it writes to the primary instead. The backlog's
+# trade count starts again from zero. KEYS backlog, writer state, backlog trade count; ARGV now ms
 HAND_BACK_SCRIPT = """
 if redis.call('XLEN', KEYS[1]) == 0 and redis.call('HGET', KEYS[2], 'state') == 'draining' then
   redis.call('HSET', KEYS[2], 'state', 'primary', 'since', ARGV[1], 'reason', 'backlog replayed')
+  redis.call('DEL', KEYS[3])
   return 1
 end
 return 0
@@ -70,6 +72,7 @@ class Sync(Process):
                                     epochs=self.epochs)
         self.indexes = {source: HeldIndex(self.local, source) for source in self.sources}
         self.hand_back_script = self.local.register_script(HAND_BACK_SCRIPT)
+        self.delete_replayed_script = self.local.register_script(backlog.DELETE_REPLAYED_SCRIPT)
         self.replay_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay")
         self.streak = 0
         self.last_unhealthy_reason = None
@@ -246,7 +249,7 @@ class Sync(Process):
             return
         # Replayed entries leave the backlog only after the primary confirmed them; a crash in
         # between replays them again, which the seen-set turns into a no-op.
-        self.local.xdel(keys.BACKLOG, *[entry_id for entry_id, _ in entries])
+        backlog.delete_replayed(self.delete_replayed_script, entries)
         self.drain["next"] = following
         replayed = sum(sum(result) for result in results)
         self.drain["trades"] += replayed
@@ -254,7 +257,8 @@ class Sync(Process):
         self.counts["replayed"] += replayed
 
     def hand_back(self) -> None:
-        if not self.hand_back_script(keys=[keys.BACKLOG, keys.WRITER_STATE], args=[int(time.time() * 1000)]):
+        if not self.hand_back_script(keys=[keys.BACKLOG, keys.WRITER_STATE, keys.BACKLOG_TRADES],
+                                     args=[int(time.time() * 1000)]):
             return
         seconds = time.monotonic() - self.drain["started"]
         rate = self.drain["trades"] / seconds if seconds > 0 else 0.0

@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from btcfeed.storage import epochs, schema
+from btcfeed.storage import backlog, epochs, schema
 
 from btcfeed import keys, price
 from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
@@ -89,6 +89,19 @@ trim_bus(KEYS[1], group, floor)
 return redis.call('HGET', KEYS[3], 'state')
 """
 
+# At the memory limit with nothing mirrored left to drop: the oldest part of a source's failover copy
+# (its local trade stream) goes too, but only while the writer is on the primary with an empty
+# backlog, i.e. once sync replayed every batch of it into the primary (the hand-back needs an empty
+# backlog); checked and trimmed in one step. Without it a local Redis filled by a long outage stays
+# full after the hand-back, and the writer cannot mirror what the primary confirms.
+# KEYS writer state, backlog, the source's local trade stream; ARGV the share kept
+DROP_REPLAYED_COPY_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (state and state ~= 'primary') or redis.call('XLEN', KEYS[2]) > 0 then return 0 end
+local length = redis.call('XLEN', KEYS[3])
+return redis.call('XTRIM', KEYS[3], 'MAXLEN', math.floor(length * tonumber(ARGV[1])))
+"""
+
 
 class PrimaryFailed(Exception):
     """The primary did not confirm a batch; the cause is the Redis error."""
@@ -119,6 +132,7 @@ class Writer(Process):
                                      publish=False)
         self.price = self._price_selector()
         self.ack_script = self.local.register_script(ACK_SCRIPT)
+        self.drop_replayed_copy_script = self.local.register_script(DROP_REPLAYED_COPY_SCRIPT)
         # The bus read and the mirror-and-ACK of every round, on one connection of their own.
         self.round_trips = DedicatedConnection(self.local)
         self._ensure_group()
@@ -246,13 +260,13 @@ class Writer(Process):
         view = self._price_round(batches)
         while not self.stopping.is_set():
             try:
-                if self._write_once(ids, batches, view):
+                if self._write_once(ids, batches, view, entries):
                     self._memory_relieved()
                     return
             except redis.exceptions.OutOfMemoryError as exc:
                 self._relieve_memory(exc)
 
-    def _write_once(self, ids, batches, view) -> bool:
+    def _write_once(self, ids, batches, view, entries) -> bool:
         """One try: True once the entries are durable and ACKed (with the price view, when it moved)."""
         if self.state == PRIMARY:
             try:
@@ -263,7 +277,7 @@ class Writer(Process):
             self._mirror_and_ack(ids, batches, view)
             return True
         try:
-            return self._commit_to_backlog(ids, batches, view)
+            return self._commit_to_backlog(ids, entries, view)
         except redis.WatchError:
             # sync changed the state meanwhile (or the connection broke while watching, which
             # the read below turns into a local failure): decide again; a repeated apply is harmless.
@@ -323,26 +337,33 @@ class Writer(Process):
                                             *ack_script_input(ids, batches, view, self.config.retention_ms))
         self._observe_state(state.decode() if state else PRIMARY)
 
-    def _commit_to_backlog(self, ids, batches, view) -> bool:
+    def _commit_to_backlog(self, ids, entries, view) -> bool:
         """One transaction on the local Redis: the local copy, the backlog, the ACK and the bus trim.
+        The round's batches go in coalesced by source (storage/backlog.py), one apply and one
+        backlog entry each.
 
         WATCH on the state makes a backlog write and sync's hand-back exclusive: once sync has
         handed back (backlog empty -> primary), no batch can be added to the backlog any more.
         """
         now_ms = int(time.time() * 1000)
+        merged = backlog.coalesce([(fields[b"src"].decode(), fields[b"t"], backlog.batch_trades(fields))
+                                   for _, fields in entries], self.config.writer_max_batch)
+        incoming = sum(trades for _, _, trades in merged)
         with self.local.pipeline(transaction=True) as pipe:
             pipe.watch(keys.WRITER_STATE)
             state = read_state(pipe)
             if state == PRIMARY:
                 self._observe_state(PRIMARY)      # handed back since we looked: the primary takes these
                 return False
-            if pipe.xlen(keys.BACKLOG) >= self.config.backlog_max_entries:
-                self._backlog_full()
+            held = backlog.held_trades(pipe)
+            # Over the bound only from an empty backlog (a round bigger than the bound must still go).
+            if held and held + incoming > self.config.backlog_max_trades:
+                self._backlog_full(held)
                 return False
             pipe.multi()
-            for source, payload in batches:
+            for source, payload, trades in merged:
                 self.to_local.queue_in_transaction(pipe, source, payload)
-                pipe.xadd(keys.BACKLOG, {"src": source, "t": payload})
+                backlog.queue_append(pipe, source, payload, trades)
                 wake_builder(pipe, source)
             if view:
                 pipe.hset(keys.PRICE, mapping=view)
@@ -350,7 +371,7 @@ class Writer(Process):
             pipe.eval(TRIM_BUS_SCRIPT, 1, keys.BUS, keys.BUS_GROUP, _next_id(ids[-1]))
             pipe.execute()
         self._observe_state(state)
-        self.counts["to_backlog"] += len(batches)
+        self.counts["to_backlog"] += len(entries)
         self.counts["last_apply_ms"] = now_ms
         return True
 
@@ -367,16 +388,17 @@ class Writer(Process):
         except redis.RedisError as local_exc:
             self._local_failed(local_exc)
 
-    def _backlog_full(self) -> None:
+    def _backlog_full(self, held: int) -> None:
         # Never drop: stop consuming the bus; it fills and ingest holds, with an alarm.
         if self.say_backlog_full.due():
             record_event(self.local, self.log, self.name, "backlog_full", level="error",
-                         max_entries=self.config.backlog_max_entries)
+                         held_trades=held, max_trades=self.config.backlog_max_trades)
         self.stopping.wait(0.5)
 
     def _relieve_memory(self, cause) -> None:
-        """The local Redis is at its memory limit: drop what the primary already holds (the oldest
-        mirrored batches, failover copies older than the window) until a tenth of the limit is free,
+        """The local Redis is at its memory limit: drop what the primary already holds (failover copies
+        older than the window, the oldest mirrored batches, then the oldest of a failover copy sync
+        replayed) until a tenth of the limit is free,
         say so, and try again; when nothing is left to drop, stop consuming, so the bus fills and
         ingest holds (never a silent loop)."""
         trimmed, now_ms = 0, int(time.time() * 1000)
@@ -387,11 +409,13 @@ class Writer(Process):
             used, limit = self._memory()
             if not limit or used < limit * (1 - MEMORY_HEADROOM):
                 break
-            dropped = sum(self._drop_oldest_mirrored(source.name) for source in self.config.sources)
+            dropped = (sum(self._drop_oldest_mirrored(source.name) for source in self.config.sources)
+                       or sum(self._drop_oldest_replayed(source.name) for source in self.config.sources))
             if not dropped:
                 break
             trimmed += dropped
-        reason = f"local Redis at its memory limit ({str(cause)[:80]}); dropped {trimmed} mirrored entries"
+        reason = (f"local Redis at its memory limit ({str(cause)[:80]}); dropped {trimmed} entries the "
+                  "primary holds")
         if not self.memory_full:
             self.memory_full = True
             self._try_local(self.local.hset, keys.LOCAL_PRESSURE,
@@ -411,6 +435,10 @@ class Writer(Process):
         if not mirrored:
             return 0
         return self.local.xtrim(keys.mirror(source), maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
+
+    def _drop_oldest_replayed(self, source: str) -> int:
+        return self.drop_replayed_copy_script(keys=[keys.WRITER_STATE, keys.BACKLOG, keys.trades(source)],
+                                              args=[1 - MIRROR_SHARE_DROPPED])
 
     def _memory_relieved(self, force: bool = False) -> None:
         """Leave the pressure state once the local Redis has its headroom back (checked now and then)."""

@@ -324,9 +324,9 @@ class LogFollower(tail_f_producer):
 @click.option("--trade-age-crit", default=Thresholds.trade_age_crit_s, show_default=True,
               help="Seconds without a trade from a source before CRITICAL.")
 @click.option("--backlog-warn", default=Thresholds.backlog_warn, show_default=True,
-              help="Backlog entries before WARNING.")
+              help="Trades in the backlog before WARNING.")
 @click.option("--backlog-crit", default=Thresholds.backlog_crit, show_default=True,
-              help="Backlog entries before CRITICAL.")
+              help="Trades in the backlog before CRITICAL.")
 @click.option("--failover-warn", default=Thresholds.failover_warn_s, show_default=True,
               help="Seconds in failover before WARNING (0: any failover).")
 @click.option("--failover-crit", default=Thresholds.failover_crit_s, show_default=True,
@@ -465,6 +465,14 @@ def bench_backfill():
     dropped connection to the gap being filled."""
     run_backfill_bench = tool("tools.bench.backfill", "run_backfill_bench")
     sys.exit(run_backfill_bench(echo=click.echo))
+
+
+@cli.command("bench-apply")
+@click.option("--runs", default=3, show_default=True, help="Runs of every case, taken in turn (medians).")
+def bench_apply(runs):
+    """The primary's CPU per applied trade (the apply script alone), against pipelined XADD, same run."""
+    run_apply_bench = tool("tools.bench.apply", "run_apply_bench")
+    sys.exit(run_apply_bench(echo=click.echo, runs=runs))
 
 
 @cli.command("bench-health")

@@ -341,7 +341,7 @@ def timeline_line(status: dict, width: int) -> Text:
 
 def backlog_line(status: dict, width: int) -> Text:
     backlog = as_dict(status.get("backlog"))
-    head = f"{format_int(backlog.get('entries'))} entries"
+    head = f"{format_int(backlog.get('trades'))} trades in {format_int(backlog.get('entries'))} entries"
     if not as_bool(backlog.get("draining")):
         return one_line(label("backlog"), head)
     done, total = backlog.get("drain_done"), backlog.get("drain_total")

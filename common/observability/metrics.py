@@ -213,6 +213,8 @@ WRITER_COUNTERS = (
 def _backlog(out: _Families, backlog: dict) -> None:
     out.gauge("btcfeed_backlog_entries", "Batches waiting in the backlog for the primary.",
               backlog.get("entries"))
+    out.gauge("btcfeed_backlog_trades", "Trades waiting in the backlog for the primary (the bound's unit).",
+              backlog.get("trades"))
     out.flag("btcfeed_backlog_draining", "1 while sync replays the backlog into the primary.",
              backlog.get("draining"))
     out.gauge("btcfeed_backlog_drain_replayed_entries", "Batches the current drain has replayed.",

@@ -41,8 +41,8 @@ class Thresholds:
     """When a figure turns the status to degraded (warn) or critical (crit)."""
     trade_age_warn_s: float = 60.0
     trade_age_crit_s: float = 300.0
-    backlog_warn: int = 100_000                # backlog entries (one per bus batch)
-    backlog_crit: int = 400_000                # 80% of the default BTCFEED_BACKLOG_MAX_ENTRIES
+    backlog_warn: int = 1_000_000              # trades in the backlog
+    backlog_crit: int = 4_800_000              # 80% of the default BTCFEED_BACKLOG_MAX_TRADES
     failover_warn_s: float = 0.0               # any failover is worth a warning
     failover_crit_s: float = 3600.0            # an hour on the local copy: someone must look
     heartbeat_stale_s: float = 5.0
@@ -114,26 +114,29 @@ class StatusCollector:
                "redis": {"primary": {"eviction_risk": self.eviction_risk}}}
         return {**assess(doc, thresholds, local_error=state["error"]),
                 "writer": {k: doc["writer"].get(k) for k in ("state", "for_s", "reason")},
-                "backlog": doc["backlog"].get("entries"),
+                "backlog": doc["backlog"].get("entries"), "backlog_trades": doc["backlog"].get("trades"),
                 "sources": {name: {k: source.get(k) for k in ("connected", "last_id", "last_trade_age_ms")}
                             for name, source in doc["sources"].items()}}
 
     # --- local Redis -----------------------------------------------------------------------------
     def _local_state(self, now_ms: int, with_events: bool = True) -> dict:
-        state = {"heartbeats": {}, "writer_state": {}, "backlog": None, "restarts": {}, "events": [],
-                 "failover_events": [], "error": None, "local_pressure": {}, "sync_record": {}, "move": {},
-                 "price_view": {}}
+        state = {"heartbeats": {}, "writer_state": {}, "backlog": None, "backlog_trades": None,
+                 "restarts": {}, "events": [], "failover_events": [], "error": None, "local_pressure": {},
+                 "sync_record": {}, "move": {}, "price_view": {}}
         try:
             state["heartbeats"] = read_heartbeats(self.local, HEARTBEAT_PROCESSES)
             pipe = self.local.pipeline(transaction=False)
             pipe.hgetall(keys.WRITER_STATE)
             pipe.xlen(keys.BACKLOG)
+            pipe.get(keys.BACKLOG_TRADES)
             pipe.hgetall(keys.PROCESS_RESTARTS)
             pipe.hgetall(keys.LOCAL_PRESSURE)
             pipe.hgetall(keys.SYNC_PRIMARY)
             pipe.hgetall(keys.MOVE)
             pipe.hgetall(keys.PRICE)
-            record, state["backlog"], restarts, pressure, sync_record, move, price_view = pipe.execute()
+            (record, state["backlog"], backlog_trades, restarts, pressure, sync_record, move,
+             price_view) = pipe.execute()
+            state["backlog_trades"] = int(backlog_trades or 0)
             state["move"] = {k.decode(): v.decode() for k, v in move.items()}
             state["price_view"] = {k.decode(): v.decode() for k, v in price_view.items()}
             state["local_pressure"] = {k.decode(): v.decode() for k, v in pressure.items()}
@@ -344,7 +347,8 @@ def _consistency(local_state: dict, now_ms: int) -> dict:
 def _backlog(local_state: dict) -> dict:
     sync = local_state["heartbeats"].get("sync") or {}
     entries = local_state["backlog"]
-    out = {"entries": entries, "draining": bool(sync.get("draining")), "replay_rate": None, "eta_s": None,
+    out = {"entries": entries, "trades": local_state["backlog_trades"],
+           "draining": bool(sync.get("draining")), "replay_rate": None, "eta_s": None,
            "drain_done": None, "drain_total": None, "last_replay_rate": sync.get("replay_rate")}
     if sync.get("draining"):
         done = sync.get("drain_entries") or 0
@@ -431,11 +435,11 @@ def _assess_writer(doc, thresholds, critical, degraded) -> None:
         degraded.append(f"{consistency['local_memory_pressure']}: the local copy keeps a shorter window")
     if consistency.get("reseed_pending"):
         degraded.append(f"re-seeding the primary ({consistency['reseed_pending']}); live trades go on")
-    entries = (doc.get("backlog") or {}).get("entries") or 0
-    if entries >= thresholds.backlog_crit:
-        critical.append(f"backlog holds {entries} batches (limit for critical {thresholds.backlog_crit})")
-    elif entries >= thresholds.backlog_warn:
-        degraded.append(f"backlog holds {entries} batches")
+    trades = (doc.get("backlog") or {}).get("trades") or 0
+    if trades >= thresholds.backlog_crit:
+        critical.append(f"backlog holds {trades} trades (limit for critical {thresholds.backlog_crit})")
+    elif trades >= thresholds.backlog_warn:
+        degraded.append(f"backlog holds {trades} trades")
 
 
 def _assess_sources(doc, thresholds, critical, degraded) -> None:

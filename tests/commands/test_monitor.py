@@ -161,10 +161,10 @@ def test_unreachable_redis_shows_its_error(sample):
     assert "redis://***@db.example.com:6379/0" in primary_line
 
 
-def test_backlog_not_draining_shows_entries_only(sample):
-    sample["backlog"] = {"entries": 0, "draining": False}
+def test_backlog_not_draining_shows_trades_and_entries(sample):
+    sample["backlog"] = {"entries": 3, "trades": 1234, "draining": False}
     backlog_line = next(line for line in lines_of(render_text(sample)) if line.startswith("backlog"))
-    assert "0 entries" in backlog_line and "/" not in backlog_line
+    assert "1,234 trades in 3 entries" in backlog_line and "/" not in backlog_line
 
 
 def test_stale_document_is_marked(sample):

@@ -169,6 +169,17 @@ def test_unknown_toml_key(in_tmp):
     assert message.startswith("BTCFEED_CONFIG:") and "primray_url, zzz" in message and path in message
 
 
+def test_the_replaced_backlog_bound_in_entries_is_an_error_that_names_its_replacement(in_tmp):
+    # An operator's old bound must not be dropped silently: the stack would run without it.
+    message = config_error({"BTCFEED_BACKLOG_MAX_ENTRIES": "500000"})
+    assert message.startswith("BTCFEED_BACKLOG_MAX_ENTRIES: no longer read")
+    assert "BTCFEED_BACKLOG_MAX_TRADES" in message
+    path = write_toml(in_tmp, "backlog_max_entries = 500000\n")
+    message = config_error({"BTCFEED_CONFIG": path})
+    assert "backlog_max_entries" in message and "BTCFEED_BACKLOG_MAX_TRADES" in message and path in message
+    assert load({"BTCFEED_BACKLOG_MAX_TRADES": "1000"}).backlog_max_trades == 1000
+
+
 def test_missing_file(in_tmp):
     path = str(in_tmp / "nowhere.toml")
     assert config_error({"BTCFEED_CONFIG": path}) == f"BTCFEED_CONFIG: file not found: {path}"

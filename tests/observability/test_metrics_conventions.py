@@ -52,6 +52,7 @@ def realistic_document() -> dict:
         for field in ("missing", "gaps_open", "cut_messages", "cut_ids_recovered"):
             source.setdefault(field, 0)
         source.setdefault("catching_up", False)
+    doc["backlog"].setdefault("trades", 4000)
     return doc
 
 
@@ -261,7 +262,7 @@ def test_the_alert_rules_are_well_formed():
 
 def test_the_alert_rules_cover_what_an_operator_must_hear_of():
     exprs = " ".join(rule["expr"] for rule in alert_rules())
-    for name in ("btcfeed_source_last_trade_timestamp_seconds", "btcfeed_backlog_entries",
+    for name in ("btcfeed_source_last_trade_timestamp_seconds", "btcfeed_backlog_trades",
                  "btcfeed_writer_state_since_timestamp_seconds", "btcfeed_source_missing_trades",
                  "btcfeed_process_restarts_total", "btcfeed_redis_eviction_risk",
                  "btcfeed_local_memory_pressure", "btcfeed_sync_reseed_pending",

@@ -24,7 +24,7 @@ def document(ages=None, writer_state="primary", for_s=None, backlog=0, sources=N
     procs = {name: {"state": "RUNNING", "heartbeat_age_ms": age} for name, age in ages.items()}
     procs.update(processes or {})
     return {"processes": procs, "writer": {"state": writer_state, "for_s": for_s, "reason": "refused"},
-            "backlog": {"entries": backlog},
+            "backlog": {"entries": 1 if backlog else 0, "trades": backlog},
             "sources": sources if sources is not None else
             {"binance:BTCUSDT": {"connected": True, "last_trade_age_ms": 300}}}
 
@@ -73,7 +73,7 @@ def test_failover_shorter_than_the_warning_threshold_is_ok():
     assert assess(document(writer_state="failover", for_s=10), thresholds)["status"] == "ok"
 
 
-def test_backlog_thresholds():
+def test_backlog_thresholds_count_trades():
     thresholds = Thresholds(backlog_warn=10, backlog_crit=100)
     assert assess(document(backlog=9), thresholds)["status"] == "ok"
     assert assess(document(backlog=10), thresholds)["status"] == "degraded"

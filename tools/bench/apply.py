@@ -1,0 +1,157 @@
+"""bin/btcfeed bench-apply: what one applied trade costs the primary (issue target: at most 5 µs of
+the primary's CPU a trade), the apply script alone, against a reference measured in the same run.
+
+Each case gets a fresh redis-server with AOF on (as the benches' stand-in primary) and is sent the
+same trades; the server's own CPU (user + system, from psutil) over the case is divided by the
+trades applied. The cases run in turn, RUNS times, and the medians are printed:
+
+  reference   pipelined XADD of the same six fields per trade: the floor of one stream entry a trade;
+  replay      the apply script in 2,000-trade batches, 16 per round trip (sync's replay, a catch-up),
+              with a live subscriber, and with none;
+  live        the apply script in 3-trade batches, one per round trip (the writer at real rates).
+
+Every case is checked: the trade stream holds every trade once, and a subscriber received one live
+message per trade.
+"""
+
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+import psutil
+
+from btcfeed import keys
+from btcfeed.storage.apply import BatchApplier
+from btcfeed.trade import Trade, encode_batch
+from tools.redis_process import RedisProcess
+
+SOURCE = "binance:BTCUSDT"
+RUNS = 3
+TARGET_US = 5.0
+REFERENCE_PIPELINE = 1000
+FIRST_ID = 1_000_000_000
+# name, trades per batch, batches per round trip, live subscriber, trades in the case
+CASES = (("replay, a live subscriber", 2000, 16, True, 200_000),
+         ("replay, no subscriber", 2000, 16, False, 200_000),
+         ("live-size batches, a live subscriber", 3, 1, True, 15_000))
+
+
+def make_trades(count: int, now_ms: int) -> list:
+    return [Trade(FIRST_ID + k, "%d.%02d" % (60000 + k % 500, k % 100), "0.00%d" % (1 + k % 9),
+                  "buy" if k % 2 else "sell", now_ms - count + k, now_ms - count + k + 3)
+            for k in range(count)]
+
+
+class LiveCounter:
+    """A subscriber to the source's live channel, counting what it receives."""
+
+    def __init__(self, server: RedisProcess):
+        self.pubsub = server.client().pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(keys.live_channel(SOURCE))
+        self.pubsub.get_message(timeout=1.0)          # the subscription's confirmation
+        self.received = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            if self.pubsub.get_message(timeout=0.1) is not None:
+                self.received += 1
+
+    def drain(self, expected: int, timeout_s: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.received < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.stopping.set()
+        self.thread.join()
+        self.pubsub.close()
+        return self.received
+
+
+def server_cpu_s(server: RedisProcess) -> float:
+    times = psutil.Process(server.process.pid).cpu_times()
+    return times.user + times.system
+
+
+def run_reference(directory: str, trades: list) -> dict:
+    server = RedisProcess(directory, appendonly=True).start()
+    try:
+        client = server.client()
+        stream = keys.trades(SOURCE)
+        started, cpu = time.monotonic(), server_cpu_s(server)
+        for first in range(0, len(trades), REFERENCE_PIPELINE):
+            pipe = client.pipeline(transaction=False)
+            for trade in trades[first:first + REFERENCE_PIPELINE]:
+                pipe.xadd(stream, trade.fields())
+            pipe.execute()
+        result = _figures(server, started, cpu, len(trades))
+        result["exact"] = client.xlen(stream) == len(trades)
+        return result
+    finally:
+        server.stop()
+
+
+def run_case(directory: str, trades: list, batch: int, per_round_trip: int, listen: bool) -> dict:
+    server = RedisProcess(directory, appendonly=True).start()
+    try:
+        client = server.client()
+        applier = BatchApplier(client, retention_ms=24 * 3600 * 1000)
+        payloads = [encode_batch(trades[first:first + batch]) for first in range(0, len(trades), batch)]
+        listener = LiveCounter(server) if listen else None
+        started, cpu = time.monotonic(), server_cpu_s(server)
+        applied = 0
+        for first in range(0, len(payloads), per_round_trip):
+            round_trip = payloads[first:first + per_round_trip]
+            results = applier.apply_many([(SOURCE, payload) for payload in round_trip])
+            applied += sum(result[0] for result in results)
+        result = _figures(server, started, cpu, len(trades))
+        received = listener.drain(len(trades)) if listener else len(trades)
+        result["exact"] = (applied == len(trades) and client.xlen(keys.trades(SOURCE)) == len(trades)
+                           and received == len(trades))
+        return result
+    finally:
+        server.stop()
+
+
+def _figures(server: RedisProcess, started: float, cpu_before: float, count: int) -> dict:
+    elapsed = time.monotonic() - started
+    return {"us": (server_cpu_s(server) - cpu_before) / count * 1e6, "rate": count / elapsed}
+
+
+def run_apply_bench(echo=print, runs: int = RUNS) -> int:
+    root = tempfile.mkdtemp(prefix="btcfeed-bench-apply-")
+    now_ms = int(time.time() * 1000)
+    samples = {"reference": []}
+    samples.update({case[0]: [] for case in CASES})
+    exact = True
+    echo(f"btcfeed bench-apply  ({psutil.cpu_count()} cores; each case a fresh redis-server with AOF on; "
+         f"{runs} runs in turn, medians)")
+    try:
+        for run in range(runs):
+            reference_trades = make_trades(CASES[0][4], now_ms)
+            figures = run_reference(os.path.join(root, f"reference-{run}"), reference_trades)
+            samples["reference"].append(figures)
+            exact &= figures["exact"]
+            for name, batch, per_round_trip, listen, count in CASES:
+                figures = run_case(os.path.join(root, f"{len(samples[name])}-{run}-{batch}-{listen}"),
+                                   make_trades(count, now_ms), batch, per_round_trip, listen)
+                samples[name].append(figures)
+                exact &= figures["exact"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    reference_us = statistics.median(f["us"] for f in samples["reference"])
+    echo(f"  {'case':40s} {'primary CPU a trade':>20s} {'x reference':>12s} {'trades/s':>10s}")
+    for name, figures in samples.items():
+        us = statistics.median(f["us"] for f in figures)
+        rate = statistics.median(f["rate"] for f in figures)
+        label = "reference: pipelined XADD, same fields" if name == "reference" else f"apply, {name}"
+        echo(f"  {label:40s} {us:17.2f} µs {us / reference_us:11.2f}x {rate:10,.0f}")
+    replay_us = statistics.median(f["us"] for f in samples[CASES[0][0]])
+    echo(f"  target: the primary at most {TARGET_US:.0f} µs a trade in replay batches with a subscriber: "
+         f"{'met' if replay_us <= TARGET_US else 'NOT met'} ({replay_us:.2f} µs)")
+    echo(f"  exactness (every trade once in the stream, one live message each): {'ok' if exact else 'FAIL'}")
+    return 0 if exact else 1
