@@ -18,8 +18,7 @@ BIN = os.path.join(ROOT, "bin")
 SUBCOMMANDS = ("up", "down", "status", "logs", "health", "monitor", "sync-check", "demo", "bench",
                "bench-failover", "bench-reseed", "bench-primary", "bench-backfill", "bench-health",
                "bench-parse", "bench-stream", "bench-cost", "bench-move", "bench-availability", "bench-apply",
-               "chaos",
-               "primary", "upgrade-check", "version")
+               "chaos", "primary", "upgrade-check", "version")
 WRAPPERS = ("health", "monitor", "sync-check")
 # Which command takes which of the shared options.
 SHARED = {"health": ("--url", "--token-file", "--timeout", "--json"),
