@@ -469,8 +469,13 @@ def bench_backfill():
 
 @cli.command("bench-apply")
 @click.option("--runs", default=3, show_default=True, help="Runs of every case, taken in turn (medians).")
-def bench_apply(runs):
+@click.option("--compare-with", "variant", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A variant of the apply script: paired runs against the product's, same data checked.")
+def bench_apply(runs, variant):
     """The primary's CPU per applied trade (the apply script alone), against pipelined XADD, same run."""
+    if variant:
+        compare_scripts = tool("tools.bench.apply", "compare_scripts")
+        sys.exit(compare_scripts(variant, echo=click.echo, runs=runs))
     run_apply_bench = tool("tools.bench.apply", "run_apply_bench")
     sys.exit(run_apply_bench(echo=click.echo, runs=runs))
 

@@ -26,7 +26,7 @@ import time
 import psutil
 
 from btcfeed import keys
-from btcfeed.storage.apply import BatchApplier
+from btcfeed.storage.apply import BatchApplier, read_candles
 from btcfeed.trade import Trade, encode_batch
 from tools.redis_process import RedisProcess
 
@@ -156,3 +156,90 @@ def run_apply_bench(echo=print, runs: int = RUNS) -> int:
          f"{'met' if replay_us <= TARGET_US else 'NOT met'} ({replay_us:.2f} µs)")
     echo(f"  exactness (every trade once in the stream, one live message each): {'ok' if exact else 'FAIL'}")
     return 0 if exact else 1
+
+
+# --- a variant of the apply script against the product's, in paired runs -------------------------
+
+COMPARE_BATCH = 2000
+COMPARE_TRADES = 300_000
+COMPARE_CHUNK = 20_000            # trades sent to one server before the other takes its turn
+
+
+def compare_scripts(variant_path: str, echo=print, runs: int = RUNS, trades: int = COMPARE_TRADES) -> int:
+    """The product's apply script (A) and a variant (B) on two redis-servers pinned to one core
+    (where the system allows it), sent the same batches in turns of COMPARE_CHUNK trades, so a change
+    of the machine's speed falls on both: the primary's CPU per trade of each and B/A per run. The
+    variant must leave the same data: the trade streams' fields, the last hash and the candles are
+    compared."""
+    with open(variant_path) as handle:
+        variant = handle.read()
+    root = tempfile.mkdtemp(prefix="btcfeed-bench-apply-compare-")
+    echo(f"btcfeed bench-apply --compare-with {variant_path}  (A: the product's script, B: the variant; "
+         f"{COMPARE_BATCH:,}-trade batches, {trades:,} trades, turns of {COMPARE_CHUNK:,})")
+    ratios, same = [], True
+    try:
+        for run in range(runs):
+            a, b, equal = _paired_run(os.path.join(root, str(run)), variant, trades)
+            ratios.append(b / a)
+            same &= equal
+            echo(f"  run {run + 1}: A {a:.2f} µs a trade, B {b:.2f} µs, B/A {b / a:.3f}"
+                 f"{'' if equal else '   B LEFT OTHER DATA'}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    echo(f"  median B/A {statistics.median(ratios):.3f}; the same data in both: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+def _paired_run(directory: str, variant: str, count: int) -> tuple:
+    trades = make_trades(count, int(time.time() * 1000))
+    payloads = [encode_batch(trades[first:first + COMPARE_BATCH])
+                for first in range(0, len(trades), COMPARE_BATCH)]
+    servers = [RedisProcess(os.path.join(directory, name), appendonly=True).start() for name in "ab"]
+    own_cores = _keep_off_the_servers_core()
+    try:
+        appliers = []
+        for server in servers:
+            _pin(server.process.pid)
+            appliers.append(BatchApplier(server.client(), retention_ms=24 * 3600 * 1000))
+        appliers[1].script = servers[1].client().register_script(variant)
+        used = [0.0, 0.0]
+        per_turn = COMPARE_CHUNK // COMPARE_BATCH
+        for turn, first in enumerate(range(0, len(payloads), per_turn)):
+            for side in ((0, 1) if turn % 2 == 0 else (1, 0)):
+                cpu = server_cpu_s(servers[side])
+                for start in range(first, min(first + per_turn, len(payloads)), 16):
+                    appliers[side].apply_many([(SOURCE, payload) for payload in payloads[start:start + 16]])
+                used[side] += server_cpu_s(servers[side]) - cpu
+        clients = [server.client() for server in servers]
+        fields = [[entry[1] for entry in client.xrange(keys.trades(SOURCE))] for client in clients]
+        equal = (fields[0] == fields[1] and len(fields[0]) == len(trades)
+                 and clients[0].hgetall(keys.last(SOURCE)) == clients[1].hgetall(keys.last(SOURCE))
+                 and read_candles(clients[0], SOURCE) == read_candles(clients[1], SOURCE))
+        return used[0] / len(trades) * 1e6, used[1] / len(trades) * 1e6, equal
+    finally:
+        if own_cores:
+            os.sched_setaffinity(0, own_cores)
+        for server in servers:
+            server.stop()
+
+
+def _pin(pid: int) -> None:
+    """Both servers on the last core, so neither gets a core of its own the other lacks."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, {_servers_core()})
+
+
+def _servers_core() -> int:
+    return max(os.sched_getaffinity(0) | {os.cpu_count() - 1})
+
+
+def _keep_off_the_servers_core():
+    """This process (the client) off the servers' core, so its work does not fall on theirs; the
+    cores it had, to give back (None where that cannot be done)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = os.sched_getaffinity(0)
+    others = cores - {_servers_core()}
+    if others:
+        os.sched_setaffinity(0, others)
+    return cores

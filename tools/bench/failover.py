@@ -367,7 +367,10 @@ def measure_replay(rig: Rig, rate: float, others: OtherCpu) -> dict:
     goal = int(REPLAY_BACKLOG_TRADES * REPLAY_BUILD_MARGIN)
     while rig.sim.status()["last_id"] - base < goal and time.monotonic() - started < REPLAY_BUILD_TIMEOUT_S:
         time.sleep(0.05)
-    rig.sim.set_rate(rate)
+    if rate:
+        rig.sim.set_rate(rate)
+    else:
+        rig.sim.pause()           # the replay alone: nothing new while it runs
     build_s = time.monotonic() - started
     target = rig.sim.status()["last_id"]
     wait_until(lambda: last_id(rig.local) >= target, REPLAY_CATCH_UP_TIMEOUT_S,
@@ -609,6 +612,7 @@ def run_failover_bench(outage_s: float = 4.0, rate: float = 2000, echo=print) ->
         echo("bench-failover: 2b. replay alone: the same burst, the simulator quiet during the replay ...")
         result["replay_alone"] = measure_replay(rig, 0, OtherCpu(rig))
         rig.sim.set_rate(rate)
+        rig.sim.resume()
         echo("bench-failover: 4. pausing the simulator; checking every id in the primary ...")
         result["exact"] = final_exactness(rig)
         result["others_pct"] = whole_run.end()
