@@ -11,7 +11,10 @@ The connection is one of the client's own (same address, credentials, TLS, name 
 commands go through redis-py's packer, parser and response callbacks, so replies and errors are the
 same as the client's. It belongs to one thread. A connection or timeout error drops the socket and,
 where the client's retry policy says so, the command is sent again on a new one; otherwise it is
-raised and the next command connects again, as the pool would.
+raised and the next command connects again, as the pool would. Every send starts with connect() (a
+no-op while connected), as the pool does when it hands a connection out: a Sentinel-managed
+connection asks the sentinels for the master only there, and a send left to reconnect by itself
+would go back to the address it had, a dead master after a failover.
 """
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -32,6 +35,7 @@ class DedicatedConnection:
         connection = self._connection()
 
         def send_and_read():
+            connection.connect()
             connection.send_command(*args)
             return self.client.parse_response(connection, args[0], **options)
         return self._with_retry(connection, send_and_read)
@@ -42,6 +46,7 @@ class DedicatedConnection:
         connection = self._connection()
 
         def send_and_read():
+            connection.connect()
             connection.send_packed_command(connection.pack_commands(commands))
             replies = []
             for _ in commands:

@@ -191,3 +191,27 @@ def test_writes_lost_in_a_sentinel_failover_are_refilled_by_sync(sentinel_set, s
 def run_sync_check(stack, *args) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(ROOT, "bin", "sync-check"), *args], env=stack.env,
                           capture_output=True, text=True, timeout=120)
+
+
+def test_a_dedicated_connection_follows_the_master_after_a_failover(sentinel_set, tmp_path):
+    """The writer's and ingest's kept connection (storage/dedicated.py) on a Sentinel-managed primary:
+    after the master dies and the replica is promoted, its next commands reach the new master, not
+    the dead one's address."""
+    from btcfeed import config as config_module
+    from btcfeed.storage.dedicated import DedicatedConnection
+    from btcfeed.storage.primary import connect_primary
+    cfg = config_module.load({"BTCFEED_STATE_DIR": str(tmp_path), "BTCFEED_PRIMARY_URL": sentinel_set.url},
+                             primary_override=False)
+    own = DedicatedConnection(connect_primary(cfg, 500))
+    assert own.call("INFO", "server")["tcp_port"] == sentinel_set.master.port
+    old = sentinel_set.master
+    old.kill()
+    wait_for(lambda: sentinel_set.master_port() == sentinel_set.replica.port, 30, "+switch-master")
+
+    def on_the_new_master():
+        try:
+            return own.call("INFO", "server")["tcp_port"] == sentinel_set.replica.port
+        except redis.ConnectionError:
+            return False       # a sentinel may still name the old master for a moment
+    wait_for(on_the_new_master, 10, "the kept connection on the new master")
+    assert own.call_many([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
