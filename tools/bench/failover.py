@@ -29,6 +29,7 @@ import psutil
 import redis
 
 from btcfeed import keys
+from btcfeed.storage import backlog
 from btcfeed.storage.bus import read_heartbeats
 from btcfeed.events import recent_events
 from tools.redis_process import RedisProcess
@@ -341,17 +342,8 @@ def measure_fault(rig: Rig, kind: str, outage_s: float, companion=None) -> dict:
 # --- 2. replay of a large backlog ----------------------------------------------------------------
 
 def count_backlog(local) -> tuple:
-    """(trades, entries) in the backlog stream; each entry's payload is a JSON array of rows."""
-    trades = entries = 0
-    start = "-"
-    while True:
-        chunk = local.xrange(keys.BACKLOG, min=start, max="+", count=500)
-        if not chunk:
-            return trades, entries
-        for _, fields in chunk:
-            trades += fields[b"t"].count(b"[") - 1
-            entries += 1
-        start = "(" + _text(chunk[-1][0])
+    """(trades, entries) in the backlog: its own exact count (storage/backlog.py), not a scan."""
+    return backlog.held_trades(local), local.xlen(keys.BACKLOG)
 
 
 def measure_replay(rig: Rig, rate: float, others: OtherCpu) -> dict:
