@@ -471,11 +471,14 @@ def bench_backfill():
 @click.option("--runs", default=3, show_default=True, help="Runs of every case, taken in turn (medians).")
 @click.option("--compare-with", "variant", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A variant of the apply script: paired runs against the product's, same data checked.")
-def bench_apply(runs, variant):
+@click.option("--batch", default=2000, show_default=True, type=click.IntRange(1, 2000),
+              help="With --compare-with: trades per batch (under 100: one batch per round trip, as the "
+                   "writer at real rates).")
+def bench_apply(runs, variant, batch):
     """The primary's CPU per applied trade (the apply script alone), against pipelined XADD, same run."""
     if variant:
         compare_scripts = tool("tools.bench.apply", "compare_scripts")
-        sys.exit(compare_scripts(variant, echo=click.echo, runs=runs))
+        sys.exit(compare_scripts(variant, echo=click.echo, runs=runs, batch=batch))
     run_apply_bench = tool("tools.bench.apply", "run_apply_bench")
     sys.exit(run_apply_bench(echo=click.echo, runs=runs))
 

@@ -1,13 +1,14 @@
 """The one idempotent write of trades into a Redis with the primary's layout (DESIGN.md §2, §3)."""
 
 import datetime
+import logging
 import os
 import zlib
 from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Sequence
 
-from redis.exceptions import (ClusterDownError, ClusterError, ConnectionError, NoScriptError, ResponseError,
-                              TimeoutError)
+from redis.exceptions import (ClusterDownError, ClusterError, ConnectionError, NoScriptError, RedisError,
+                              ResponseError, TimeoutError)
 
 from btcfeed import keys
 from btcfeed.trade import Trade, decode_batch, encode_batch, qty_units
@@ -20,6 +21,12 @@ CANDLE_TTL_MARGIN_S = 3600
 EPOCH_ERROR = "BTCFEED-EPOCH"
 # An epoch that no primary holds: the first write to a primary whose epoch is not known yet fails.
 UNKNOWN_EPOCH = "unknown"
+# How the script writes the seen-set: SETRANGE (one command a segment), or BITFIELD (one operation a
+# trade) where the primary's ACL does not allow SETRANGE (deployment/primary-acl.conf before it).
+SEEN_BY_SETRANGE, SEEN_BY_BITFIELD = "setrange", "bitfield"
+# How Redis words a command a script may not run under the caller's ACL (7.0; later releases).
+SCRIPT_ACL_REFUSALS = ("can't run this command", "NOPERM", "no permissions to run")
+log = logging.getLogger("btcfeed.apply")
 
 
 def is_epoch_error(exc: Exception) -> bool:
@@ -62,12 +69,18 @@ class BatchApplier:
         self.epochs = epochs
         # A DedicatedConnection of `client` for apply_many, set by the writer (None: a pipeline).
         self.round_trips = None
+        self.seen_writes = SEEN_BY_SETRANGE
 
     def apply(self, source: str, payload: str, client=None):
         """Run (or queue on a pipeline) one apply of a bus payload; the reply is [applied, skipped,
         floored]."""
-        keys_, args = self.script_arguments(source, payload)
-        return self.script(keys=keys_, args=args, client=client)
+        for attempt in (1, 2):
+            keys_, args = self.script_arguments(source, payload)
+            try:
+                return self.script(keys=keys_, args=args, client=client)
+            except ResponseError as exc:
+                if attempt == 2 or not self.fell_back_to_bitfield(client or self.client, [exc], source):
+                    raise
 
     def apply_many(self, batches: Sequence, client=None, raise_on_error: bool = True,
                    then: Sequence = ()) -> list:
@@ -81,23 +94,55 @@ class BatchApplier:
         and the whole pipeline again, which is harmless because every apply is idempotent.
         """
         client = client or self.client
-        for attempt in (1, 2):
+        script_lost = 0
+        while True:
             commands = []
             for source, payload in batches:
                 script_keys, args = self.script_arguments(source, payload)
                 commands.append(("EVALSHA", self.script.sha, len(script_keys), *script_keys, *args))
             commands += then
             try:
-                results = self._send(client, commands, raise_on_error)[:len(batches)]
+                replies = self._send(client, commands, raise_on_error=False)
             except NoScriptError:
-                results = [NoScriptError()]
-            if not any(isinstance(result, NoScriptError) for result in results):
-                return results
-            if attempt == 2:
-                raise NoScriptError("the server lost the apply script twice")
-            client.script_load(self.script.script)
+                replies = [NoScriptError()]
+            results = replies[:len(batches)]
+            if any(isinstance(result, NoScriptError) for result in results):
+                script_lost += 1
+                if script_lost == 2:
+                    raise NoScriptError("the server lost the apply script twice")
+                client.script_load(self.script.script)
+                continue
+            if batches and self.fell_back_to_bitfield(client, results, batches[0][0]):
+                continue        # the refused batches wrote nothing: the script stops at the refusal
+            if raise_on_error:
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+            return results
 
-    def _send(self, client, commands, raise_on_error: bool) -> list:
+    def fell_back_to_bitfield(self, client, results, source: str) -> bool:
+        """Whether a refusal among `results` was the primary's ACL refusing SETRANGE to the script
+        (the recipe from before it was listed): if so, seen bits go by BITFIELD from now on and the
+        caller sends again. Asked with an empty SETRANGE on a key that does not exist, which writes
+        nothing; a refusal of anything else is left to the caller."""
+        if self.seen_writes != SEEN_BY_SETRANGE or not any(
+                isinstance(result, ResponseError) and any(text in str(result) for text in SCRIPT_ACL_REFUSALS)
+                for result in results):
+            return False
+        try:
+            client.execute_command("SETRANGE", keys.seen_prefix(source) + "setrange-allowed", 0, "")
+            return False
+        except ResponseError as exc:
+            if not any(text in str(exc) for text in SCRIPT_ACL_REFUSALS):
+                return False
+        except RedisError:
+            return False
+        self.seen_writes = SEEN_BY_BITFIELD
+        log.warning("the primary's ACL refuses SETRANGE: the seen-set is written with BITFIELD (more CPU "
+                    "a trade); add +setrange to the btcfeed user (deployment/primary-acl.conf)")
+        return True
+
+    def _send(self, client, commands, raise_on_error: bool = False) -> list:
         """The commands in one round trip: on the dedicated connection when the applier has one and
         the client is its own (storage/dedicated.py), else in a redis-py pipeline."""
         if self.round_trips is None or client is not self.client:
@@ -133,7 +178,7 @@ class BatchApplier:
                 keys.live_channel(source) if self.publish else "",
                 self.retention_ms, self.retention_ms // 1000 + CANDLE_TTL_MARGIN_S,
                 keys.COMPAT_CHANNEL if compat and self.publish else "", self.compat_history_len, epoch,
-                payload]
+                payload, self.seen_writes]
         return script_keys, args
 
 

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -14,6 +15,8 @@ import pytest
 import redis
 
 from btcfeed import keys
+from btcfeed.storage.apply import BatchApplier
+from btcfeed.trade import Trade, encode_batch
 from tools.redis_process import RedisProcess
 from harness import (Simulator, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
                      verify_primary, wait_for)
@@ -120,6 +123,46 @@ def test_recipe_denies_what_it_must(acl_primary):
     finally:
         for client in (admin, feed, reader):
             client.close()
+
+
+def test_an_acl_from_before_setrange_still_applies_every_trade_with_the_same_seen_bits(acl_primary):
+    """The seen-set is written with SETRANGE; a primary still on the recipe from before it was listed
+    refuses that command, and the script sets the same bits with BITFIELD instead of failing the
+    batch (which would fail the writer over for an ACL line)."""
+    admin = acl_primary.client()
+    feed = user_client(acl_primary, "btcfeed", BTCFEED_PASSWORD)
+    try:
+        admin.execute_command("ACL", "SETUSER", "btcfeed", "-setrange")      # the recipe as it was
+        admin.acl_log_reset()
+        admin.hset(keys.meta(SOURCE), "epoch", "e1")
+        applier = BatchApplier(feed, retention_ms=24 * 3600 * 1000, compat_source=SOURCE,
+                               epochs={SOURCE: "e1"})
+        ids = sorted(random.Random(7).sample(range(60_000, 200_000), 3000))
+        trades = [Trade(i, "60000.%02d" % (i % 100), "0.001", "buy", int(time.time() * 1000), 0) for i in ids]
+        assert applier.apply_trades(SOURCE, trades[:2000]) == [2000, 0, 0]
+        assert applier.apply_trades(SOURCE, trades[1000:]) == [1000, 1000, 0]
+        assert applier.apply_trades(SOURCE, trades) == [0, 3000, 0]
+        assert any(entry["object"] == "setrange" for entry in admin.acl_log(count=10))   # the fallback ran
+        for number in {i >> keys.SEEN_SEGMENT_BITS for i in ids}:
+            expected = bytearray(1 << (keys.SEEN_SEGMENT_BITS - 3))
+            for i in ids:
+                if i >> keys.SEEN_SEGMENT_BITS == number:
+                    offset = i & ((1 << keys.SEEN_SEGMENT_BITS) - 1)
+                    expected[offset // 8] |= 128 >> (offset % 8)
+            held = admin.get(keys.seen_prefix(SOURCE) + str(number))
+            assert held == bytes(expected[:len(held)]) and not any(expected[len(held):])
+        assert admin.xlen(keys.trades(SOURCE)) == 3000
+        # The writer's and the replay's path (pipelined, errors in place) falls back the same way.
+        writer_side = BatchApplier(feed, retention_ms=24 * 3600 * 1000, compat_source=SOURCE,
+                                   epochs={SOURCE: "e1"})
+        now = int(time.time() * 1000)
+        more = [Trade(i, "60001.00", "0.002", "sell", now, 0) for i in range(300_000, 300_050)]
+        assert writer_side.apply_many([(SOURCE, encode_batch(more[:20])), (SOURCE, encode_batch(more))],
+                                      raise_on_error=False) == [[20, 0, 0], [30, 20, 0]]
+        assert writer_side.seen_writes == "bitfield" and admin.xlen(keys.trades(SOURCE)) == 3050
+    finally:
+        admin.close()
+        feed.close()
 
 
 def sync_check(env: dict) -> subprocess.CompletedProcess:

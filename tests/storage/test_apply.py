@@ -129,6 +129,37 @@ def test_ids_below_the_floor_are_counted_and_never_applied_again(redis_client):
     assert redis_client.xlen(keys.trades(SOURCE)) == 546
 
 
+def expected_segments(ids) -> dict:
+    """The seen-set as SETBIT would leave it: segment number -> its bytes (offset 0 = the high bit)."""
+    segments = {}
+    for i in ids:
+        segment = segments.setdefault(i >> keys.SEEN_SEGMENT_BITS,
+                                      bytearray(1 << (keys.SEEN_SEGMENT_BITS - 3)))
+        offset = i & ((1 << keys.SEEN_SEGMENT_BITS) - 1)
+        segment[offset // 8] |= 128 >> (offset % 8)
+    return segments
+
+
+def test_the_seen_set_holds_exactly_the_applied_ids_bit_for_bit(redis_server, applier):
+    # Sparse ids over three segments, at both ends of a segment, in overlapping and shuffled batches:
+    # every applied id's bit is set, no other bit is, and what lies before a segment's first changed
+    # byte (an earlier batch's bits) survives a later write.
+    rng = random.Random(11)
+    ids = sorted(set(rng.sample(range(65_536, 4 * 65_536), 5000)) | {65_536, 131_071, 131_072, 262_143})
+    now = int(time.time() * 1000)
+    trades = [Trade(i, "60000.10", "0.002", "sell", now, now) for i in ids]
+    rng.shuffle(trades)
+    applied = 0
+    for first in range(0, len(trades), 700):
+        applied += applier.apply_trades(SOURCE, trades[max(0, first - 100):first + 700])[0]
+    assert applied == len(ids)
+    raw = redis_server.client()
+    for number, segment in expected_segments(ids).items():
+        held = raw.get(keys.seen_prefix(SOURCE) + str(number))
+        assert held == bytes(segment[:len(held)]) and not any(segment[len(held):]), number
+    assert applier.apply_trades(SOURCE, trades) == [0, len(ids), 0]
+
+
 def test_a_wrong_type_key_stops_the_batch_before_its_first_write(redis_client, applier):
     trades = make_trades(1, 2000)           # 74 s of trades: more than one minute
     applier.apply_trades(SOURCE, trades[:100])

@@ -7,12 +7,15 @@ trades applied. The cases run in turn, RUNS times, and the medians are printed:
 
   reference   redis-benchmark's pipelined XADD of the same six fields per trade (a client fast enough
               that the server is the bound): the floor of one stream entry a trade;
+  script floor  a script that only decodes the batch and calls XADD once per trade, in the replay's
+              batches: the floor of any script that writes one stream entry a trade (DESIGN.md §3);
   replay      the apply script in 2,000-trade batches, 16 per round trip (sync's replay, a catch-up),
               with a live subscriber, and with none;
   live        the apply script in 3-trade batches, one per round trip (the writer at real rates).
 
-Every case is checked: the trade stream holds every trade once, and a subscriber received one live
-message per trade.
+The apply script runs as the writer runs it on the primary: the epoch checked, and the omega_ai
+compatibility keys kept for the source (both on by default). Every case is checked: the trade stream
+holds every trade once, and a subscriber received one live message per trade.
 """
 
 import os
@@ -40,6 +43,17 @@ FIRST_ID = 1_000_000_000
 CASES = (("replay, a live subscriber", 2000, 16, True, 200_000),
          ("replay, no subscriber", 2000, 16, False, 200_000),
          ("live-size batches, a live subscriber", 3, 1, True, 15_000))
+EPOCH = "bench-apply"
+# The floor of a script with the contract's layout: decode the bus's rows, one XADD each, nothing else.
+FLOOR_SCRIPT = """
+local rows = cjson.decode(ARGV[9])
+for _, row in ipairs(rows) do
+  redis.call('XADD', KEYS[1], '*', 'id', string.format('%d', row[1]), 'p', row[2], 'q', row[3],
+             'side', row[4], 'ts', string.format('%d', row[5]), 'rts', string.format('%d', row[6]))
+end
+return {#rows, 0, 0}
+"""
+FLOOR_CASE = "script floor: decode + XADD"
 
 
 def make_trades(count: int, now_ms: int) -> list:
@@ -97,11 +111,23 @@ def run_reference(directory: str, count: int) -> dict:
         server.stop()
 
 
-def run_case(directory: str, trades: list, batch: int, per_round_trip: int, listen: bool) -> dict:
+def product_applier(client, script: str = None) -> BatchApplier:
+    """The apply script as the writer sends it to the primary: the epoch checked (the server is
+    given the epoch first) and the compatibility keys kept for the source. `script` replaces it."""
+    client.hset(keys.meta(SOURCE), "epoch", EPOCH)
+    applier = BatchApplier(client, retention_ms=24 * 3600 * 1000, compat_source=SOURCE,
+                           epochs={SOURCE: EPOCH})
+    if script is not None:
+        applier.script = client.register_script(script)
+    return applier
+
+
+def run_case(directory: str, trades: list, batch: int, per_round_trip: int, listen: bool,
+             script: str = None) -> dict:
     server = RedisProcess(directory, appendonly=True).start()
     try:
         client = server.client()
-        applier = BatchApplier(client, retention_ms=24 * 3600 * 1000)
+        applier = product_applier(client, script)
         payloads = [encode_batch(trades[first:first + batch]) for first in range(0, len(trades), batch)]
         listener = LiveCounter(server) if listen else None
         started, cpu = time.monotonic(), server_cpu_s(server)
@@ -127,7 +153,7 @@ def _figures(server: RedisProcess, started: float, cpu_before: float, count: int
 def run_apply_bench(echo=print, runs: int = RUNS) -> int:
     root = tempfile.mkdtemp(prefix="btcfeed-bench-apply-")
     now_ms = int(time.time() * 1000)
-    samples = {"reference": []}
+    samples = {"reference": [], FLOOR_CASE: []}
     samples.update({case[0]: [] for case in CASES})
     exact = True
     echo(f"btcfeed bench-apply  ({psutil.cpu_count()} cores; each case a fresh redis-server with AOF on; "
@@ -136,6 +162,11 @@ def run_apply_bench(echo=print, runs: int = RUNS) -> int:
         for run in range(runs):
             figures = run_reference(os.path.join(root, f"reference-{run}"), CASES[0][4])
             samples["reference"].append(figures)
+            exact &= figures["exact"]
+            name, batch, per_round_trip, _, count = CASES[0]
+            figures = run_case(os.path.join(root, f"floor-{run}"), make_trades(count, now_ms), batch,
+                               per_round_trip, listen=False, script=FLOOR_SCRIPT)
+            samples[FLOOR_CASE].append(figures)
             exact &= figures["exact"]
             for name, batch, per_round_trip, listen, count in CASES:
                 figures = run_case(os.path.join(root, f"{len(samples[name])}-{run}-{batch}-{listen}"),
@@ -149,11 +180,14 @@ def run_apply_bench(echo=print, runs: int = RUNS) -> int:
     for name, figures in samples.items():
         us = statistics.median(f["us"] for f in figures)
         rate = statistics.median(f["rate"] for f in figures)
-        label = "reference: redis-benchmark XADD" if name == "reference" else f"apply, {name}"
+        labels = {"reference": "reference: redis-benchmark XADD", FLOOR_CASE: FLOOR_CASE}
+        label = labels.get(name, f"apply, {name}")
         echo(f"  {label:40s} {us:17.2f} µs {us / reference_us:11.2f}x {rate:10,.0f}")
     replay_us = statistics.median(f["us"] for f in samples[CASES[0][0]])
+    floor_us = statistics.median(f["us"] for f in samples[FLOOR_CASE])
     echo(f"  target: the primary at most {TARGET_US:.0f} µs a trade in replay batches with a subscriber: "
-         f"{'met' if replay_us <= TARGET_US else 'NOT met'} ({replay_us:.2f} µs)")
+         f"{'met' if replay_us <= TARGET_US else 'NOT met'} ({replay_us:.2f} µs; the script floor "
+         f"{floor_us:.2f} µs{', itself above the target' if floor_us > TARGET_US else ''})")
     echo(f"  exactness (every trade once in the stream, one live message each): {'ok' if exact else 'FAIL'}")
     return 0 if exact else 1
 
@@ -162,24 +196,29 @@ def run_apply_bench(echo=print, runs: int = RUNS) -> int:
 
 COMPARE_BATCH = 2000
 COMPARE_TRADES = 300_000
-COMPARE_CHUNK = 20_000            # trades sent to one server before the other takes its turn
+COMPARE_TURNS = 15                # each server takes this many turns a run
+SMALL_BATCH = 100                 # batches below this go one per round trip (the writer's rounds)
 
 
-def compare_scripts(variant_path: str, echo=print, runs: int = RUNS, trades: int = COMPARE_TRADES) -> int:
+def compare_scripts(variant_path: str, echo=print, runs: int = RUNS, trades: int = None,
+                    batch: int = COMPARE_BATCH) -> int:
     """The product's apply script (A) and a variant (B) on two redis-servers pinned to one core
-    (where the system allows it), sent the same batches in turns of COMPARE_CHUNK trades, so a change
-    of the machine's speed falls on both: the primary's CPU per trade of each and B/A per run. The
-    variant must leave the same data: the trade streams' fields, the last hash and the candles are
-    compared."""
+    (where the system allows it), sent the same batches in turns, so a change of the machine's speed
+    falls on both: the primary's CPU per trade of each and B/A per run. Batches of `batch` trades,
+    16 per round trip (a replay), or one per round trip below SMALL_BATCH (the writer at real
+    rates). The variant must leave the same data: the trade streams' fields, the last hash, the
+    candles, the compatibility keys and the seen-set's bytes are compared."""
+    trades = trades or (COMPARE_TRADES if batch >= SMALL_BATCH else 30_000)
     with open(variant_path) as handle:
         variant = handle.read()
     root = tempfile.mkdtemp(prefix="btcfeed-bench-apply-compare-")
     echo(f"btcfeed bench-apply --compare-with {variant_path}  (A: the product's script, B: the variant; "
-         f"{COMPARE_BATCH:,}-trade batches, {trades:,} trades, turns of {COMPARE_CHUNK:,})")
+         f"{batch:,}-trade batches, {_per_round_trip(batch)} a round trip, {trades:,} trades, "
+         f"{COMPARE_TURNS} turns each)")
     ratios, same = [], True
     try:
         for run in range(runs):
-            a, b, equal = _paired_run(os.path.join(root, str(run)), variant, trades)
+            a, b, equal = _paired_run(os.path.join(root, str(run)), variant, trades, batch)
             ratios.append(b / a)
             same &= equal
             echo(f"  run {run + 1}: A {a:.2f} µs a trade, B {b:.2f} µs, B/A {b / a:.3f}"
@@ -190,37 +229,53 @@ def compare_scripts(variant_path: str, echo=print, runs: int = RUNS, trades: int
     return 0 if same else 1
 
 
-def _paired_run(directory: str, variant: str, count: int) -> tuple:
+def _per_round_trip(batch: int) -> int:
+    return 16 if batch >= SMALL_BATCH else 1
+
+
+def _paired_run(directory: str, variant: str, count: int, batch: int) -> tuple:
     trades = make_trades(count, int(time.time() * 1000))
-    payloads = [encode_batch(trades[first:first + COMPARE_BATCH])
-                for first in range(0, len(trades), COMPARE_BATCH)]
+    payloads = [encode_batch(trades[first:first + batch]) for first in range(0, len(trades), batch)]
+    per_round_trip = _per_round_trip(batch)
     servers = [RedisProcess(os.path.join(directory, name), appendonly=True).start() for name in "ab"]
     own_cores = _keep_off_the_servers_core()
     try:
-        appliers = []
         for server in servers:
             _pin(server.process.pid)
-            appliers.append(BatchApplier(server.client(), retention_ms=24 * 3600 * 1000))
-        appliers[1].script = servers[1].client().register_script(variant)
+        appliers = [product_applier(servers[0].client()), product_applier(servers[1].client(), variant)]
         used = [0.0, 0.0]
-        per_turn = COMPARE_CHUNK // COMPARE_BATCH
+        per_turn = max(1, len(payloads) // COMPARE_TURNS)
         for turn, first in enumerate(range(0, len(payloads), per_turn)):
             for side in ((0, 1) if turn % 2 == 0 else (1, 0)):
                 cpu = server_cpu_s(servers[side])
-                for start in range(first, min(first + per_turn, len(payloads)), 16):
-                    appliers[side].apply_many([(SOURCE, payload) for payload in payloads[start:start + 16]])
+                for start in range(first, min(first + per_turn, len(payloads)), per_round_trip):
+                    appliers[side].apply_many([(SOURCE, payload)
+                                               for payload in payloads[start:start + per_round_trip]])
                 used[side] += server_cpu_s(servers[side]) - cpu
         clients = [server.client() for server in servers]
         fields = [[entry[1] for entry in client.xrange(keys.trades(SOURCE))] for client in clients]
         equal = (fields[0] == fields[1] and len(fields[0]) == len(trades)
                  and clients[0].hgetall(keys.last(SOURCE)) == clients[1].hgetall(keys.last(SOURCE))
-                 and read_candles(clients[0], SOURCE) == read_candles(clients[1], SOURCE))
+                 and read_candles(clients[0], SOURCE) == read_candles(clients[1], SOURCE)
+                 and _compat(clients[0]) == _compat(clients[1])
+                 and _seen(clients[0], trades) == _seen(clients[1], trades))
         return used[0] / len(trades) * 1e6, used[1] / len(trades) * 1e6, equal
     finally:
         if own_cores:
             os.sched_setaffinity(0, own_cores)
         for server in servers:
             server.stop()
+
+
+def _compat(client) -> tuple:
+    return (client.get(keys.COMPAT_LAST_PRICE), client.get(keys.COMPAT_LAST_UPDATE),
+            client.lrange(keys.COMPAT_HISTORY, 0, -1))
+
+
+def _seen(client, trades) -> list:
+    """The seen-set's segments that the trades fall in, byte for byte."""
+    numbers = sorted({trade.id >> keys.SEEN_SEGMENT_BITS for trade in trades})
+    return [client.get(keys.seen_prefix(SOURCE) + str(number)) for number in numbers]
 
 
 def _pin(pid: int) -> None:
