@@ -58,6 +58,11 @@ def seen_segment(source: str, trade_id: int) -> str:
     return f"{seen_prefix(source)}{trade_id >> SEEN_SEGMENT_BITS}"
 
 
+def setrange_probe(source: str) -> str:
+    """Never written: an empty SETRANGE on it asks whether the feed's ACL allows the command."""
+    return f"{seen_prefix(source)}setrange-allowed"
+
+
 # --- local Redis only: the held index (what the local copy holds, in the seen-set's layout) -----
 def held_prefix(source: str) -> str:
     """Bitmap segments of the trade ids the local copy holds (mirror and failover copy)."""

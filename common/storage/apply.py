@@ -130,7 +130,7 @@ class BatchApplier:
                 for result in results):
             return False
         try:
-            client.execute_command("SETRANGE", keys.seen_prefix(source) + "setrange-allowed", 0, "")
+            client.execute_command("SETRANGE", keys.setrange_probe(source), 0, "")
             return False
         except ResponseError as exc:
             if not any(text in str(exc) for text in SCRIPT_ACL_REFUSALS):
