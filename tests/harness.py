@@ -110,6 +110,23 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def run_until(argv, accept, timeout_s: float, what: str, **run_options) -> list:
+    """Run a command again and again until accept(result) holds; every result so far (the caller may
+    check them all). A young stack may not have written its first heartbeats yet on a loaded
+    machine, which bin/health rightly calls critical: such answers are asked again, not failed.
+    On timeout the failure shows the last run's output."""
+    results = []
+
+    def accepted():
+        results.append(subprocess.run(argv, capture_output=True, text=True, timeout=60, **run_options))
+        return accept(results[-1])
+    try:
+        wait_for(accepted, timeout_s, what, interval_s=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last answer: {results[-1].stdout!r} {results[-1].stderr!r}")
+    return results
+
+
 def primary_last_id(client, source: str = SOURCE) -> int:
     value = client.hget(keys.last(source), "id")
     return int(value) if value is not None else -1

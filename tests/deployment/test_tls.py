@@ -15,7 +15,7 @@ from tools import verify
 from btcfeed import keys
 from tools.redis_process import RedisProcess, free_port
 from tools.tlscerts import make_test_pki, tls_server_args
-from harness import (SOURCE, drain, primary_last_id, remove_stack, short_tmpdir, start_stack,
+from harness import (SOURCE, drain, primary_last_id, remove_stack, run_until, short_tmpdir, start_stack,
                      verify_primary, wait_for)
 
 pytestmark = [pytest.mark.integration,
@@ -92,18 +92,9 @@ def test_a_wrong_ca_is_refused_clearly_and_trades_are_kept_locally(certs, sim):
         local = redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
         wait_for(lambda: local.xlen(keys.BACKLOG) > 3, 20, "the backlog to grow")
         assert primary_last_id(primary.client()) == -1          # nothing reached the primary
-        # A stack this young may not have written its first heartbeats yet (its programs still
-        # STARTING on a loaded machine), which bin/health rightly calls critical: ask until they are.
-        results = []
-
-        def degraded_for_the_certificate():
-            results.append(subprocess.run([os.path.join(ROOT, "bin", "health")], env=stack.env,
-                                          capture_output=True, text=True, timeout=60))
-            return results[-1].returncode == 1 and "certificate" in results[-1].stdout
-        try:
-            wait_for(degraded_for_the_certificate, 30, "bin/health to say degraded, naming the certificate")
-        except AssertionError:
-            raise AssertionError(results[-1].stdout)
+        results = run_until([os.path.join(ROOT, "bin", "health")],
+                            lambda done: done.returncode == 1 and "certificate" in done.stdout, 30,
+                            "bin/health to say degraded, naming the certificate", env=stack.env)
         assert all(ACL_PASSWORD not in result.stdout for result in results)
     finally:
         remove_stack(stack)
