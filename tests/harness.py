@@ -14,7 +14,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from btcfeed import keys
 
 from tools import verify
-from tools.redis_process import RedisProcess, free_port
+from tools.redis_process import RedisProcess, free_port, port_is_free
 from btcfeed.commands.stack import Stack
 from tools.verify import SOURCE, Verdict
 from tools.simulator import SimulatorClient, start_simulator
@@ -198,18 +198,11 @@ NODE_TIMEOUT_MS = 1000
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too and below 65536."""
-    import random
-    import socket
+    """A free port whose cluster bus port (+10000) is free too (free_port's range keeps the bus's clear)."""
     while True:
-        port = random.randint(20000, 55000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
+        port = free_port()
+        if port_is_free(port + 10000):
             return port
-        except OSError:
-            continue
 
 
 class Cluster:

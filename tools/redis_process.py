@@ -1,6 +1,7 @@
 """A redis-server child process on a free loopback port: the demo's stand-in primary and the tests'."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -9,10 +10,47 @@ import time
 import redis
 
 
+# Ports for the servers the tests and benches start come from below the kernel's ephemeral range
+# (32768-60999 by default), in sequence. A port from bind(port 0) is free only until it is released: the
+# other test worker's next bind(port 0), or a server restarted on its old port, could take it before our
+# server binds it (2,000 bind(port 0) calls here gave 154 repeats; a health server in a CI run could not
+# listen on its port, and three tests on its stack failed). Each worker of a parallel test
+# run counts through its own block; a process starts at a random place in its block, so a child it spawns
+# (a bench run by a test) does not walk the parent's steps, and a port something still holds is skipped.
+# A cluster node also listens on its port + 10000 (the cluster bus): 22000-31999, which nothing hands out.
+PORT_RANGE = (12000, 22000)
+_next_port = None
+
+
+def _port_block():
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = (PORT_RANGE[1] - PORT_RANGE[0]) // max(workers, 1)
+    start = PORT_RANGE[0] + (index % max(workers, 1)) * size
+    return start, size
+
+
 def free_port() -> int:
+    global _next_port
+    start, size = _port_block()
+    if _next_port is None:
+        _next_port = random.randrange(size)
+    for _ in range(size):
+        port = start + _next_port % size
+        _next_port += 1
+        if port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + size - 1}")
+
+
+def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RedisProcess:

@@ -21,6 +21,7 @@ from btcfeed import config as config_module
 from btcfeed.commands import monitor
 from btcfeed.commands.healthcheck import status_url
 from btcfeed.commands.monitor import failover_timeline, render_text, sparkline
+from tools.redis_process import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "bin", "monitor")
@@ -247,12 +248,6 @@ def test_default_url_follows_the_health_address():
 
 
 # --- the real command -----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def serve_status(body: bytes, token: str = None):
     class Handler(BaseHTTPRequestHandler):
