@@ -227,7 +227,7 @@ class Sync(Process):
         if not entries:
             self.hand_back()
             return
-        batches = [(fields[b"src"].decode(), fields[b"t"]) for _, fields in entries]
+        batches = [backlog.entry_batch(fields) for _, fields in entries]
         # The primary applies these while the next entries are read from the local Redis.
         self.applier.compat_source = price.compat_source_now(self.local, self.config)
         applying = self.replay_pool.submit(self.applier.apply_many, batches)

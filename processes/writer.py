@@ -14,7 +14,7 @@ import redis
 from btcfeed.storage import backlog, epochs, schema
 
 from btcfeed import keys, price
-from btcfeed.storage.apply import BatchApplier, is_source_refusal, mirror_entry
+from btcfeed.storage.apply import BatchApplier, is_source_refusal, compressed_batch
 from btcfeed.storage.dedicated import DedicatedConnection
 from btcfeed.config import ConfigError, redact_url
 from btcfeed.backoff import Throttle
@@ -487,7 +487,7 @@ def ack_script_input(ids, batches, price_view, retention_ms: int):
     minid = max(0, int(time.time() * 1000) - retention_ms)
     streams, args = [], []
     for source, payload in batches:
-        (name, value), = mirror_entry(payload).items()
+        (name, value), = compressed_batch(payload).items()
         streams += [keys.mirror(source), keys.view(source), keys.view_state(source), keys.view_wake(source)]
         args += [source, name, value, *writer_view_part(payload)]
     args += [part for item in (price_view or {}).items() for part in item]

@@ -442,6 +442,15 @@ def bench_cost(rates, window, linger_ms):
                             echo=click.echo))
 
 
+@cli.command("bench-memory")
+@click.option("--rates", default="300,1000", show_default=True, help="Trades per second, one outage each.")
+@click.option("--window", default=30.0, show_default=True, help="Seconds of outage measured per rate.")
+def bench_memory(rates, window):
+    """What a primary outage costs the local Redis: bytes a trade (failover copy, backlog, read view)."""
+    run_memory_bench = tool("tools.bench.memory", "run_memory_bench")
+    sys.exit(run_memory_bench(rates=[float(r) for r in rates.split(",")], window_s=window, echo=click.echo))
+
+
 @cli.command("bench-move")
 @click.option("--trades", default=2_000_000, show_default=True, help="Trades in the window to move.")
 @click.option("--rate", default=1000, show_default=True, help="Live trades per second meanwhile.")

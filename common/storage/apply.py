@@ -246,10 +246,16 @@ def read_local_copy(client, source: str, chunk: int = 10000, start: str = "-") -
     yield from read_trades_since(client, source, chunk, start=start)
 
 
-def mirror_entry(payload: bytes) -> dict:
-    """A batch as the local mirror keeps it: compressed (fast level), since it is only read back by
-    Python and it is most of what the local Redis holds."""
+def compressed_batch(payload: bytes) -> dict:
+    """A batch as the local Redis keeps it in the mirror, the read view and the backlog: compressed (fast
+    level), since it is only read back by Python and it is most of what the local Redis holds."""
     return {"z": zlib.compress(payload, 1)}
+
+
+def batch_payload(fields: dict) -> bytes:
+    """The bus payload of an entry that holds one batch: compressed (compressed_batch), or plain in an
+    entry written before the local Redis compressed it."""
+    return zlib.decompress(fields[b"z"]) if b"z" in fields else fields[b"t"]
 
 
 def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
@@ -259,7 +265,7 @@ def read_mirror_since(client, source: str, start: str = "-", count: int = 64):
         if not entries:
             return
         for entry_id, fields in entries:
-            yield int(_text(entry_id).partition("-")[0]), decode_batch(zlib.decompress(fields[b"z"]))
+            yield int(_text(entry_id).partition("-")[0]), decode_batch(batch_payload(fields))
         start = "(" + _text(entries[-1][0])
 
 

@@ -1,6 +1,8 @@
 """The backlog: batches kept in the local Redis while the primary is away, and how many trades it holds.
 
-Every entry is one source's batch (fields src, n = its trades, t = the bus payload). Beside the
+Every entry is one source's batch (fields src, n = its trades, z = the bus payload compressed, as the
+mirror keeps it: a third to a half of the plain payload's bytes, and the backlog is what a long
+outage fills the local Redis with; an entry from before holds t = the plain payload). Beside the
 stream a counter holds the sum of n over the entries: the writer adds an entry and its count in
 one transaction, sync removes replayed entries and their count in one script, so the bound in
 trades is exact (DESIGN.md §2: bounded, the writer holds when it is reached, nothing dropped). When
@@ -16,6 +18,7 @@ from typing import Iterable, List, Sequence, Tuple
 import orjson
 
 from btcfeed import keys
+from btcfeed.storage.apply import batch_payload, compressed_batch
 
 # Batch = (source, payload, trades)
 Batch = Tuple[str, bytes, int]
@@ -39,7 +42,7 @@ return gone
 def batch_trades(fields: dict) -> int:
     """The trades of a bus or backlog entry: its n field (every writer of either sets it), else counted."""
     count = fields.get(b"n")
-    return int(count) if count is not None else len(orjson.loads(fields[b"t"]))
+    return int(count) if count is not None else len(orjson.loads(batch_payload(fields)))
 
 
 def coalesce(batches: Iterable[Batch], max_trades: int) -> List[Batch]:
@@ -64,8 +67,13 @@ def coalesce(batches: Iterable[Batch], max_trades: int) -> List[Batch]:
 
 def queue_append(pipe, source: str, payload: bytes, trades: int) -> None:
     """Queue one entry and its count on a transaction pipeline (the writer's failover commit)."""
-    pipe.xadd(keys.BACKLOG, {"src": source, "n": trades, "t": payload})
+    pipe.xadd(keys.BACKLOG, {"src": source, "n": trades, **compressed_batch(payload)})
     pipe.incrby(keys.BACKLOG_TRADES, trades)
+
+
+def entry_batch(fields: dict) -> Tuple[str, bytes]:
+    """(source, bus payload) of a backlog entry, as the apply script takes it."""
+    return fields[b"src"].decode(), batch_payload(fields)
 
 
 def delete_replayed(script, entries: Sequence) -> int:

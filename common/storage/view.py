@@ -44,7 +44,7 @@ import redis
 
 from btcfeed import keys
 from btcfeed.events import record_event
-from btcfeed.storage.apply import mirror_entry
+from btcfeed.storage.apply import batch_payload, compressed_batch
 from btcfeed.storage.bus import BUS_BATCH_MAX
 from btcfeed.trade import Trade, decode_batch, encode_batch
 
@@ -313,7 +313,7 @@ class ViewBuilder:
         entries = []
         for offset in range(0, len(run), RUN_MAX):
             part = run[offset:offset + RUN_MAX]
-            (name, value), = mirror_entry(encode_batch(part)).items()
+            (name, value), = compressed_batch(encode_batch(part)).items()
             entries += [entry_id_for(part[0].id), name, value]
         if not self._compare_and_set(next_id, entries):
             return False
@@ -447,8 +447,7 @@ def in_gap(trade_id: int, gaps: dict) -> bool:
 def entry_rows(fields) -> list:
     """A view entry's trades as rows [id, p, q, side, ts, rts, units]: compressed like the mirror
     (most of the local Redis's memory is trades), or plain in a view built before that."""
-    payload = zlib.decompress(fields[b"z"]) if b"z" in fields else fields[b"t"]
-    return orjson.loads(payload)
+    return orjson.loads(batch_payload(fields))
 
 
 def entry_trades(fields) -> List[Trade]:

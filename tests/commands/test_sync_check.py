@@ -22,7 +22,7 @@ from btcfeed import keys
 
 from btcfeed.commands import synccheck
 from btcfeed.storage.antientropy import HeldIndex
-from btcfeed.storage.apply import BatchApplier, expected_candles, mirror_entry, read_candles, read_trades
+from btcfeed.storage.apply import BatchApplier, expected_candles, compressed_batch, read_candles, read_trades
 from btcfeed.events import recent_events
 from tools.redis_process import RedisProcess, free_port
 from btcfeed.commands import cli
@@ -104,7 +104,7 @@ class Setup:
             reached = [held[t.id] for t in batch if t.id in held]
             if reached:
                 applier.apply_trades(SOURCE, reached)
-            entry_id = self.local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(batch)))
+            entry_id = self.local.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch(batch)))
             if confirm:
                 self.local.hset(keys.MIRROR_CONFIRMED, SOURCE, entry_id)
 

@@ -16,7 +16,7 @@ from btcfeed import keys
 from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
 from btcfeed.processes import api as api_module
-from btcfeed.storage.apply import expected_candles, mirror_entry
+from btcfeed.storage.apply import expected_candles, compressed_batch
 from btcfeed.storage.bus import read_heartbeats
 from btcfeed.trade import Trade, encode_batch
 from harness import (SOURCE, drain, local_client, primary_last_id, remove_stack, start_stack, verify_primary,
@@ -142,7 +142,7 @@ def served(redis_server, tmp_path):
     client = redis_server.client()
     for first in range(1, 5001, 100):
         batch = encode_batch([trade(i) for i in range(first, first + 100)])
-        client.xadd(keys.mirror(SOURCE), mirror_entry(batch))
+        client.xadd(keys.mirror(SOURCE), compressed_batch(batch))
     started = []
 
     def start(**env):
@@ -269,7 +269,8 @@ def test_a_stream_resumes_after_its_last_event_id_and_goes_live(served):
         wait_for(lambda: follower.last_id == 5000, 10, "the catch-up")
         follower.disconnect()
         wait_for(lambda: follower.connects == 2, 10, f"the reconnect ({follower.errors})")
-        client.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch([trade(i) for i in range(5001, 5201)])))
+        newest = encode_batch([trade(i) for i in range(5001, 5201)])
+        client.xadd(keys.mirror(SOURCE), compressed_batch(newest))
         wait_for(lambda: follower.last_id == 5200, 10, "the live trades")
     finally:
         follower.stop()

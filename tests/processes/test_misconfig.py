@@ -7,10 +7,11 @@ import pytest
 import redis
 
 from btcfeed import keys
+from btcfeed.storage.apply import batch_payload
 from tools.redis_process import RedisProcess
 from btcfeed.commands.stack import Stack
-from harness import (SOURCE, Simulator, drain, remove_stack, short_tmpdir, stack_env, verify_derived,
-                     verify_primary, wait_for)
+from harness import (SOURCE, Simulator, drain, local_client, remove_stack, short_tmpdir, stack_env,
+                     verify_derived, verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
@@ -169,7 +170,8 @@ def test_full_backlog_holds_ingest_loudly_and_loses_nothing(sim):
                  "ingest to hold on a full bus")
         # The bound is in trades, and the count is what the entries hold.
         held = int(local(stack).get(keys.BACKLOG_TRADES))
-        in_entries = sum(len(json.loads(fields["t"])) for _, fields in local(stack).xrange(keys.BACKLOG))
+        in_entries = sum(len(json.loads(batch_payload(fields)))
+                         for _, fields in local_client(stack).xrange(keys.BACKLOG))
         assert held == in_entries and 1000 < held <= 3000, (held, in_entries)
         primary.start()
         wait_for(lambda: local(stack).hget(keys.WRITER_STATE, "state") == "primary", 60, "hand-back")

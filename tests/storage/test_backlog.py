@@ -8,7 +8,7 @@ import pytest
 
 from btcfeed import keys
 from btcfeed.storage import backlog
-from btcfeed.storage.apply import BatchApplier, read_trades
+from btcfeed.storage.apply import BatchApplier, batch_payload, read_trades
 from btcfeed.trade import Trade, encode_batch
 from tools.redis_process import RedisProcess
 
@@ -41,7 +41,7 @@ def append(client, batches):
 
 def entries_trades(client) -> int:
     """The trades the backlog's entries hold, counted from their payloads (not from n)."""
-    return sum(len(orjson.loads(fields[b"t"])) for _, fields in client.xrange(keys.BACKLOG))
+    return sum(len(orjson.loads(batch_payload(fields))) for _, fields in client.xrange(keys.BACKLOG))
 
 
 def test_the_count_follows_appends_and_deletes_exactly(local):
@@ -75,6 +75,28 @@ def test_an_entry_without_a_count_is_counted_from_its_payload_and_never_below_ze
     assert backlog.delete_replayed(script, local.xrange(keys.BACKLOG, count=1)) == 7
     assert backlog.held_trades(local) == 0                  # 2 - 7 is clamped, not negative
     assert backlog.batch_trades(local.xrange(keys.BACKLOG)[0][1]) == 2
+
+
+def test_an_entry_holds_its_payload_compressed_and_gives_back_exactly_those_bytes(local):
+    body = payload(1, 9)
+    append(local, [(SOURCE, body, 9)])
+    (_, fields), = local.xrange(keys.BACKLOG)
+    assert b"t" not in fields and len(fields[b"z"]) < len(body) / 2
+    assert backlog.entry_batch(fields) == (SOURCE, body)
+
+
+def test_entries_from_before_compression_and_after_replay_every_trade_once(local, tmp_path):
+    # A backlog left by the previous version (plain t) is replayed by this one after an upgrade.
+    local.xadd(keys.BACKLOG, {"src": SOURCE, "n": 5, "t": payload(1, 5)})
+    append(local, [(SOURCE, payload(4, 6), 6)])
+    primary = RedisProcess(str(tmp_path / "primary"), appendonly=False).start()
+    try:
+        applier = BatchApplier(primary.client(), retention_ms=10 ** 12)
+        batches = [backlog.entry_batch(fields) for _, fields in local.xrange(keys.BACKLOG)]
+        assert [result[:2] for result in applier.apply_many(batches)] == [[5, 0], [4, 2]]
+        assert [trade.id for trade in read_trades(primary.client(), SOURCE)] == list(range(1, 10))
+    finally:
+        primary.stop()
 
 
 def test_coalesce_merges_by_source_in_order_up_to_the_cap():

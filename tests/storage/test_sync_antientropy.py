@@ -10,8 +10,8 @@ from btcfeed import config, keys
 
 from btcfeed.storage import epochs
 from btcfeed.storage.antientropy import HeldIndex, compare
-from btcfeed.storage.apply import (BatchApplier, expected_candles, is_epoch_error, mirror_entry, read_candles,
-                                   read_trades)
+from btcfeed.storage.apply import (BatchApplier, compressed_batch, expected_candles, is_epoch_error,
+                                   read_candles, read_trades)
 from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
 from tools.redis_process import RedisProcess
@@ -48,7 +48,7 @@ def write_like_the_writer(local, primary, trades, batch=500):
     for start in range(0, len(trades), batch):
         payload = encode_batch(trades[start:start + batch])
         applier.apply_many([(SOURCE, payload)])
-        entry_id = local.xadd(keys.mirror(SOURCE), mirror_entry(payload))
+        entry_id = local.xadd(keys.mirror(SOURCE), compressed_batch(payload))
         local.hset(keys.MIRROR_CONFIRMED, SOURCE, entry_id)
 
 
@@ -124,7 +124,7 @@ def test_comparison_is_exact_across_a_segment_edge_and_ignores_ids_below_the_flo
     edge = 5 * 65536
     trades = make_trades(edge - 300, 600)
     for start in range(0, 600, 100):
-        entry_id = local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[start:start + 100])))
+        entry_id = local.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch(trades[start:start + 100])))
     lost = {edge - 3, edge - 2, edge, edge + 250}
     BatchApplier(primary, DAY_MS, SOURCE).apply_trades(SOURCE, [t for t in trades if t.id not in lost])
     index = HeldIndex(local, SOURCE)
@@ -155,7 +155,7 @@ def test_a_batch_the_primary_has_not_confirmed_is_not_compared(servers, tmp_path
     local_server, primary_server = servers
     local = local_server.client()
     epochs.establish(local, primary_server.client(), [SOURCE])
-    local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(make_trades(1, 100))))
+    local.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch(make_trades(1, 100))))
     sync = make_sync(local_server, primary_server, tmp_path)
     for _ in range(5):
         sync.loop_once(time.monotonic())
@@ -181,8 +181,8 @@ def test_the_held_index_forgets_segments_the_local_copy_no_longer_holds(servers)
     local_server, _ = servers
     local = local_server.client()
     trades = make_trades(65_536 - 100, 300)          # segments 0 and 1
-    first = local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[:50])))   # segment 0 only
-    last = local.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch(trades[50:])))    # segments 0 and 1
+    first = local.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch(trades[:50])))   # segment 0 only
+    last = local.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch(trades[50:])))    # segments 0 and 1
     index = HeldIndex(local, SOURCE)
     assert index.follow(last) == {0, 1}
     assert index.prune() == 0

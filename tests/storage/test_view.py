@@ -12,7 +12,7 @@ from btcfeed.events import recent_events
 from btcfeed.lifecycle import EventLog
 from btcfeed.processes.writer import ACK_SCRIPT, ack_script_input
 from btcfeed.storage import view as view_module
-from btcfeed.storage.apply import mirror_entry
+from btcfeed.storage.apply import compressed_batch
 from btcfeed.storage.view import (ViewBuilder, entry_trades, first_id_of, in_gap, trades_after, view_ends,
                                   wake_builder)
 from btcfeed.trade import Trade, decode_batch, encode_batch
@@ -27,7 +27,7 @@ def trade(trade_id: int) -> Trade:
 
 
 def mirror(client, ids) -> None:
-    client.xadd(keys.mirror(SOURCE), mirror_entry(encode_batch([trade(i) for i in ids])))
+    client.xadd(keys.mirror(SOURCE), compressed_batch(encode_batch([trade(i) for i in ids])))
 
 
 def copy(client, ids) -> None:

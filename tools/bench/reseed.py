@@ -17,7 +17,7 @@ from btcfeed import keys
 from btcfeed.commands.stack import StackError
 from btcfeed.events import recent_events
 from btcfeed.storage import epochs
-from btcfeed.storage.apply import BatchApplier, mirror_entry, read_trades_since
+from btcfeed.storage.apply import BatchApplier, compressed_batch, read_trades_since
 from btcfeed.storage.bus import read_heartbeats
 from btcfeed.trade import Trade, encode_batch
 from tools.bench.failover import FailoverBenchError, wait_until
@@ -61,7 +61,7 @@ def _apply_and_mirror(rig, applier, payloads) -> None:
     applier.apply_many([(SOURCE, payload) for payload in payloads])
     pipe = rig.local.pipeline(transaction=False)
     for payload in payloads:
-        pipe.xadd(keys.mirror(SOURCE), mirror_entry(payload))
+        pipe.xadd(keys.mirror(SOURCE), compressed_batch(payload))
     entry_ids = pipe.execute()
     rig.local.hset(keys.MIRROR_CONFIRMED, SOURCE, entry_ids[-1])
 
