@@ -45,6 +45,7 @@ benches: setup
 	bin/btcfeed bench-health
 	bin/btcfeed bench-primary
 	bin/btcfeed bench-cost
+	bin/btcfeed bench-memory
 	bin/btcfeed bench-move
 	bin/btcfeed bench-reseed
 	bin/btcfeed bench-stream

@@ -85,8 +85,8 @@ def check_exact(rig, echo) -> bool:
 
 
 def print_rows(rows, echo) -> None:
-    echo(f"{'bytes of the local Redis a trade of outage':<44}" + "".join(f"{str(row['rate']) + '/s':>10}"
-                                                                          for row in rows))
+    rates = "".join(f"{format(row['rate'], 'g') + '/s':>10}" for row in rows)
+    echo(f"{'bytes of the local Redis a trade of outage':<44}{rates}")
     echo(f"{'trades taken in by the backlog':<44}" + "".join(f"{row['trades']:>10,}" for row in rows))
     echo(f"{'  in backlog entries':<44}" + "".join(f"{row['entries']:>10,}" for row in rows))
     for name in ("used", *PARTS):
