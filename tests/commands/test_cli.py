@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.join(ROOT, "bin")
 SUBCOMMANDS = ("up", "down", "status", "logs", "health", "monitor", "sync-check", "demo", "bench",
                "bench-failover", "bench-reseed", "bench-primary", "bench-backfill", "bench-health",
-               "bench-parse", "bench-stream", "bench-cost", "bench-move", "bench-availability", "bench-apply",
+               "bench-parse", "bench-stream", "bench-cost", "bench-memory", "bench-move",
+               "bench-availability", "bench-apply",
                "chaos", "primary", "upgrade-check", "version")
 WRAPPERS = ("health", "monitor", "sync-check")
 # Which command takes which of the shared options.
