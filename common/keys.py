@@ -167,6 +167,10 @@ SYNC_WAKE = f"{PREFIX}:sync:wake"
 EPOCHS = f"{PREFIX}:epochs"
 # Hash kept by the writer while the local Redis is at its memory limit: since (ms), reason, trimmed.
 LOCAL_PRESSURE = f"{PREFIX}:local:pressure"
+# Hash source -> the time (ms) of the oldest entry the writer left in the source's mirror or failover
+# copy when the memory limit made it drop older ones: the local copy starts there, later than the
+# retention window asks, until that time itself falls out of the window (health says so meanwhile).
+LOCAL_WINDOW_CUT = f"{PREFIX}:local:window-cut"
 
 # Hash: the move to a new primary under way (`btcfeed primary move`): phase (copying, switching,
 # committed, done, abandoned), to (redacted), pid and host of the command, by, started_ms, copied.

@@ -434,11 +434,28 @@ class Writer(Process):
         mirrored = self.local.xlen(keys.mirror(source))
         if not mirrored:
             return 0
-        return self.local.xtrim(keys.mirror(source), maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
+        dropped = self.local.xtrim(keys.mirror(source), maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
+        self._mark_window_cut(source, keys.mirror(source), dropped)
+        return dropped
 
     def _drop_oldest_replayed(self, source: str) -> int:
-        return self.drop_replayed_copy_script(keys=[keys.WRITER_STATE, keys.BACKLOG, keys.trades(source)],
-                                              args=[1 - MIRROR_SHARE_DROPPED])
+        dropped = self.drop_replayed_copy_script(keys=[keys.WRITER_STATE, keys.BACKLOG, keys.trades(source)],
+                                                 args=[1 - MIRROR_SHARE_DROPPED])
+        self._mark_window_cut(source, keys.trades(source), dropped)
+        return dropped
+
+    def _mark_window_cut(self, source: str, stream: str, dropped: int) -> None:
+        """Entries younger than the retention window went for memory: the local copy of this source now
+        starts at the stream's oldest entry (its id is its write time). Health reports the shorter
+        window until that time falls out of the retention window, instead of only while the limit is
+        being met (a moment an hour at a steady rate the window does not fit)."""
+        if not dropped:
+            return
+        oldest = self.local.xrange(stream, count=1)
+        cut_ms = int(oldest[0][0].split(b"-")[0]) if oldest else int(time.time() * 1000)
+        previous = self.local.hget(keys.LOCAL_WINDOW_CUT, source)
+        if previous is None or cut_ms > int(previous):
+            self.local.hset(keys.LOCAL_WINDOW_CUT, source, cut_ms)
 
     def _memory_relieved(self, force: bool = False) -> None:
         """Leave the pressure state once the local Redis has its headroom back (checked now and then)."""

@@ -1,12 +1,15 @@
 """Real parts for integration tests: a stand-in primary, the exchange simulator, the supervised stack,
 and the id-by-id comparison of the primary against the simulator's history."""
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -185,6 +188,24 @@ def verify_derived(primary_client, sim: Simulator, from_id: int, to_id: int) -> 
 def local_client(stack: Stack) -> redis.Redis:
     """The stack's local Redis, through its unix socket."""
     return redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5)
+
+
+def health(stack: Stack):
+    """(HTTP status, document) of the stack's GET /health."""
+    port = int(stack.env["BTCFEED_HEALTH_ADDR"].rsplit(":", 1)[1])
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def health_when(stack: Stack, condition):
+    """For wait_for: the stack's (code, /health document) once condition holds for it, else None."""
+    def check():
+        answer = health(stack)
+        return answer if condition(answer) else None
+    return check
 
 
 def writer_state(stack: Stack) -> str:

@@ -288,6 +288,10 @@ def _consistency(out: _Families, consistency: dict) -> None:
     out.flag("btcfeed_local_memory_pressure",
              "1 while the local Redis is at its memory limit (the mirror is trimmed).",
              consistency.get("local_memory_pressure"))
+    for source, hours in (consistency.get("local_window_short_h") or {}).items():
+        out.gauge("btcfeed_local_window_short_seconds",
+                  "How far back the local copy of a source goes, when the memory limit cut it shorter than "
+                  "the retention window (absent otherwise).", hours * 3600, source=source)
 
 
 SYNC_COUNTERS = (

@@ -86,7 +86,7 @@ class StatusCollector:
                       "local": self._redis_info(self.local, self.config.local_url)},
             "writer": _writer(local_state, now_ms),
             "backlog": _backlog(local_state),
-            "consistency": _consistency(local_state, now_ms),
+            "consistency": _consistency(local_state, now_ms, self.config.retention_ms),
             "sources": self._sources(local_state["heartbeats"], now_ms),
             "latency_ms": _latency(local_state["heartbeats"]),
             "events": local_state["events"],
@@ -107,7 +107,7 @@ class StatusCollector:
         now_ms = int(time.time() * 1000)
         state = self._local_state(now_ms, with_events=False)
         doc = {"generated_ms": now_ms, "writer": _writer(state, now_ms), "backlog": _backlog(state),
-               "consistency": _consistency(state, now_ms),
+               "consistency": _consistency(state, now_ms, self.config.retention_ms),
                "sources": self._sources(state["heartbeats"], now_ms, update_rates=False),
                "processes": {name: {"heartbeat_age_ms": _age(beat, now_ms)}
                              for name, beat in state["heartbeats"].items()},
@@ -122,7 +122,7 @@ class StatusCollector:
     def _local_state(self, now_ms: int, with_events: bool = True) -> dict:
         state = {"heartbeats": {}, "writer_state": {}, "backlog": None, "backlog_trades": None,
                  "restarts": {}, "events": [], "failover_events": [], "error": None, "local_pressure": {},
-                 "sync_record": {}, "move": {}, "price_view": {}}
+                 "sync_record": {}, "move": {}, "price_view": {}, "window_cut": {}}
         try:
             state["heartbeats"] = read_heartbeats(self.local, HEARTBEAT_PROCESSES)
             pipe = self.local.pipeline(transaction=False)
@@ -134,8 +134,10 @@ class StatusCollector:
             pipe.hgetall(keys.SYNC_PRIMARY)
             pipe.hgetall(keys.MOVE)
             pipe.hgetall(keys.PRICE)
+            pipe.hgetall(keys.LOCAL_WINDOW_CUT)
             (record, state["backlog"], backlog_trades, restarts, pressure, sync_record, move,
-             price_view) = pipe.execute()
+             price_view, window_cut) = pipe.execute()
+            state["window_cut"] = {k.decode(): int(v) for k, v in window_cut.items()}
             state["backlog_trades"] = int(backlog_trades or 0)
             state["move"] = {k.decode(): v.decode() for k, v in move.items()}
             state["price_view"] = {k.decode(): v.decode() for k, v in price_view.items()}
@@ -327,9 +329,10 @@ def _planned(local_state: dict) -> dict:
     return {"maintenance": paused, "move": moved}
 
 
-def _consistency(local_state: dict, now_ms: int) -> dict:
+def _consistency(local_state: dict, now_ms: int, retention_ms: int) -> dict:
     """What sync's anti-entropy knows: how recently the primary was verified against the local copy,
-    a re-seed or sweep under way, and what it re-sent."""
+    a re-seed or sweep under way, and what it re-sent; and the sources whose local copy the memory
+    limit cut short of the retention window (hours it holds, keys.LOCAL_WINDOW_CUT)."""
     sync = local_state["heartbeats"].get("sync") or {}
     record = local_state["sync_record"]
     verified = int(record.get("verified_ms") or 0) or None
@@ -341,6 +344,10 @@ def _consistency(local_state: dict, now_ms: int) -> dict:
         out["sweep"] = {"reason": sync["sweep_reason"], "segments_left": sync.get("sweep_segments_left"),
                         "trades_added": sync.get("sweep_added")}
     out["local_memory_pressure"] = local_state["local_pressure"].get("reason")
+    out["retention_h"] = round(retention_ms / 3_600_000, 2)
+    out["local_window_short_h"] = {source: round((now_ms - cut_ms) / 3_600_000, 2)
+                                   for source, cut_ms in local_state["window_cut"].items()
+                                   if cut_ms > now_ms - retention_ms}
     return out
 
 
@@ -433,6 +440,11 @@ def _assess_writer(doc, thresholds, critical, degraded) -> None:
     consistency = doc.get("consistency") or {}
     if consistency.get("local_memory_pressure"):
         degraded.append(f"{consistency['local_memory_pressure']}: the local copy keeps a shorter window")
+    for source, hours in sorted((consistency.get("local_window_short_h") or {}).items()):
+        degraded.append(f"the local copy of {source} holds {hours:g} h, not the "
+                        f"{consistency['retention_h']:g} h retention window: the local Redis reached its "
+                        "memory limit; raise maxmemory in deployment/redis-local.conf or lower "
+                        "BTCFEED_RETENTION_HOURS")
     if consistency.get("reseed_pending"):
         degraded.append(f"re-seeding the primary ({consistency['reseed_pending']}); live trades go on")
     trades = (doc.get("backlog") or {}).get("trades") or 0

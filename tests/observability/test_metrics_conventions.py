@@ -44,8 +44,10 @@ def realistic_document() -> dict:
     doc = recorded_document()
     now_ms = doc["generated_ms"]
     sync_beat = {"repaired": 0, "missing_found": 0, "not_held": 0, "compared_bytes": 81920, "sweeps": 1}
+    window_cut = {next(iter(doc["sources"])): now_ms - 3_600_000}       # the memory limit cut an hour back
     doc["consistency"] = _consistency({"heartbeats": {"sync": sync_beat}, "local_pressure": {},
-                                       "sync_record": {"verified_ms": str(now_ms - 4100)}}, now_ms)
+                                       "sync_record": {"verified_ms": str(now_ms - 4100)},
+                                       "window_cut": window_cut}, now_ms, 24 * 3_600_000)
     doc["redis"]["primary"].update(maxmemory_policy="noeviction",
                                    eviction_risk=eviction_reason({"primary": "noeviction"}))
     for source in doc["sources"].values():
@@ -265,7 +267,8 @@ def test_the_alert_rules_cover_what_an_operator_must_hear_of():
     for name in ("btcfeed_source_last_trade_timestamp_seconds", "btcfeed_backlog_trades",
                  "btcfeed_writer_state_since_timestamp_seconds", "btcfeed_source_missing_trades",
                  "btcfeed_process_restarts_total", "btcfeed_redis_eviction_risk",
-                 "btcfeed_local_memory_pressure", "btcfeed_sync_reseed_pending",
+                 "btcfeed_local_memory_pressure", "btcfeed_local_window_short_seconds",
+                 "btcfeed_sync_reseed_pending",
                  "btcfeed_sync_verified_timestamp_seconds"):
         assert name in exprs, name
 

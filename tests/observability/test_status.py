@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from btcfeed.latency import BUCKETS_MS, LatencyHistogram, newest_trade_ts, quantile_ms
 from btcfeed.observability.metrics import render_metrics
 from btcfeed.config import scrub, secrets_of
-from btcfeed.observability.status import Thresholds, WATCHED, _failovers, assess, exit_code
+from btcfeed.observability.status import Thresholds, WATCHED, _consistency, _failovers, assess, exit_code
 from btcfeed.trade import Trade, encode_batch
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,6 +232,29 @@ def test_eviction_risk_metric_only_once_the_policy_is_known():
     assert gauge({"maxmemory_policy": "allkeys-lru", "eviction_risk": "evicts"}) == [1]
     assert gauge({"maxmemory_policy": "noeviction", "eviction_risk": None}) == [0]
     assert gauge({"maxmemory_policy": None, "eviction_risk": None}) is None
+
+
+def test_a_local_copy_cut_short_of_the_retention_window_is_degraded_until_the_cut_ages_out():
+    hour = 3_600_000
+    now = 1_765_000_000_000
+    state = {"heartbeats": {}, "sync_record": {}, "local_pressure": {},
+             "window_cut": {"binance:BTCUSDT": now - 5 * hour, "kraken:BTC/USD": now - 30 * hour}}
+    consistency = _consistency(state, now, 24 * hour)
+    assert consistency["local_window_short_h"] == {"binance:BTCUSDT": 5.0}     # the 30 h old cut aged out
+    doc = document()
+    doc["consistency"] = consistency
+    verdict = assess(doc)
+    assert verdict["status"] == "degraded"
+    assert verdict["reasons"] == ["the local copy of binance:BTCUSDT holds 5 h, not the 24 h retention "
+                                  "window: the local Redis reached its memory limit; raise maxmemory in "
+                                  "deployment/redis-local.conf or lower BTCFEED_RETENTION_HOURS"]
+    body = render_metrics({"consistency": consistency})
+    family, = [f for f in text_string_to_metric_families(body)
+               if f.name == "btcfeed_local_window_short_seconds"]
+    assert [(s.labels, s.value) for s in family.samples] == [({"source": "binance:BTCUSDT"}, 5 * 3600)]
+    state["window_cut"] = {"binance:BTCUSDT": now - 25 * hour}
+    doc["consistency"] = _consistency(state, now, 24 * hour)
+    assert assess(doc)["status"] == "ok"
 
 
 def test_local_memory_pressure_and_a_reseed_are_degraded_with_their_reasons():

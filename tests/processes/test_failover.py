@@ -13,8 +13,9 @@ from btcfeed.storage.apply import batch_payload
 from tools import verify
 from btcfeed.events import recent_events
 from tools.redis_process import RedisProcess
-from harness import (SOURCE, drain, local_client, primary_last_id, remove_stack, short_tmpdir, start_stack,
-                     verify_derived, verify_primary, wait_for, wait_verified, writer_state)
+from harness import (SOURCE, drain, health, health_when, local_client, primary_last_id, remove_stack,
+                     short_tmpdir, start_stack, verify_derived, verify_primary, wait_for, wait_verified,
+                     writer_state)
 
 pytestmark = pytest.mark.integration
 RATE = 2000
@@ -177,19 +178,9 @@ def test_process_sigkilled_during_replay(primary, sim, stack, victim):
 
 
 def test_health_reports_failover_as_degraded(primary, sim, stack):
-    import urllib.request
-    port = int(stack.env["BTCFEED_HEALTH_ADDR"].rsplit(":", 1)[1])
-
-    def health():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    wait_for(lambda: health()[1]["status"] == "ok", 15, "health ok")
+    wait_for(lambda: health(stack)[1]["status"] == "ok", 15, "health ok")
     primary.kill()
-    code, document = wait_for(lambda: (lambda r: r if r[1]["status"] == "degraded" else None)(health()),
+    code, document = wait_for(health_when(stack, lambda answer: answer[1]["status"] == "degraded"),
                               5, "health to say degraded")
     assert code == 200 and any("failover" in r for r in document["reasons"])
     primary.start()

@@ -1,7 +1,6 @@
 """Bad input and misconfiguration: a clear reason in health and logs, trades kept locally, nothing lost."""
 
 import json
-import urllib.request
 
 import pytest
 import redis
@@ -10,8 +9,8 @@ from btcfeed import keys
 from btcfeed.storage.apply import batch_payload
 from tools.redis_process import RedisProcess
 from btcfeed.commands.stack import Stack
-from harness import (SOURCE, Simulator, drain, local_client, remove_stack, short_tmpdir, stack_env,
-                     verify_derived, verify_primary, wait_for)
+from harness import (SOURCE, Simulator, drain, health_when, local_client, remove_stack, short_tmpdir,
+                     stack_env, verify_derived, verify_primary, wait_for)
 
 pytestmark = pytest.mark.integration
 RATE = 1000
@@ -35,23 +34,6 @@ def primary():
 def local(stack):
     return redis.Redis(unix_socket_path=f"{stack.state_dir}/redis.sock", socket_timeout=5,
                        decode_responses=True)
-
-
-def health(stack):
-    port = int(stack.env["BTCFEED_HEALTH_ADDR"].rsplit(":", 1)[1])
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def health_when(stack, condition):
-    """For wait_for: the stack's (code, /health document) once condition holds for it, else None."""
-    def check():
-        answer = health(stack)
-        return answer if condition(answer) else None
-    return check
 
 
 def good_url(primary):

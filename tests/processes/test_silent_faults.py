@@ -10,7 +10,7 @@ from btcfeed import keys
 
 from tools import verify
 from btcfeed.events import recent_events
-from harness import (SOURCE, Simulator, drain, primary_last_id, remove_stack, start_sources_stack,
+from harness import (SOURCE, Simulator, drain, health, primary_last_id, remove_stack, start_sources_stack,
                      start_stack, verify_derived, verify_primary, wait_for, wait_verified, local_client,
                      writer_state)
 
@@ -111,6 +111,9 @@ def test_primary_losing_the_tail_of_a_replay(primary, sim, stack):
 
 
 def test_local_redis_at_its_memory_limit_never_wedges_the_writer(primary, sim, stack):
+    """The limit met on a healthy primary (a retention window that does not fit): the mirror gives way,
+    trades keep landing, and health goes on saying the local copy is short of the retention window
+    after the limit is no longer met, not only for the moment it is."""
     local = local_client(stack)
     client = primary.client()
     wait_trades(client, 2 * RATE)
@@ -127,6 +130,14 @@ def test_local_redis_at_its_memory_limit_never_wedges_the_writer(primary, sim, s
     wait_for(lambda: not local.exists(keys.LOCAL_PRESSURE), 10, "the pressure record to clear")
     names = [e["event"] for e in recent_events(local, 300)]
     assert "local_memory_full" in names and "local_memory_ok" in names
+    cut_ms = int(local.hget(keys.LOCAL_WINDOW_CUT, SOURCE))
+    oldest_mirrored_ms = int(local.xrange(keys.mirror(SOURCE), count=1)[0][0].split(b"-")[0])
+    assert cut_ms <= oldest_mirrored_ms and cut_ms > time.time() * 1000 - 60_000
+    code, document = health(stack)
+    assert document["status"] == "degraded", document
+    assert [reason for reason in document["reasons"]
+            if reason.startswith(f"the local copy of {SOURCE} holds ")
+            and "retention window" in reason and "raise maxmemory" in reason], document["reasons"]
 
 
 def test_local_redis_full_during_a_primary_outage_then_every_trade_lands_once(primary, sim, stack):
