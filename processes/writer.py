@@ -14,7 +14,7 @@ import redis
 from btcfeed.storage import backlog, epochs, schema
 
 from btcfeed import keys, price
-from btcfeed.storage.apply import BatchApplier, is_source_refusal, compressed_batch
+from btcfeed.storage.apply import BatchApplier, compressed_batch, is_source_refusal
 from btcfeed.storage.dedicated import DedicatedConnection
 from btcfeed.config import ConfigError, redact_url
 from btcfeed.backoff import Throttle

@@ -443,10 +443,13 @@ def bench_cost(rates, window, linger_ms):
 
 
 @cli.command("bench-memory")
-@click.option("--rates", default="300,1000", show_default=True, help="Trades per second, one outage each.")
-@click.option("--window", default=30.0, show_default=True, help="Seconds of outage measured per rate.")
+@click.option("--rates", default="300,1000", show_default=True,
+              help="Trades per second, one phase each (on the primary, then an outage).")
+@click.option("--window", default=30.0, show_default=True,
+              help="Seconds measured on the primary, and again through the outage, per rate.")
 def bench_memory(rates, window):
-    """What a primary outage costs the local Redis: bytes a trade (failover copy, backlog, read view)."""
+    """The local Redis's bytes a trade on the primary (mirror, read view) and through a primary outage
+    (failover copy, backlog, read view)."""
     run_memory_bench = tool("tools.bench.memory", "run_memory_bench")
     sys.exit(run_memory_bench(rates=[float(r) for r in rates.split(",")], window_s=window, echo=click.echo))
 
