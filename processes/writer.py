@@ -89,17 +89,39 @@ trim_bus(KEYS[1], group, floor)
 return redis.call('HGET', KEYS[3], 'state')
 """
 
-# At the memory limit with nothing mirrored left to drop: the oldest part of a source's failover copy
-# (its local trade stream) goes too, but only while the writer is on the primary with an empty
-# backlog, i.e. once sync replayed every batch of it into the primary (the hand-back needs an empty
-# backlog); checked and trimmed in one step. Without it a local Redis filled by a long outage stays
-# full after the hand-back, and the writer cannot mirror what the primary confirms.
-# KEYS writer state, backlog, the source's local trade stream; ARGV the share kept
-DROP_REPLAYED_COPY_SCRIPT = """
+# At the memory limit the oldest part of a source's local stream goes, and in the same step the time
+# of the oldest entry left is recorded as the source's window cut (keys.LOCAL_WINDOW_CUT: health reports
+# the shorter local copy from it), so a crash can never leave a cut that nobody reports.
+DROP_OLDEST_LUA = """
+local function drop_oldest(stream, cuts, source, kept)
+  local dropped = redis.call('XTRIM', stream, 'MAXLEN', math.floor(redis.call('XLEN', stream) * kept))
+  if dropped > 0 then
+    local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+    local cut = oldest and tonumber(string.match(oldest[1], '^(%d+)'))
+    if not cut then
+      local now = redis.call('TIME')
+      cut = now[1] * 1000 + math.floor(now[2] / 1000)
+    end
+    if cut > tonumber(redis.call('HGET', cuts, source) or '0') then redis.call('HSET', cuts, source, cut) end
+  end
+  return dropped
+end
+"""
+# The mirror first (the primary confirmed every mirrored batch, so only the local copy's depth shrinks).
+# KEYS the source's mirror, window cuts; ARGV source, the share kept
+DROP_OLDEST_MIRRORED_SCRIPT = DROP_OLDEST_LUA + """
+return drop_oldest(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]))
+"""
+# With nothing mirrored left to drop: the oldest part of a source's failover copy (its local trade
+# stream), but only while the writer is on the primary with an empty backlog, i.e. once sync replayed
+# every batch of it into the primary (the hand-back needs an empty backlog); checked and trimmed in one
+# step. Without it a local Redis filled by a long outage stays full after the hand-back, and the writer
+# cannot mirror what the primary confirms.
+# KEYS writer state, backlog, the source's local trade stream, window cuts; ARGV source, the share kept
+DROP_REPLAYED_COPY_SCRIPT = DROP_OLDEST_LUA + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (state and state ~= 'primary') or redis.call('XLEN', KEYS[2]) > 0 then return 0 end
-local length = redis.call('XLEN', KEYS[3])
-return redis.call('XTRIM', KEYS[3], 'MAXLEN', math.floor(length * tonumber(ARGV[1])))
+return drop_oldest(KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]))
 """
 
 
@@ -132,6 +154,7 @@ class Writer(Process):
                                      publish=False)
         self.price = self._price_selector()
         self.ack_script = self.local.register_script(ACK_SCRIPT)
+        self.drop_oldest_mirrored_script = self.local.register_script(DROP_OLDEST_MIRRORED_SCRIPT)
         self.drop_replayed_copy_script = self.local.register_script(DROP_REPLAYED_COPY_SCRIPT)
         # The bus read and the mirror-and-ACK of every round, on one connection of their own.
         self.round_trips = DedicatedConnection(self.local)
@@ -431,31 +454,13 @@ class Writer(Process):
         return int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
 
     def _drop_oldest_mirrored(self, source: str) -> int:
-        mirrored = self.local.xlen(keys.mirror(source))
-        if not mirrored:
-            return 0
-        dropped = self.local.xtrim(keys.mirror(source), maxlen=int(mirrored * (1 - MIRROR_SHARE_DROPPED)))
-        self._mark_window_cut(source, keys.mirror(source), dropped)
-        return dropped
+        return self.drop_oldest_mirrored_script(keys=[keys.mirror(source), keys.LOCAL_WINDOW_CUT],
+                                                args=[source, 1 - MIRROR_SHARE_DROPPED])
 
     def _drop_oldest_replayed(self, source: str) -> int:
-        dropped = self.drop_replayed_copy_script(keys=[keys.WRITER_STATE, keys.BACKLOG, keys.trades(source)],
-                                                 args=[1 - MIRROR_SHARE_DROPPED])
-        self._mark_window_cut(source, keys.trades(source), dropped)
-        return dropped
-
-    def _mark_window_cut(self, source: str, stream: str, dropped: int) -> None:
-        """Entries younger than the retention window went for memory: the local copy of this source now
-        starts at the stream's oldest entry (its id is its write time). Health reports the shorter
-        window until that time falls out of the retention window, instead of only while the limit is
-        being met (a moment an hour at a steady rate the window does not fit)."""
-        if not dropped:
-            return
-        oldest = self.local.xrange(stream, count=1)
-        cut_ms = int(oldest[0][0].split(b"-")[0]) if oldest else int(time.time() * 1000)
-        previous = self.local.hget(keys.LOCAL_WINDOW_CUT, source)
-        if previous is None or cut_ms > int(previous):
-            self.local.hset(keys.LOCAL_WINDOW_CUT, source, cut_ms)
+        return self.drop_replayed_copy_script(
+            keys=[keys.WRITER_STATE, keys.BACKLOG, keys.trades(source), keys.LOCAL_WINDOW_CUT],
+            args=[source, 1 - MIRROR_SHARE_DROPPED])
 
     def _memory_relieved(self, force: bool = False) -> None:
         """Leave the pressure state once the local Redis has its headroom back (checked now and then)."""

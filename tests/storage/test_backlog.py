@@ -138,13 +138,37 @@ def test_a_full_local_redis_drops_failover_copy_only_once_the_backlog_is_replaye
     stream = keys.trades(SOURCE)
     for trade in trades(1, 100):
         local.xadd(stream, trade.fields())
-    script_keys = [keys.WRITER_STATE, keys.BACKLOG, stream]
+    script_keys = [keys.WRITER_STATE, keys.BACKLOG, stream, keys.LOCAL_WINDOW_CUT]
     local.hset(keys.WRITER_STATE, "state", "failover")
-    assert drop(keys=script_keys, args=[0.9]) == 0                 # in failover: never
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 0         # in failover: never
     local.hset(keys.WRITER_STATE, "state", "primary")
     append(local, [(SOURCE, payload(1, 3), 3)])
-    assert drop(keys=script_keys, args=[0.9]) == 0                 # a batch not yet replayed: never
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 0         # a batch not yet replayed: never
+    assert not local.exists(keys.LOCAL_WINDOW_CUT)                 # nothing dropped, no cut
     local.delete(keys.BACKLOG, keys.BACKLOG_TRADES)
-    assert drop(keys=script_keys, args=[0.9]) == 10                # replayed: the oldest tenth
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 10        # replayed: the oldest tenth
     assert local.xlen(stream) == 90
-    assert [int(fields[b"id"]) for _, fields in local.xrange(stream, count=1)] == [11]
+    (oldest_id, oldest), = local.xrange(stream, count=1)
+    assert int(oldest[b"id"]) == 11
+    # In the same step, the local copy is recorded as starting at the oldest entry left.
+    assert int(local.hget(keys.LOCAL_WINDOW_CUT, SOURCE)) == int(oldest_id.split(b"-")[0])
+
+
+def test_dropping_the_oldest_mirrored_records_where_the_local_copy_now_starts(local):
+    """processes/writer.py DROP_OLDEST_MIRRORED_SCRIPT: the trim and the window cut health reports are
+    one step; the cut never goes back, and an emptied mirror is cut at the server's time."""
+    from btcfeed.processes.writer import DROP_OLDEST_MIRRORED_SCRIPT
+    drop = local.register_script(DROP_OLDEST_MIRRORED_SCRIPT)
+    mirror = keys.mirror(SOURCE)
+    for second in range(1, 21):
+        local.xadd(mirror, {"z": b"x"}, id=f"{second * 1000}-0")
+    script_keys = [mirror, keys.LOCAL_WINDOW_CUT]
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 2
+    assert local.hget(keys.LOCAL_WINDOW_CUT, SOURCE) == b"3000"
+    local.hset(keys.LOCAL_WINDOW_CUT, SOURCE, 99_000)              # a later cut stands
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 2          # 18 -> 16
+    assert local.hget(keys.LOCAL_WINDOW_CUT, SOURCE) == b"99000"
+    before_ms = int(local.time()[0]) * 1000
+    assert drop(keys=script_keys, args=[SOURCE, 0]) == 16          # everything: cut at the server's time
+    assert int(local.hget(keys.LOCAL_WINDOW_CUT, SOURCE)) >= before_ms
+    assert drop(keys=script_keys, args=[SOURCE, 0.9]) == 0
